@@ -1,0 +1,235 @@
+"""Hugging Face checkpoint folder <-> catchjax params, with no torch.
+
+A folder holds config.json plus model.safetensors, or model.safetensors.index.json with its
+shards. Only safetensors are read (never pickle). HF stores Linear weights [out, in]; we store
+[in, out] stacked over layers, so loading transposes and stacks, exporting does the reverse.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from catchjax.model.config import ModelConfig
+from catchjax.model.llama import Llama
+
+_PROJ = {  # our name -> HF suffix within model.layers.{i}.
+    "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
+_BIAS = {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+         "bv": "self_attn.v_proj.bias"}
+_NORM = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+MAX_JSON_BYTES = 64 << 20
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder is missing a file, or a file is corrupt or inconsistent."""
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    if os.path.getsize(index) > MAX_JSON_BYTES:
+      raise CheckpointError(f"{index}: implausibly large index file.")
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: corrupt safetensors index ({e}).") from e
+    files = [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
+    for s in files:
+      if os.path.basename(s) != os.path.basename(os.path.normpath(s)) or "/" in os.path.relpath(
+          s, path):
+        raise CheckpointError(f"{index}: shard name {s!r} escapes the folder.")
+  else:
+    raise CheckpointError(
+        f"model folder {path!r} has neither model.safetensors nor "
+        f"model.safetensors.index.json (pickle .bin checkpoints are not read, by design).")
+  out = {}
+  for fn in files:
+    if not os.path.isfile(fn):
+      raise CheckpointError(f"{fn}: shard listed in the index is missing.")
+    try:
+      with safe_open(fn, framework="numpy") as f:
+        for k in f.keys():
+          out[k] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+      raise CheckpointError(f"{fn}: corrupt or unreadable safetensors file ({e}).") from e
+  return out
+
+
+def _get(t: dict[str, np.ndarray], name: str, path: str, shape=None) -> np.ndarray:
+  if name not in t:
+    raise CheckpointError(f"{path}: tensor {name!r} is missing from the safetensors file(s).")
+  a = t[name]
+  if shape is not None and tuple(a.shape) != tuple(shape):
+    raise CheckpointError(f"{path}: tensor {name!r} has shape {a.shape}, config says {shape}.")
+  return a
+
+
+def hf_to_pure_dict(t: dict[str, np.ndarray], cfg: ModelConfig, path: str = "") -> dict:
+  """HF tensor dict -> nested dict of numpy arrays matching Llama's nnx state."""
+  L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+  Q, KV = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  out_in = {"wq": (Q, D), "wk": (KV, D), "wv": (KV, D), "wo": (D, Q), "w_gate": (F, D),
+            "w_up": (F, D), "w_down": (D, F)}
+  pd = np.dtype(jnp.dtype(cfg.param_dtype))
+  f32 = lambda a: np.asarray(a, dtype=np.float32).astype(pd)  # noqa: E731
+  layers = {}
+  for ours, hf in _PROJ.items():
+    layers[ours] = f32(np.stack([
+        _get(t, f"model.layers.{i}.{hf}.weight", path, out_in[ours]).T for i in range(L)]))
+  for ours, hf in _NORM.items():
+    layers[ours] = f32(np.stack([_get(t, f"model.layers.{i}.{hf}", path, (D,))
+                                 for i in range(L)]))
+  if cfg.qkv_bias:
+    for ours, hf in _BIAS.items():
+      n = Q if ours == "bq" else KV
+      layers[ours] = f32(np.stack([_get(t, f"model.layers.{i}.{hf}", path, (n,))
+                                   for i in range(L)]))
+  d = {"embed": f32(_get(t, "model.embed_tokens.weight", path, (cfg.vocab_size, D))),
+       "final_norm": f32(_get(t, "model.norm.weight", path, (D,))),
+       "layers": layers}
+  if not cfg.tie_embeddings:
+    d["lm_head"] = f32(_get(t, "lm_head.weight", path, (cfg.vocab_size, D)).T)
+  return d
+
+
+def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32",
+            lora_rank: int = 0, seed: int = 0, **cfg_overrides) -> Llama:
+  """Load an HF checkpoint folder into an nnx Llama (host memory; shard it afterwards)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model folder {path!r} does not exist.")
+  cfg = ModelConfig.from_hf_dir(path, param_dtype=param_dtype, dtype=dtype,
+                                lora_rank=lora_rank, **cfg_overrides)
+  pure = hf_to_pure_dict(_read_tensors(path), cfg, path)
+  return model_from_pure_dict(cfg, pure, seed=seed)
+
+
+def model_from_pure_dict(cfg: ModelConfig, pure: dict, seed: int = 0) -> Llama:
+  """Build a Llama whose weights are `pure`; LoRA adapters absent from `pure` are fresh."""
+  if cfg.lora_rank > 0:
+    model = Llama(cfg, nnx.Rngs(seed))
+  else:
+    model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed)))
+  graphdef, state = nnx.split(model)
+  full = nnx.to_pure_dict(state)
+  _merge_into(full, pure)
+  missing = [k for k, v in _flatten(full).items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"weights missing for {missing}")
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, full))
+  return nnx.merge(graphdef, state)
+
+
+def _merge_into(dst: dict, src: dict):
+  for k, v in src.items():
+    if isinstance(v, dict):
+      _merge_into(dst[k], v)
+    else:
+      if tuple(dst[k].shape) != tuple(v.shape):
+        raise CheckpointError(f"weight {k!r}: shape {v.shape} != expected {dst[k].shape}")
+      dst[k] = v
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def merged_weights(model: Llama) -> dict[str, np.ndarray]:
+  """Model weights as numpy [in, out] stacks with any LoRA adapters folded in."""
+  cfg = model.cfg
+  layers = {k: np.asarray(v[...], np.float32) for k, v in vars(model.layers).items()
+            if isinstance(v, nnx.Variable)}
+  scale = cfg.lora_alpha / max(cfg.lora_rank, 1)
+  for name in _PROJ:
+    a, b = layers.pop(f"lora_a_{name}", None), layers.pop(f"lora_b_{name}", None)
+    if a is not None:
+      layers[name] = layers[name] + scale * np.einsum("lir,lro->lio", a, b)
+  out = {"embed": np.asarray(model.embed[...], np.float32),
+         "final_norm": np.asarray(model.final_norm[...], np.float32), "layers": layers}
+  if not cfg.tie_embeddings:
+    out["lm_head"] = np.asarray(model.lm_head[...], np.float32)
+  return out
+
+
+def save_hf(model: Llama, path: str, tokenizer_dir: str | None = None,
+            dtype: str = "float32") -> str:
+  """Export to an HF folder (config.json + model.safetensors [+ tokenizer files]).
+
+  Written to a temp folder and renamed, so a crash never leaves a half-written export.
+  """
+  cfg = model.cfg
+  w = merged_weights(model)
+  npd = np.float32 if dtype == "float32" else jnp.bfloat16
+  t: dict[str, np.ndarray] = {
+      "model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"]}
+  for i in range(cfg.num_layers):
+    for ours, hf in _PROJ.items():
+      t[f"model.layers.{i}.{hf}.weight"] = w["layers"][ours][i].T
+    for ours, hf in _NORM.items():
+      t[f"model.layers.{i}.{hf}"] = w["layers"][ours][i]
+    if cfg.qkv_bias:
+      for ours, hf in _BIAS.items():
+        t[f"model.layers.{i}.{hf}"] = w["layers"][ours][i]
+  if not cfg.tie_embeddings:
+    t["lm_head.weight"] = w["lm_head"].T
+  t = {k: np.ascontiguousarray(v).astype(npd) for k, v in t.items()}
+  tmp = path.rstrip("/") + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  save_file(t, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  hf_cfg = cfg.to_hf_dict()
+  hf_cfg["torch_dtype"] = dtype
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2)
+  if tokenizer_dir:
+    for fn in TOKENIZER_FILES:
+      src = os.path.join(tokenizer_dir, fn)
+      if os.path.isfile(src):
+        shutil.copy(src, os.path.join(tmp, fn))
+  shutil.rmtree(path, ignore_errors=True)
+  os.replace(tmp, path)
+  return path
+
+
+def save_random_hf(cfg: ModelConfig, path: str, seed: int = 0, tokenizer_dir=None) -> Llama:
+  """Write a randomly initialised model as an HF folder (tiny test models)."""
+  model = Llama(cfg, nnx.Rngs(seed))
+  # Random norms/biases so that parity tests exercise every weight.
+  rng = np.random.default_rng(seed)
+  for name in ("attn_norm", "mlp_norm") + (("bq", "bk", "bv") if cfg.qkv_bias else ()):
+    v = getattr(model.layers, name)
+    v[...] = jnp.asarray(1.0 * (name.endswith("norm")) + 0.1 * rng.standard_normal(v.shape),
+                         v[...].dtype)
+  model.final_norm[...] = jnp.asarray(1 + 0.1 * rng.standard_normal(model.final_norm.shape),
+                                      model.final_norm[...].dtype)
+  save_hf(model, path, tokenizer_dir=tokenizer_dir)
+  return model
+
+
+def describe(model: Llama) -> dict[str, Any]:
+  cfg = model.cfg
+  return {"model_type": cfg.model_type, "params": cfg.num_params(), "layers": cfg.num_layers,
+          "hidden": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}

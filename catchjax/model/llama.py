@@ -1,0 +1,264 @@
+"""The Llama-family decoder in flax.nnx: embed -> L x (RMSNorm, GQA attention with RoPE,
+RMSNorm, SwiGLU) -> RMSNorm -> (tied) LM head.
+
+Layer weights are stacked on a leading `layers` axis and run with `lax.scan`, so compile time
+does not grow with depth. Kernels are stored [in, out] (HF stores [out, in]; `hf.py`
+transposes). The module is a parameter container; the compute is plain JAX, so callers
+`nnx.split` it once and jit pure functions of (graphdef, state).
+
+Attention takes an explicit boolean mask [B, T, S] (see `make_mask`), which covers packed
+training (segments), left-padded prefill and KV-cache decoding with one code path.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from catchjax.model.config import ModelConfig
+
+# Logical axis names of every parameter (leading `layers` axis for stacked weights). The
+# sharding rules in the config map these onto mesh axes (catchjax/sharding.py).
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "attn_norm": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "q_heads"),
+    "wk": ("layers", "embed", "kv_heads"),
+    "wv": ("layers", "embed", "kv_heads"),
+    "bq": ("layers", "q_heads"),
+    "bk": ("layers", "kv_heads"),
+    "bv": ("layers", "kv_heads"),
+    "wo": ("layers", "q_heads", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+_LORA_IN_AXES = {"wq": "embed", "wk": "embed", "wv": "embed", "wo": "q_heads",
+                 "w_gate": "embed", "w_up": "embed", "w_down": "mlp"}
+_LORA_OUT_AXES = {"wq": "q_heads", "wk": "kv_heads", "wv": "kv_heads", "wo": "embed",
+                  "w_gate": "mlp", "w_up": "mlp", "w_down": "embed"}
+for _t in _LORA_IN_AXES:
+  LOGICAL_AXES[f"lora_a_{_t}"] = ("layers", _LORA_IN_AXES[_t], None)
+  LOGICAL_AXES[f"lora_b_{_t}"] = ("layers", None, _LORA_OUT_AXES[_t])
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LoRAParam(nnx.Param):
+  """A LoRA adapter weight: trained when the config asks for LoRA, everything else frozen."""
+
+
+def _normal(rngs, shape, dtype, std=0.02):
+  return (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+class Layers(nnx.Module):
+  """All decoder blocks' weights, stacked on a leading axis of size num_layers."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    Q, KV = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = nnx.Param(jnp.ones((L, D), pd))
+    self.mlp_norm = nnx.Param(jnp.ones((L, D), pd))
+    shapes = {"wq": (D, Q), "wk": (D, KV), "wv": (D, KV), "wo": (Q, D),
+              "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    for name, (i, o) in shapes.items():
+      setattr(self, name, nnx.Param(_normal(rngs, (L, i, o), pd)))
+    if cfg.qkv_bias:
+      self.bq = nnx.Param(jnp.zeros((L, Q), pd))
+      self.bk = nnx.Param(jnp.zeros((L, KV), pd))
+      self.bv = nnx.Param(jnp.zeros((L, KV), pd))
+    if cfg.lora_rank > 0:
+      r = cfg.lora_rank
+      for name in cfg.lora_targets:
+        i, o = shapes[name]
+        setattr(self, f"lora_a_{name}", LoRAParam(_normal(rngs, (L, i, r), pd, std=1.0 / r)))
+        setattr(self, f"lora_b_{name}", LoRAParam(jnp.zeros((L, r, o), pd)))
+
+
+class Llama(nnx.Module):
+  """Llama / Qwen2 / Mistral decoder. See module docstring for the calling convention."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), pd))
+    self.layers = Layers(cfg, rngs)
+    self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pd))
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), pd))
+
+  # ---------------------------------------------------------------- forward
+  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+    """Returns (logits_BxTxV float32, new_cache)."""
+    h, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+    return self.logits(h), cache
+
+  def logits(self, h_BxTxD):
+    """The LM head on final hidden states (call it only where logits are needed)."""
+    cfg = self.cfg
+    w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("...d,dv->...v", h_BxTxD.astype(cfg.compute_dtype),
+                      w.astype(cfg.compute_dtype)).astype(jnp.float32)
+
+  def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
+             return_residuals: bool = False):
+    """Final-normed hidden states [B, T, D] and the updated KV cache.
+
+    cache: None (attend within the T tokens given) or a dict from `init_cache`; then the T new
+    keys/values are written at slot `cache_index` and the mask is [B, T, S_cache].
+    return_residuals: also return the residual stream after every layer, [L, B, T, D] (probes).
+    """
+    cfg = self.cfg
+    cd = cfg.compute_dtype
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cd)
+    cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    lp = _layer_arrays(self.layers)
+    scale_lora = cfg.lora_alpha / max(cfg.lora_rank, 1)
+    neg = jnp.finfo(jnp.float32).min
+    bias_BxTxS = jnp.where(mask_BxTxS, 0.0, neg).astype(jnp.float32)
+    B, T = tokens_BxT.shape
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = H // KV
+
+    def proj(h, p, name):
+      y = jnp.einsum("btd,de->bte", h, p[name].astype(cd))
+      if f"lora_a_{name}" in p:
+        a = jnp.einsum("btd,dr->btr", h, p[f"lora_a_{name}"].astype(cd))
+        y = y + scale_lora * jnp.einsum("btr,re->bte", a, p[f"lora_b_{name}"].astype(cd))
+      return y
+
+    def block(x, p, kc, vc):
+      h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
+      q, k, v = proj(h, p, "wq"), proj(h, p, "wk"), proj(h, p, "wv")
+      if cfg.qkv_bias:
+        q, k, v = q + p["bq"].astype(cd), k + p["bk"].astype(cd), v + p["bv"].astype(cd)
+      q = apply_rope(q.reshape(B, T, H, hd), cos, sin)
+      k = apply_rope(k.reshape(B, T, KV, hd), cos, sin)
+      v = v.reshape(B, T, KV, hd)
+      if kc is not None:
+        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, cache_index, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, cache_index, 0, 0))
+        k_all, v_all = kc.astype(cd), vc.astype(cd)
+      else:
+        k_all, v_all = k, v
+      qg = q.reshape(B, T, KV, G, hd)
+      s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all).astype(jnp.float32) * (hd ** -0.5)
+      s = s + bias_BxTxS[:, None, None]
+      w = jax.nn.softmax(s, axis=-1).astype(cd)
+      o = jnp.einsum("bkgts,bskd->btkgd", w, v_all).reshape(B, T, H * hd)
+      x = x + proj(o, p, "wo")
+      h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
+      g = jax.nn.silu(proj(h, p, "w_gate")) * proj(h, p, "w_up")
+      x = x + proj(g, p, "w_down")
+      return x, kc, vc
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none":
+      block = jax.checkpoint(block, policy=policy)
+
+    if cache is None:
+      def body(x, p):
+        x, _, _ = block(x, p, None, None)
+        return x, (x if return_residuals else None)
+      x, res = jax.lax.scan(body, x, lp)
+      new_cache = None
+    else:
+      def body(carry, p):
+        x, kcs, vcs, i = carry
+        kc = jax.lax.dynamic_index_in_dim(kcs, i, keepdims=False)
+        vc = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False)
+        x, kc, vc = block(x, p, kc, vc)
+        kcs = jax.lax.dynamic_update_index_in_dim(kcs, kc, i, 0)
+        vcs = jax.lax.dynamic_update_index_in_dim(vcs, vc, i, 0)
+        return (x, kcs, vcs, i + 1), (x if return_residuals else None)
+      (x, kcs, vcs, _), res = jax.lax.scan(body, (x, cache["k"], cache["v"], 0), lp)
+      new_cache = {"k": kcs, "v": vcs}
+    x = rms_norm(x, self.final_norm[...], cfg.rms_eps)
+    if return_residuals:
+      return x, new_cache, res
+    return x, new_cache
+
+
+def _layer_arrays(layers: Layers) -> dict[str, jax.Array]:
+  return {k: v[...] for k, v in vars(layers).items() if isinstance(v, nnx.Variable)}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
+  """An empty KV cache: k and v of shape [layers, batch, length, kv_heads, head_dim]."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  dt = jnp.dtype(dtype or cfg.dtype)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def rms_norm(x, w, eps):
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (w.astype(x.dtype) * xf.astype(x.dtype))
+
+
+def rope_tables(positions_BxT, head_dim, theta):
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  f = positions_BxT.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
+  emb = jnp.concatenate([f, f], axis=-1)
+  return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
+def apply_rope(x_BxTxNxH, cos, sin):
+  """Rotate-half RoPE (the HF convention)."""
+  h = x_BxTxNxH.shape[-1] // 2
+  x1, x2 = x_BxTxNxH[..., :h], x_BxTxNxH[..., h:]
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  xf = x_BxTxNxH.astype(jnp.float32)
+  return (xf * cos + rot.astype(jnp.float32) * sin).astype(x_BxTxNxH.dtype)
+
+
+def make_mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, q_seg_BxT=None, k_seg_BxS=None,
+              window: int | None = None):
+  """Boolean attention mask [B, T, S]: key is valid, not in the future, in the same segment
+  (packing) and, for sliding-window models, within the window."""
+  m = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]) & k_valid_BxS[:, None, :]
+  if q_seg_BxT is not None:
+    m &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+  if window is not None:
+    m &= (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < window
+  return m
+
+
+def packed_inputs(segment_ids_BxT, window: int | None = None):
+  """Positions and mask for (possibly packed) training rows; segment 0 is padding."""
+  seg = segment_ids_BxT
+  valid = seg > 0
+  # Position restarts at every new segment.
+  idx = jnp.arange(seg.shape[1])[None, :]
+  start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+  seg_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+  pos = jnp.where(valid, idx - seg_start, 0)
+  return pos, make_mask(pos, pos, valid, seg, seg, window)
+
+
+def forward(graphdef, state, tokens_BxT, positions_BxT, mask_BxTxS) -> jax.Array:
+  """Pure full-sequence forward: logits [B, T, V] (used by tests and scoring)."""
+  model = nnx.merge(graphdef, state)
+  logits, _ = model(tokens_BxT, positions_BxT, mask_BxTxS)
+  return logits
+
+
+def model_state_dict(model: Llama) -> dict[str, Any]:
+  """Flat {name: array} view of a model's weights (names as in LOGICAL_AXES)."""
+  out = {"embed": model.embed[...], "final_norm": model.final_norm[...]}
+  if not model.cfg.tie_embeddings:
+    out["lm_head"] = model.lm_head[...]
+  out.update(_layer_arrays(model.layers))
+  return out
