@@ -61,6 +61,13 @@ def _field(reader, key, default=None):
   return f.contents()
 
 
+def _req(reader, key, src):
+  v = _field(reader, key)
+  if v is None:
+    raise GGUFError(f"{src}: required metadata field {key!r} is missing.")
+  return v
+
+
 def read_gguf(path: str):
   import gguf
   if not os.path.isfile(path):
@@ -81,12 +88,12 @@ def gguf_to_hf(gguf_path: str, out_dir: str) -> str:
   if arch != "llama":
     raise GGUFError(f"{gguf_path}: architecture {arch!r} is not supported (only 'llama').")
   p = f"{arch}."
-  n_layer = int(_field(r, p + "block_count"))
-  n_embd = int(_field(r, p + "embedding_length"))
-  n_head = int(_field(r, p + "attention.head_count"))
+  n_layer = int(_req(r, p + "block_count", gguf_path))
+  n_embd = int(_req(r, p + "embedding_length", gguf_path))
+  n_head = int(_req(r, p + "attention.head_count", gguf_path))
   n_kv = int(_field(r, p + "attention.head_count_kv", n_head))
-  n_ff = int(_field(r, p + "feed_forward_length"))
-  tokens = list(_field(r, "tokenizer.ggml.tokens"))
+  n_ff = int(_req(r, p + "feed_forward_length", gguf_path))
+  tokens = list(_req(r, "tokenizer.ggml.tokens", gguf_path))
   vocab = int(_field(r, p + "vocab_size", len(tokens)))
 
   tensors = {}
