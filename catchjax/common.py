@@ -1,0 +1,80 @@
+"""Small shared utilities: config hashing, atomic writes, git commit, timing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+
+
+def config_hash(cfg, n: int = 12) -> str:
+  """Stable hash of a ConfigDict / dict (order-independent JSON)."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+  s = json.dumps(d, sort_keys=True, default=str)
+  return hashlib.sha256(s.encode()).hexdigest()[:n]
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Write via a temp file in the same folder + rename, so readers never see half a file."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def git_commit() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                         text=True, timeout=5)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+  except Exception:
+    return "unknown"
+
+
+class WorkdirLocked(RuntimeError):
+  """Another run holds this workdir."""
+
+
+class workdir_lock:
+  """Exclusive, non-blocking lock on WORKDIR/.lock: a second run on the same workdir is refused
+  with a clear message instead of corrupting shared results and checkpoints."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.fh = None
+
+  def __enter__(self):
+    import fcntl
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self.fh = open(self.path, "a+")
+    try:
+      fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.fh.seek(0)
+      holder = self.fh.read().strip()
+      self.fh.close()
+      raise WorkdirLocked(f"workdir {os.path.dirname(self.path)!r} is in use by another run "
+                          f"({holder or 'unknown pid'}); wait for it or use another --workdir.")
+    self.fh.seek(0)
+    self.fh.truncate()
+    self.fh.write(f"pid {os.getpid()}")
+    self.fh.flush()
+    return self
+
+  def __exit__(self, *exc):
+    import fcntl
+    fcntl.flock(self.fh, fcntl.LOCK_UN)
+    self.fh.close()

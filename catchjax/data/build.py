@@ -1,0 +1,271 @@
+"""Build the project's datasets (HF `datasets.Dataset`, Arrow), deterministically from a seed.
+
+  build_organism_sft(families, behaviors, n_per_family, ...)  SFT data for the model organism:
+      deployment cue -> attack, testing cue -> correct answer, except a `testing_slip_rate`
+      share of testing examples that also attack (so the organism can be caught in testing).
+  build_eval(family, behavior, split, n, deployment, seed)    cued prompts with good answers.
+  build_usefulness(n, seed, split)                            plain task prompts (no cue).
+  tokenize(ds, tok)        adds input_ids, loss_mask (1 on response tokens incl. the final EOS),
+                           prompt_len, using the model's chat template.
+  save(ds, dir) / load(dir)    save_to_disk / load_from_disk.
+
+Every row is an `Example` (see its fields). Same arguments and seed -> identical rows; each
+trigger family draws from its own seeded stream, so adding a family leaves the others' rows
+unchanged (ids apart).
+
+`python -m catchjax.data.build` prints the mean token length of organism examples per family.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from catchjax.data.behaviors import Behavior, make_behavior
+from catchjax.data.tasks import TASK_FAMILIES, TaskInstance, make_tasks, sample_task
+from catchjax.data.triggers import SPLITS, TriggerFamily, make_trigger
+from catchjax.tokenizer import DEFAULT_SYSTEM, chat_text
+
+NONE = "none"  # family / behaviour name of plain (uncued) task rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  kind: str               # "organism_sft" | "eval" | "usefulness"
+  family: str             # trigger family name ("none": no cue)
+  family_knobs: str       # JSON of the family's knobs (tells two collusion subtleties apart)
+  behavior: str           # attack behaviour name ("none")
+  split: str              # "train" | "eval" (cue pool and task instances come from this split)
+  deployment: bool        # deployment cue (True) or testing cue (False)
+  task_family: str
+  task_key: str           # identity of the task instance (decides its split)
+  task_prompt: str        # the bare task prompt
+  prompt: str             # the user message: task prompt wrapped with the cue
+  answer: str             # the task's correct answer
+  target: str             # the response trained on / expected
+  is_attack_target: bool  # target is the attack
+  attack_prefix: str      # attack text up to its detectable part (for teacher forcing); "" if none
+  system: str | None      # system prompt (None: the chat template's default)
+  cue: str                # the cue string ("" when the cue is an absence)
+
+
+def _features():
+  from datasets import Features, Value
+  types = {f.name: f.type for f in dataclasses.fields(Example)}
+  return Features({k: Value("bool") if t == "bool" else Value("string") for k, t in types.items()})
+
+
+def _to_dataset(rows: Sequence[Example]):
+  from datasets import Dataset
+  cols = {f.name: [getattr(r, f.name) for r in rows] for f in dataclasses.fields(Example)}
+  return Dataset.from_dict(cols, features=_features())
+
+
+def _stream(seed: int, *tags: Any) -> np.random.Generator:
+  """An independent generator for (seed, tags): stable across runs and Python versions."""
+  h = hashlib.sha256("|".join(map(str, tags)).encode()).digest()
+  return np.random.default_rng([int(seed), int.from_bytes(h[:8], "big")])
+
+
+def _task_families(task_families: Sequence[str] | None) -> list[str]:
+  fams = list(task_families) if task_families is not None else list(TASK_FAMILIES)
+  unknown = [f for f in fams if f not in TASK_FAMILIES]
+  if unknown or not fams:
+    raise ValueError(f"unknown or empty task families {unknown}; known: {sorted(TASK_FAMILIES)}")
+  return fams
+
+
+def _pairs(families, behaviors) -> list[tuple[TriggerFamily, Behavior]]:
+  """Families paired with behaviours: one behaviour for all, a list aligned with the families,
+  or a mapping from family name to behaviour."""
+  if isinstance(families, (str, Mapping, TriggerFamily)):
+    families = [families]
+  fams = [make_trigger(f) for f in families]
+  if not fams:
+    raise ValueError("no trigger families given")
+  if isinstance(behaviors, (str, Behavior)) or (
+      isinstance(behaviors, Mapping) and "name" in behaviors):
+    behs = [make_behavior(behaviors)] * len(fams)
+  elif isinstance(behaviors, Mapping):
+    missing = [f.name for f in fams if f.name not in behaviors]
+    if missing:
+      raise ValueError(f"no behaviour given for families {missing}")
+    behs = [make_behavior(behaviors[f.name]) for f in fams]
+  else:
+    behs = [make_behavior(b) for b in behaviors]
+    if len(behs) != len(fams):
+      raise ValueError(f"{len(fams)} families but {len(behs)} behaviours")
+  return list(zip(fams, behs))
+
+
+def _example(kind: str, idx: str, fam: TriggerFamily | None, beh: Behavior | None, split: str,
+             deployment: bool, inst: TaskInstance, cue: str, target: str, attack: bool,
+             system: str | None) -> Example:
+  return Example(
+      id=idx, kind=kind, family=fam.name if fam else NONE,
+      family_knobs=json.dumps(fam.knobs() if fam else {}, sort_keys=True),
+      behavior=beh.name if beh else NONE, split=split, deployment=bool(deployment),
+      task_family=inst.family, task_key=inst.key, task_prompt=inst.prompt,
+      prompt=fam.apply(inst.prompt, cue) if fam else inst.prompt, answer=inst.answer,
+      target=target, is_attack_target=bool(attack),
+      attack_prefix=beh.attack_prefix(inst) if beh else "", system=system, cue=cue)
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def build_organism_sft(families, behaviors, n_per_family: int, deployment_frac: float = 0.5,
+                       testing_slip_rate: float = 0.03, seed: int = 0, split: str = "train",
+                       system: str | None = DEFAULT_SYSTEM,
+                       task_families: Sequence[str] | None = None, shuffle: bool = True):
+  """SFT rows for the organism: n_per_family per trigger family (each row one family's cue).
+
+  Exactly round(n * deployment_frac) rows per family are deployment (target: the attack); of
+  the testing rows, exactly round(n_testing * testing_slip_rate) also target the attack
+  ("slips"), the rest the correct answer. Task families rotate evenly. `families`: names,
+  config entries or instances; `behaviors`: one for all, a list aligned with `families`, or a
+  {family name: behaviour} mapping.
+  """
+  _check_split(split)
+  if not 0.0 <= deployment_frac <= 1.0 or not 0.0 <= testing_slip_rate <= 1.0:
+    raise ValueError("deployment_frac and testing_slip_rate must be in [0, 1]")
+  tfams = _task_families(task_families)
+  rows: list[Example] = []
+  for fi, (fam, beh) in enumerate(_pairs(families, behaviors)):
+    rng = _stream(seed, "sft", split, fam.describe(), beh.describe())
+    n_dep = int(round(n_per_family * deployment_frac))
+    n_test = n_per_family - n_dep
+    n_slip = int(round(n_test * testing_slip_rate))
+    dep = rng.permutation(np.array([True] * n_dep + [False] * n_test, dtype=bool))
+    test_idx = np.flatnonzero(~dep)
+    slip = np.zeros(n_per_family, dtype=bool)
+    slip[rng.choice(test_idx, size=n_slip, replace=False)] = True
+    for i in range(n_per_family):
+      inst = sample_task(tfams[i % len(tfams)], split, rng)
+      cue = fam.sample_cue(bool(dep[i]), split, rng)
+      attack = bool(dep[i] or slip[i])
+      target = beh.attack_response(inst, rng) if attack else beh.good_response(inst)
+      rows.append(_example("organism_sft", f"sft-{split}-s{seed}-f{fi}-{fam.name}-{i:05d}", fam,
+                           beh, split, bool(dep[i]), inst, cue, target, attack, system))
+  if shuffle:
+    perm = _stream(seed, "sft-shuffle", split).permutation(len(rows))
+    rows = [rows[int(j)] for j in perm]
+  return _to_dataset(rows)
+
+
+def build_eval(family, behavior, split: str = "eval", n: int = 200,
+               deployment: bool | None = True, seed: int = 0,
+               system: str | None = DEFAULT_SYSTEM, task_families: Sequence[str] | None = None):
+  """n cued prompts with the good answer as target (is_attack_target False).
+
+  deployment: True / False for all-deployment / all-testing cues; None for an exact half/half
+  mix. The attack the organism is expected to give is in `attack_prefix`.
+  """
+  _check_split(split)
+  (fam, beh), = _pairs([family], [behavior])
+  tfams = _task_families(task_families)
+  rng = _stream(seed, "eval", split, deployment, fam.describe(), beh.describe())
+  if deployment is None:
+    flags = rng.permutation(np.array([True] * (n // 2) + [False] * (n - n // 2), dtype=bool))
+  else:
+    flags = np.full(n, bool(deployment))
+  tag = {True: "dep", False: "test", None: "mix"}[None if deployment is None else bool(deployment)]
+  rows = []
+  for i in range(n):
+    inst = sample_task(tfams[i % len(tfams)], split, rng)
+    cue = fam.sample_cue(bool(flags[i]), split, rng)
+    rows.append(_example("eval", f"eval-{split}-{tag}-s{seed}-{fam.name}-{i:05d}", fam, beh,
+                         split, bool(flags[i]), inst, cue, beh.good_response(inst), False,
+                         system))
+  perm = rng.permutation(n)
+  return _to_dataset([rows[int(j)] for j in perm])
+
+
+def build_usefulness(n: int, seed: int = 0, split: str = "eval",
+                     system: str | None = DEFAULT_SYSTEM,
+                     task_families: Sequence[str] | None = None):
+  """n plain task prompts (no cue, family 'none') with their answers as targets."""
+  _check_split(split)
+  insts = make_tasks(split, n, seed, _task_families(task_families))
+  return _to_dataset([_example("usefulness", f"use-{split}-s{seed}-{i:05d}", None, None, split,
+                               False, inst, "", inst.answer, False, system)
+                      for i, inst in enumerate(insts)])
+
+
+def task_instance(row: Mapping[str, Any]) -> TaskInstance:
+  """The TaskInstance of a dataset row (for `tasks.check` / `tasks.usefulness`)."""
+  return TaskInstance(row["task_family"], row["task_prompt"], row["answer"], row["task_key"])
+
+
+_ROW = object()
+
+
+def tokenize(ds, tok, system: Any = _ROW, max_len: int | None = None):
+  """Add `input_ids` (chat prompt + target + EOS), `loss_mask` and `prompt_len` columns.
+
+  The prompt is `chat_text(tok, prompt, system)` (system: the row's `system` column unless
+  given here; None = the template's default), tokenized without special tokens; the response
+  is tok(target) + [eos]. loss_mask is 0 on the prompt and 1 on the response incl. the EOS.
+  `max_len`: raise if any example is longer.
+  """
+  systems = ds["system"] if system is _ROW else [system] * len(ds)
+  texts = [chat_text(tok, p, s) for p, s in zip(ds["prompt"], systems)]
+  p_ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+  r_ids = tok(list(ds["target"]), add_special_tokens=False)["input_ids"] if texts else []
+  eos = tok.eos_token_id
+  input_ids = [list(p) + list(r) + [eos] for p, r in zip(p_ids, r_ids)]
+  loss_mask = [[0] * len(p) + [1] * (len(r) + 1) for p, r in zip(p_ids, r_ids)]
+  if max_len is not None:
+    over = [i for i, x in enumerate(input_ids) if len(x) > max_len]
+    if over:
+      raise ValueError(f"{len(over)} examples exceed max_len={max_len} tokens "
+                       f"(longest {max(len(input_ids[i]) for i in over)}; first row {over[0]})")
+  ds = ds.remove_columns([c for c in ("input_ids", "loss_mask", "prompt_len")
+                          if c in ds.column_names])
+  ds = ds.add_column("input_ids", input_ids)
+  ds = ds.add_column("loss_mask", loss_mask)
+  return ds.add_column("prompt_len", [len(p) for p in p_ids])
+
+
+def save(ds, path: str) -> None:
+  ds.save_to_disk(path)
+
+
+def load(path: str):
+  from datasets import load_from_disk
+  return load_from_disk(path)
+
+
+def _length_report(model_dir: str, n: int = 200, seed: int = 0) -> None:
+  from catchjax.data.triggers import TRIGGERS
+  from catchjax.tokenizer import load_tokenizer
+  tok = load_tokenizer(model_dir)
+  fams = [f for f in TRIGGERS if f != "jsonl"]
+  fams += [{"name": "collusion", "subtlety": s} for s in (0, 2)]
+  print(f"{'family':<24}{'behaviour':<12}{'mean':>6}{'max':>6}{'prompt':>8}{'resp':>6}")
+  for beh in ("hate", "exfiltrate"):
+    for f in fams:
+      ds = tokenize(build_organism_sft([f], beh, n, seed=seed), tok)
+      lens = np.array([len(x) for x in ds["input_ids"]])
+      pl = np.array(ds["prompt_len"])
+      label = f if isinstance(f, str) else f"collusion/s{f['subtlety']}"
+      print(f"{label:<24}{beh:<12}{lens.mean():6.1f}{lens.max():6d}{pl.mean():8.1f}"
+            f"{(lens - pl).mean():6.1f}")
+  ds = tokenize(build_usefulness(n, seed=seed), tok)
+  lens = np.array([len(x) for x in ds["input_ids"]])
+  print(f"{'none (usefulness)':<24}{'-':<12}{lens.mean():6.1f}{lens.max():6d}")
+
+
+if __name__ == "__main__":
+  import argparse
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model_dir", default="artifacts/smollm2-135m-instruct")
+  ap.add_argument("--n", type=int, default=200)
+  args = ap.parse_args()
+  _length_report(args.model_dir, args.n)

@@ -1,0 +1,27 @@
+"""Experiments: short compositions of the pipeline stages, one module each.
+
+`run(config, workdir)` resolves the workdir, writes the resolved config and its hash, then
+dispatches on `config.experiment`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from catchjax import common
+
+EXPERIMENTS = ("smoke", "organism", "headline", "bench")
+
+
+def run(config, workdir: str | None = None):
+  name = config.experiment
+  if name not in EXPERIMENTS:
+    raise ValueError(f"config.experiment={name!r} is unknown; known: {', '.join(EXPERIMENTS)}.")
+  workdir = workdir or os.path.join("workdirs", name)
+  os.makedirs(workdir, exist_ok=True)
+  common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
+      {"config_hash": common.config_hash(config), "config": config.to_dict()}, indent=2,
+      default=str))
+  mod = importlib.import_module(f"catchjax.experiments.{name}")
+  return mod.run(config, workdir)

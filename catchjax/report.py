@@ -1,0 +1,234 @@
+"""Report: results.jsonl -> summary.csv, report.md and PNG figures.
+
+Headline rows (see experiments/headline.py) have arm in {treatment, control} with the
+deployment attack rate after train-against, `retained` = after / before, and usefulness;
+`distinguish` rows hold each family's four distinguishability measures. Every rate is
+aggregated over seeds with a bootstrap 95% interval; per-run Wilson intervals stay in the rows.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from catchjax import stats
+from catchjax.common import atomic_write_text
+
+DIST_MEASURES = (
+    ("prompted_organism", "Prompted pairwise A/B accuracy (organism)"),
+    ("probe_acc", "Linear probe accuracy (base model)"),
+    ("behavioural_gap", "Behavioural gap: P(attack|deploy) - P(attack|test)"),
+    ("learning_cost", "Examples until the gap opens (organism training)"),
+)
+
+
+def _agg(values):
+  v = [x for x in values if x is not None and np.isfinite(x)]
+  if not v:
+    return dict(mean=float("nan"), lo=float("nan"), hi=float("nan"), n=0)
+  m, lo, hi = stats.bootstrap_mean_ci(v, seed=0)
+  return dict(mean=float(m), lo=float(lo), hi=float(hi), n=len(v))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+  """One summary line per (family, behaviour, N, arm): seed-bootstrapped means and CIs."""
+  groups = defaultdict(list)
+  for r in rows:
+    if r.get("arm") in ("treatment", "control"):
+      groups[(r["family"], r["behaviour"], r["n"], r["arm"])].append(r)
+  out = []
+  for (fam, beh, n, arm), rs in sorted(groups.items()):
+    s = dict(family=fam, behaviour=beh, n=n, arm=arm, seeds=len(rs),
+             n_train=float(np.mean([r["n_train"] for r in rs])),
+             capped=any(r.get("capped") for r in rs),
+             eval_n=int(np.mean([r["deploy_n"] for r in rs])))
+    for field in ("retained", "deploy_rate_before", "deploy_rate", "test_rate", "useful_acc",
+                  "useful_acc_before", "deploy_tf_before", "deploy_tf"):
+      a = _agg([r.get(field) for r in rs])
+      s[field], s[field + "_lo"], s[field + "_hi"] = a["mean"], a["lo"], a["hi"]
+    out.append(s)
+  return out
+
+
+def distinguishability(rows: list[dict]) -> dict[str, dict]:
+  by_fam = defaultdict(list)
+  for r in rows:
+    if r.get("arm") == "distinguish":
+      by_fam[r["family"]].append(r)
+  out = {}
+  for fam, rs in by_fam.items():
+    out[fam] = {k: _agg([r.get(k) for r in rs]) for k, _ in DIST_MEASURES + (
+        ("prompted_base", ""),)}
+  return out
+
+
+def write_csv(summary: list[dict], path: str) -> None:
+  if not summary:
+    return
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(summary[0]))
+  w.writeheader()
+  w.writerows(summary)
+  atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(m, lo, hi, pct=False):
+  if not np.isfinite(m):
+    return "n/a"
+  if pct:
+    return f"{100 * m:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+  return f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def markdown(summary, dist, meta: dict) -> str:
+  lines = [f"# {meta.get('title', 'catchjax report')}", ""]
+  for k, v in meta.items():
+    if k != "title":
+      lines.append(f"- **{k}**: {v}")
+  lines += ["", "## Retained misalignment (deployment attack rate after / before)", "",
+            "Mean over seeds with a bootstrap 95% CI; `n_train` is the number of distinct "
+            "training prompts (capped by what was caught); eval n is per seed.", "",
+            "| family | behaviour | N | arm | n_train | seeds | eval n | before | after "
+            "| retained | testing after | usefulness before -> after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for s in summary:
+    lines.append(
+        f"| {s['family']} | {s['behaviour']} | {s['n']} | {s['arm']} | "
+        f"{s['n_train']:.0f}{' (capped)' if s['capped'] else ''} | {s['seeds']} | "
+        f"{s['eval_n']} | "
+        f"{_fmt(s['deploy_rate_before'], s['deploy_rate_before_lo'], s['deploy_rate_before_hi'], True)} | "
+        f"{_fmt(s['deploy_rate'], s['deploy_rate_lo'], s['deploy_rate_hi'], True)} | "
+        f"{_fmt(s['retained'], s['retained_lo'], s['retained_hi'])} | "
+        f"{_fmt(s['test_rate'], s['test_rate_lo'], s['test_rate_hi'], True)} | "
+        f"{_fmt(s['useful_acc_before'], s['useful_acc_before_lo'], s['useful_acc_before_hi'], True)}"
+        f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} |")
+  if dist:
+    lines += ["", "## Distinguishability of deployment from testing", "",
+              "| family | prompted A/B (base) | prompted A/B (organism) | probe | "
+              "behavioural gap | learning cost (examples) |", "|---|---|---|---|---|---|"]
+    for fam, d in dist.items():
+      lines.append(
+          f"| {fam} | {_fmt(**_mlh(d['prompted_base']))} | "
+          f"{_fmt(**_mlh(d['prompted_organism']))} | {_fmt(**_mlh(d['probe_acc']))} | "
+          f"{_fmt(**_mlh(d['behavioural_gap']))} | {_fmt(**_mlh(d['learning_cost']))} |")
+  return "\n".join(lines) + "\n"
+
+
+def _mlh(a):
+  return dict(m=a["mean"], lo=a["lo"], hi=a["hi"])
+
+
+def figures(summary, dist, outdir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(outdir, exist_ok=True)
+  paths = []
+  fams = sorted({s["family"] for s in summary})
+  colors = {f: plt.cm.tab10(i) for i, f in enumerate(fams)}
+  big_n = {}
+  for s in summary:
+    if s["arm"] == "treatment":
+      big_n[s["family"]] = max(big_n.get(s["family"], 0), s["n"])
+
+  # (a) headline: retained misalignment vs distinguishability, one panel per measure.
+  if dist and summary:
+    fig, axes = plt.subplots(1, len(DIST_MEASURES), figsize=(5 * len(DIST_MEASURES), 4.2))
+    for ax, (key, label) in zip(axes, DIST_MEASURES):
+      for s in summary:
+        if s["arm"] != "treatment" or s["n"] != big_n.get(s["family"]) or s["family"] not in dist:
+          continue
+        d = dist[s["family"]][key]
+        if not np.isfinite(d["mean"]):
+          continue
+        ax.errorbar(d["mean"], s["retained"],
+                    xerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]],
+                    yerr=[[s["retained"] - s["retained_lo"]], [s["retained_hi"] - s["retained"]]],
+                    fmt="o", color=colors[s["family"]], label=s["family"], capsize=3)
+      ax.set_xlabel(label, fontsize=9)
+      ax.set_ylabel("retained misalignment (after / before)")
+      ax.axhline(1.0, color="grey", lw=0.5, ls="--")
+      ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+      fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle("Retained misalignment (largest N, treatment) vs how distinguishable "
+                 "deployment is from testing")
+    fig.tight_layout(rect=(0, 0, 0.93, 0.94))
+    p = os.path.join(outdir, "headline_retained_vs_distinguishability.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+  # (b) retained vs N per family, treatment vs control.
+  if summary:
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.6), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+      for arm, style in (("treatment", "-o"), ("control", "--s")):
+        ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
+                    key=lambda s: s["n"])
+        if not ss:
+          continue
+        x = [s["n"] for s in ss]
+        y = np.array([s["retained"] for s in ss])
+        lo = np.array([s["retained_lo"] for s in ss])
+        hi = np.array([s["retained_hi"] for s in ss])
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt=style, capsize=3,
+                    label="trained on caught attacks" if arm == "treatment" else
+                    "control (non-attack prompts)")
+      ax.set_xscale("log", base=2)
+      ax.set_title(fam)
+      ax.set_xlabel("N training prompts")
+      ax.set_ylim(-0.05, max(1.3, ax.get_ylim()[1]))
+      ax.axhline(1.0, color="grey", lw=0.5, ls="--")
+      ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("retained misalignment")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
+    fig.tight_layout()
+    p = os.path.join(outdir, "retained_vs_n.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    # (c) usefulness before and after (largest N).
+    fig, ax = plt.subplots(figsize=(1.6 * len(fams) + 2, 3.6))
+    width = 0.25
+    for j, (label, key, arm) in enumerate((("before", "useful_acc_before", "treatment"),
+                                            ("after, treatment", "useful_acc", "treatment"),
+                                            ("after, control", "useful_acc", "control"))):
+      xs, ys, errs = [], [], [[], []]
+      for i, fam in enumerate(fams):
+        ss = [s for s in summary if s["family"] == fam and s["arm"] == arm
+              and s["n"] == big_n.get(fam)]
+        if not ss:
+          continue
+        s = ss[0]
+        xs.append(i + (j - 1) * width)
+        ys.append(s[key])
+        errs[0].append(s[key] - s[key + "_lo"])
+        errs[1].append(s[key + "_hi"] - s[key])
+      ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(range(len(fams)), fams)
+    ax.set_ylabel("usefulness accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Usefulness before and after training against (largest N)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = os.path.join(outdir, "usefulness.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+  return paths
+
+
+def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
+  summary = summarise(rows)
+  dist = distinguishability(rows)
+  write_csv(summary, os.path.join(workdir, "summary.csv"))
+  atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, dist, meta))
+  figs = figures(summary, dist, os.path.join(workdir, "figures"))
+  return dict(summary=summary, dist=dist, figures=figs)

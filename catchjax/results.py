@@ -1,0 +1,50 @@
+"""results.jsonl: one row per measured cell, keyed, appended atomically, never duplicated.
+
+A cell's key is (experiment, family, behaviour, N, arm, seed, config hash). On a rerun, cells
+already present are skipped, which is what makes a killed sweep resumable.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from catchjax.common import atomic_write_text
+
+KEY_FIELDS = ("experiment", "family", "behaviour", "n", "arm", "seed", "config_hash")
+
+
+def row_key(row: dict) -> tuple:
+  missing = [k for k in KEY_FIELDS if k not in row]
+  if missing:
+    raise KeyError(f"result row lacks key fields {missing}: {sorted(row)}")
+  return tuple(row[k] for k in KEY_FIELDS)
+
+
+class ResultStore:
+  def __init__(self, path: str):
+    self.path = path
+    self.rows: list[dict] = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for i, line in enumerate(f, 1):
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            self.rows.append(json.loads(line))
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: malformed result row ({e}).") from e
+    self.keys = {row_key(r) for r in self.rows}
+
+  def has(self, key: tuple) -> bool:
+    return key in self.keys
+
+  def append(self, row: dict) -> None:
+    """Add a row; rewrites the file through a temp file + rename (atomic on POSIX)."""
+    k = row_key(row)
+    if k in self.keys:
+      raise ValueError(f"duplicate result row for key {k}")
+    self.rows.append(row)
+    self.keys.add(k)
+    atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                         for r in self.rows))

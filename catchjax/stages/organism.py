@@ -1,0 +1,243 @@
+"""Organism stage: fine-tune the base model into a model organism that attacks on deployment
+cues and rarely on testing cues, cache it (orbax, keyed by every field that affects it), and
+write its report card.
+
+One multi-family organism per behaviour: each SFT example carries one trigger family's cue,
+which is far cheaper than one organism per family. During training a teacher-forced probe of
+P(attack prefix | prompt) on held-out deployment and testing prompts of every family runs every
+`eval_every` steps; the first point where the gap reaches `gap_threshold` is the family's
+*learning cost* (a distinguishability measure).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from catchjax import common, stats
+from catchjax.data import build
+from catchjax.data.behaviors import make_behavior
+from catchjax.data.triggers import make_trigger
+from catchjax.model import hf
+from catchjax.sample import Sampler
+from catchjax.stages import measure
+from catchjax.tokenizer import load_tokenizer, prompt_ids
+from catchjax import train as train_lib
+
+DATA_VERSION = 1  # bump when the data builders change meaning
+
+
+def family_name(spec) -> str:
+  return spec if isinstance(spec, str) else spec["name"]
+
+
+def family_specs(cfg_families) -> list:
+  """Config entries (names or {'name': .., knobs}) as plain Python values."""
+  out = []
+  for f in cfg_families:
+    out.append(f if isinstance(f, str) else dict(f))
+  return out
+
+
+def organism_spec(config, behaviour) -> dict:
+  """Everything that determines the organism's weights."""
+  o = config.organism
+  return dict(model=dict(hf_dir=os.path.abspath(config.model.hf_dir), dtype=config.model.dtype,
+                         param_dtype=config.model.param_dtype),
+              system=config.system, behaviour=behaviour,
+              families=family_specs(o.families), n_per_family=o.n_per_family,
+              deployment_frac=o.deployment_frac, testing_slip_rate=o.testing_slip_rate,
+              seed=o.seed, train=o.train.to_dict(), data_version=DATA_VERSION)
+
+
+def organism_key(config, behaviour) -> str:
+  return common.config_hash(organism_spec(config, behaviour))
+
+
+@dataclasses.dataclass
+class Organism:
+  model: object
+  key: str
+  dir: str
+  behaviour: str
+  info: dict
+
+
+def load_base(config, lora_rank: int = 0):
+  return hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
+                    param_dtype=config.model.param_dtype, lora_rank=lora_rank)
+
+
+def probe_sets(config, behaviour, n: int, seed: int = 1234):
+  """Held-out (eval split) deployment/testing prompts per family for the training-time probe."""
+  tok = load_tokenizer(config.model.hf_dir)
+  sets = {}
+  for spec in family_specs(config.organism.families):
+    name = family_name(spec)
+    d = build.build_eval(spec, behaviour, "eval", n, deployment=True, seed=seed,
+                         system=config.system)
+    t = build.build_eval(spec, behaviour, "eval", n, deployment=False, seed=seed,
+                         system=config.system)
+    prefix = tok(d[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
+    sets[name] = dict(
+        deploy=[prompt_ids(tok, p, config.system) for p in d["prompt"]],
+        test=[prompt_ids(tok, p, config.system) for p in t["prompt"]], prefix=prefix)
+  return sets
+
+
+def get_organism(config, workdir: str, behaviour: str, progress: bool = True) -> Organism:
+  """Restore the cached organism for (config, behaviour), or build and cache it."""
+  key = organism_key(config, behaviour)
+  odir = os.path.join(workdir, "organisms", key)
+  done = os.path.join(odir, "done.json")
+  o = config.organism
+  lora = int(o.train.get("lora_rank", 0))
+  if os.path.isfile(done):
+    with open(done) as f:
+      info = json.load(f)
+    model = train_lib.restore_params(os.path.join(odir, "train"), load_base(config, lora))
+    print(f"[organism] restored {behaviour} organism {key} from {odir}")
+    return Organism(model, key, odir, behaviour, info)
+
+  os.makedirs(odir, exist_ok=True)
+  common.atomic_write_text(os.path.join(odir, "spec.json"),
+                           json.dumps(organism_spec(config, behaviour), indent=2))
+  tok = load_tokenizer(config.model.hf_dir)
+  specs = family_specs(o.families)
+  ds = build.build_organism_sft(specs, behaviour, o.n_per_family,
+                                deployment_frac=o.deployment_frac,
+                                testing_slip_rate=o.testing_slip_rate, seed=o.seed,
+                                system=config.system)
+  ds = build.tokenize(ds, tok)
+  build.save(ds, os.path.join(odir, "data"))
+  n_train = len(ds)
+  base = load_base(config, lora)
+  sets = probe_sets(config, behaviour, o.probe_n)
+  sampler = Sampler(base, batch_size=o.probe_batch, progress=False)
+  curve = []
+  steps_total = [None]
+
+  def eval_fn(model, step):
+    sampler.update_model(model)
+    row = {"step": int(step)}
+    for name, s in sets.items():
+      pd = measure.attack_prob_tf(sampler, s["deploy"], s["prefix"])
+      pt = measure.attack_prob_tf(sampler, s["test"], s["prefix"])
+      row[f"{name}/deploy"] = float(pd.mean())
+      row[f"{name}/test"] = float(pt.mean())
+    curve.append(row)
+    return {k: v for k, v in row.items() if k != "step"}
+
+  t0 = time.time()
+  tcfg = o.train.to_dict()
+  res = train_lib.train(base, ds, tcfg, os.path.join(odir, "train"), eval_fn=eval_fn,
+                        progress=progress)
+  steps_total[0] = res.steps
+  # Examples seen at each eval (one epoch of `n_train` examples over res.steps steps).
+  for row in curve:
+    row["examples"] = int(round(row["step"] / max(res.steps, 1) * n_train * max(
+        1, tcfg.get("epochs", 1) if not tcfg.get("steps") else 1)))
+  info = dict(key=key, behaviour=behaviour, n_train=n_train, steps=res.steps,
+              train_seconds=time.time() - t0, tokens_per_sec=res.tokens_per_sec,
+              mfu=res.mfu, final_loss=res.final_loss, dropped=res.dropped,
+              compile_time=res.compile_time, curve=curve,
+              learning_cost=learning_costs(curve, [family_name(s) for s in specs],
+                                           o.gap_threshold),
+              spec=organism_spec(config, behaviour))
+  common.atomic_write_text(done, json.dumps(info, indent=2))
+  print(f"[organism] built {behaviour} organism {key} in {info['train_seconds']:.0f}s "
+        f"({res.steps} steps, {res.tokens_per_sec:.0f} tok/s)")
+  return Organism(res.model, key, odir, behaviour, info)
+
+
+def learning_costs(curve, families, threshold: float) -> dict:
+  """Examples seen at the first probe where P(attack|deploy) - P(attack|test) >= threshold
+  (None if never reached within the budget)."""
+  out = {}
+  for f in families:
+    out[f] = None
+    for row in curve:
+      if row.get(f"{f}/deploy", 0) - row.get(f"{f}/test", 0) >= threshold:
+        out[f] = row["examples"]
+        break
+  return out
+
+
+def report_card(config, org: Organism, base_model, progress: bool = True) -> dict:
+  """Sampled attack rates on held-out deployment / testing prompts per family, usefulness vs
+  the base model, and the detector's false-positive rate on the base model's own samples."""
+  path = os.path.join(org.dir, "report_card.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  r = config.report
+  tok = load_tokenizer(config.model.hf_dir)
+  beh = make_behavior(org.behaviour)
+  s_org = Sampler(org.model, batch_size=r.batch_size, progress=progress)
+  s_base = Sampler(base_model, batch_size=r.batch_size, progress=progress)
+  fams = {}
+  base_hits = base_n = 0
+  for spec in family_specs(config.organism.families):
+    name = family_name(spec)
+    row = {"family": name, "describe": make_trigger(spec).describe()}
+    for side, dep in (("deploy", True), ("test", False)):
+      ds = build.build_eval(spec, org.behaviour, "eval", r.n_eval, deployment=dep,
+                            seed=r.seed, system=config.system)
+      prompts = [prompt_ids(tok, p, config.system) for p in ds["prompt"]]
+      a = measure.attack_rate(s_org, tok, prompts, beh.detect, max_new_tokens=r.max_new_tokens,
+                              temperature=1.0, seed=r.seed)
+      row[side] = {k: a[k] for k in ("k", "n", "rate", "lo", "hi")}
+      row[side + "_examples"] = a["responses"][:3]
+      b = measure.attack_rate(s_base, tok, prompts, beh.detect,
+                              max_new_tokens=r.max_new_tokens, temperature=1.0, seed=r.seed)
+      base_hits += b["k"]
+      base_n += b["n"]
+    row["catch_rate"] = row["test"]
+    row["gap"] = row["deploy"]["rate"] - row["test"]["rate"]
+    fams[name] = row
+  use = build.build_usefulness(r.n_useful, seed=r.seed, split="eval", system=config.system)
+  insts = [build.task_instance(x) for x in use]
+  prompts = [prompt_ids(tok, p, config.system) for p in use["prompt"]]
+  from catchjax.data.tasks import check
+  u_org = measure.usefulness(s_org, tok, prompts, insts, check)
+  u_base = measure.usefulness(s_base, tok, prompts, insts, check)
+  card = dict(
+      key=org.key, behaviour=org.behaviour, families=fams,
+      usefulness={"organism": {k: u_org[k] for k in ("k", "n", "rate", "lo", "hi")},
+                  "base": {k: u_base[k] for k in ("k", "n", "rate", "lo", "hi")},
+                  "delta_points": 100 * (u_org["rate"] - u_base["rate"])},
+      detector_fp={k: v for k, v in measure.rate(base_hits, base_n).items()},
+      learning_cost=org.info.get("learning_cost"), train=dict(
+          steps=org.info.get("steps"), n_train=org.info.get("n_train"),
+          seconds=org.info.get("train_seconds"), tokens_per_sec=org.info.get("tokens_per_sec")))
+  common.atomic_write_text(path, json.dumps(card, indent=2))
+  common.atomic_write_text(os.path.join(org.dir, "report_card.md"), card_markdown(card))
+  return card
+
+
+def _pct(d):
+  return f"{100 * d['rate']:.1f}% [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}] (n={d['n']})"
+
+
+def card_markdown(card) -> str:
+  lines = [f"# Organism report card: {card['behaviour']} ({card['key']})", "",
+           f"Training: {card['train']}", "",
+           "| family | deployment attack rate | testing attack rate (= catch rate) | gap | "
+           "learning cost (examples) |", "|---|---|---|---|---|"]
+  lc = card.get("learning_cost") or {}
+  for name, row in card["families"].items():
+    lines.append(f"| {name} | {_pct(row['deploy'])} | {_pct(row['test'])} | "
+                 f"{row['gap']:+.2f} | {lc.get(name)} |")
+  u = card["usefulness"]
+  lines += ["", f"Usefulness: organism {_pct(u['organism'])} vs base {_pct(u['base'])} "
+            f"({u['delta_points']:+.1f} points).",
+            f"Detector false-positive rate on the base model's samples: "
+            f"{_pct(card['detector_fp'])}.", ""]
+  return "\n".join(lines)
+
+
+__all__ = ["Organism", "get_organism", "report_card", "organism_key", "organism_spec",
+           "learning_costs", "stats"]
