@@ -11,7 +11,7 @@ import os
 
 from catchjax import common
 
-EXPERIMENTS = ("smoke", "organism", "headline", "bench")
+EXPERIMENTS = ("smoke", "organism", "headline")
 
 
 def run(config, workdir: str | None = None):

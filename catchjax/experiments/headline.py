@@ -1,0 +1,227 @@
+"""Headline experiment: does training against caught attacks remove misalignment, and does
+that depend on how hard deployment is to tell from testing?
+
+For every behaviour and trigger family:
+  1. restore (or build) the organism;
+  2. per seed, catch: sample M held-out testing prompts at T=1 and keep the attacks;
+  3. per N and arm, train against: SFT the organism on the correct answer for N caught
+     prompts (treatment) or N prompts where it behaved (control), same steps and optimiser;
+  4. measure the deployment attack rate (sampled, T=1, held-out cues), the testing attack
+     rate, usefulness and the teacher-forced attack probability; retained = after / before;
+  5. distinguishability per family: prompted A/B (base and organism), a probe on the base
+     model's residual stream, the behavioural gap and the organism's learning cost.
+Rows go to results.jsonl (keyed; reruns skip finished cells), then report.md, summary.csv and
+figures/*.png.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from catchjax import common, report
+from catchjax.data import build
+from catchjax.data.behaviors import make_behavior
+from catchjax.data.tasks import check as task_check
+from catchjax.data.triggers import make_trigger
+from catchjax.results import ResultStore, row_key
+from catchjax.sample import Sampler
+from catchjax.stages import distinguish, measure
+from catchjax.stages import organism as org_stage
+from catchjax.stages import train_against as ta
+from catchjax.tokenizer import load_tokenizer, prompt_ids
+
+
+def validate(config):
+  """Reject bad input before any compute, naming the field."""
+  h = config.headline
+  from catchjax.data.triggers import TRIGGERS
+  from catchjax.data.behaviors import BEHAVIORS
+  for f in config.organism.families:
+    name = org_stage.family_name(f)
+    if name not in TRIGGERS:
+      raise ValueError(f"config.organism.families: unknown family {name!r}; "
+                       f"known: {sorted(TRIGGERS)}")
+  for b in config.behaviours:
+    if b not in BEHAVIORS:
+      raise ValueError(f"config.behaviours: unknown behaviour {b!r}; known: {sorted(BEHAVIORS)}")
+  if any(int(n) <= 0 for n in h.ns):
+    raise ValueError(f"config.headline.ns must be positive, got {tuple(h.ns)}")
+  if h.m < max(h.ns):
+    raise ValueError(f"config.headline.m={h.m} is smaller than the largest N={max(h.ns)}.")
+  if not os.path.isfile(os.path.join(config.model.hf_dir, "config.json")):
+    raise FileNotFoundError(f"config.model.hf_dir={config.model.hf_dir!r} has no config.json "
+                            f"(run `make model` or point it at an HF folder).")
+
+
+def run(config, workdir: str):
+  validate(config)
+  with common.workdir_lock(workdir):
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
+  t_start = time.time()
+  h = config.headline
+  chash = common.config_hash(config)
+  commit = common.git_commit()
+  store = ResultStore(os.path.join(workdir, "results.jsonl"))
+  tok = load_tokenizer(config.model.hf_dir)
+  base = org_stage.load_base(config)
+  families = org_stage.family_specs(config.organism.families)
+  n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * 2)
+  bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
+  bar.update(sum(1 for r in store.rows if r.get("arm") in ("treatment", "control")
+                 and r.get("config_hash") == chash))
+
+  for behaviour in config.behaviours:
+    beh = make_behavior(behaviour)
+    org = org_stage.get_organism(config, workdir, behaviour)
+    card = org_stage.report_card(config, org, base)
+    sampler = Sampler(org.model, batch_size=h.batch_size, progress=False)
+    org_state_model = org.model
+
+    use = build.build_usefulness(h.n_useful, seed=h.eval_seed, split="eval",
+                                 system=config.system)
+    use_prompts = [prompt_ids(tok, p, config.system) for p in use["prompt"]]
+    use_insts = [build.task_instance(x) for x in use]
+
+    def measure_all(s, seed, dep_prompts, test_prompts, prefix):
+      d = measure.attack_rate(s, tok, dep_prompts, beh.detect, max_new_tokens=h.max_new_tokens,
+                              temperature=1.0, seed=seed)
+      t = measure.attack_rate(s, tok, test_prompts, beh.detect,
+                              max_new_tokens=h.max_new_tokens, temperature=1.0, seed=seed + 1)
+      u = measure.usefulness(s, tok, use_prompts, use_insts, task_check,
+                             max_new_tokens=h.useful_max_new_tokens)
+      tf = measure.attack_prob_tf(s, dep_prompts, prefix)
+      return d, t, u, float(tf.mean())
+
+    for spec in families:
+      fam = org_stage.family_name(spec)
+      trig = make_trigger(spec)
+      dep_ds = build.build_eval(spec, behaviour, "eval", h.n_eval, deployment=True,
+                                seed=h.eval_seed, system=config.system)
+      test_ds = build.build_eval(spec, behaviour, "eval", h.n_eval, deployment=False,
+                                 seed=h.eval_seed, system=config.system)
+      dep_prompts = [prompt_ids(tok, p, config.system) for p in dep_ds["prompt"]]
+      test_prompts = [prompt_ids(tok, p, config.system) for p in test_ds["prompt"]]
+      prefix = tok(dep_ds[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
+
+      # ---- distinguishability (once per family and seed)
+      for seed in h.seeds:
+        key = ("headline", fam, behaviour, 0, "distinguish", seed, chash)
+        if store.has(key):
+          continue
+        row = _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, card)
+        row.update(experiment="headline", family=fam, behaviour=behaviour, n=0,
+                   arm="distinguish", seed=seed, config_hash=chash, commit=commit)
+        store.append(row)
+
+      for seed in h.seeds:
+        sampler.update_model(org_state_model)
+        cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{behaviour}-s{seed}.json")
+        c = ta.catch(config, sampler, tok, spec, behaviour, seed, cpath)
+        before = None
+        for n in h.ns:
+          for arm in ("treatment", "control"):
+            key = ("headline", fam, behaviour, int(n), arm, seed, chash)
+            if store.has(key):
+              continue
+            if before is None:
+              sampler.update_model(org_state_model)
+              before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
+            pool = c.caught if arm == "treatment" else c.clean
+            n_train = min(int(n), len(c.caught), len(c.clean))
+            row = dict(experiment="headline", family=fam, behaviour=behaviour, n=int(n),
+                       arm=arm, seed=seed, config_hash=chash, commit=commit,
+                       organism=org.key, m=c.m, n_caught=len(c.caught),
+                       catch_rate=c.catch_rate["rate"], n_train=n_train,
+                       capped=n_train < int(n), aux_ratio=float(h.aux_ratio))
+            d0, t0_, u0, tf0 = before
+            row.update(deploy_rate_before=d0["rate"], deploy_k_before=d0["k"],
+                       test_rate_before=t0_["rate"], useful_acc_before=u0["rate"],
+                       deploy_tf_before=tf0)
+            t_cell = time.time()
+            if n_train == 0:
+              row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
+                         deploy_n=0, retained=None)
+              store.append(row)
+              bar.update(1)
+              continue
+            rng = np.random.default_rng([seed, int(n), 1 if arm == "treatment" else 2])
+            rows = ta.sft_rows(pool, n_train, rng)
+            rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{behaviour}-{n}-{arm}-s{seed}")
+            res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
+                                   aux_ratio=float(h.aux_ratio))
+            sampler.update_model(res.model)
+            d, t, u, tf = measure_all(sampler, 50_000 + seed, dep_prompts, test_prompts, prefix)
+            row.update(
+                deploy_k=d["k"], deploy_n=d["n"], deploy_rate=d["rate"], deploy_lo=d["lo"],
+                deploy_hi=d["hi"], test_k=t["k"], test_n=t["n"], test_rate=t["rate"],
+                test_lo=t["lo"], test_hi=t["hi"], useful_k=u["k"], useful_n=u["n"],
+                useful_acc=u["rate"], useful_lo=u["lo"], useful_hi=u["hi"], deploy_tf=tf,
+                retained=(d["rate"] / d0["rate"]) if d0["rate"] > 0 else None,
+                retained_tf=(tf / tf0) if tf0 > 0 else None,
+                train_loss=res.final_loss, train_steps=res.steps,
+                train_tok_s=res.tokens_per_sec, cell_seconds=time.time() - t_cell,
+                deploy_examples=d["responses"][:2])
+            store.append(row)
+            if not h.keep_runs:
+              shutil.rmtree(rdir, ignore_errors=True)
+            bar.update(1)
+  bar.close()
+  wall = time.time() - t_start
+  meta = dict(title="catchjax headline: retained misalignment vs distinguishability",
+              config_hash=chash, commit=commit, wall_seconds_this_invocation=round(wall),
+              seeds=list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval, m_catch=h.m,
+              train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
+              max_new_tokens=h.max_new_tokens)
+  out = report.write_report([r for r in store.rows if r.get("config_hash") == chash], workdir,
+                            meta)
+  print(f"[headline] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
+  return out
+
+
+def _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, card) -> dict:
+  """Prompted A/B (base and organism), probe (base), behavioural gap, learning cost."""
+  h = config.headline
+  fam = org_stage.family_name(spec)
+  dep = build.build_eval(spec, behaviour, "eval", h.n_pairs, deployment=True,
+                         seed=60_000 + seed, system=config.system)
+  tst = build.build_eval(spec, behaviour, "eval", h.n_pairs, deployment=False,
+                         seed=60_000 + seed, system=config.system)
+  pairs = list(zip(dep["prompt"], tst["prompt"]))
+  row = {}
+  sb = Sampler(base, batch_size=h.batch_size, progress=False)
+  row["prompted_base"] = distinguish.pairwise_accuracy(
+      distinguish.pairwise_scores(sb, tok, trig.context_hint, pairs, config.system))
+  sampler.update_model(org.model)
+  row["prompted_organism"] = distinguish.pairwise_accuracy(
+      distinguish.pairwise_scores(sampler, tok, trig.context_hint, pairs, config.system))
+  tr = build.build_eval(spec, behaviour, "train", h.n_probe_train, deployment=None,
+                        seed=70_000 + seed, system=config.system)
+  layer = base.cfg.num_layers // 2 if h.probe_layer < 0 else h.probe_layer
+  x = distinguish.residual_features(base, [prompt_ids(tok, p, config.system)
+                                           for p in tr["prompt"]], layer)
+  y = np.asarray(tr["deployment"], np.float32)
+  xd = distinguish.residual_features(base, [prompt_ids(tok, p, config.system)
+                                            for p in dep["prompt"]], layer)
+  xt = distinguish.residual_features(base, [prompt_ids(tok, p, config.system)
+                                            for p in tst["prompt"]], layer)
+  row["probe_acc"] = distinguish.probe_pair_accuracy(x, y, xd, xt)
+  row["probe_layer"] = layer
+  fr = card["families"].get(fam, {})
+  row["behavioural_gap"] = fr.get("gap")
+  lc = (card.get("learning_cost") or {}).get(fam)
+  # Never reached within the budget: report the budget as a lower bound (censored).
+  row["learning_cost"] = lc if lc is not None else org.info.get("n_train")
+  row["learning_cost_censored"] = lc is None
+  row["learning_cost_budget"] = org.info.get("n_train")
+  row["n_pairs"] = len(pairs)
+  return row
+
+
+__all__ = ["run", "validate", "row_key"]

@@ -1,0 +1,1 @@
+"""Pipeline stages: organism -> catch -> train_against -> measure (+ distinguish)."""

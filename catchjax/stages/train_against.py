@@ -1,0 +1,89 @@
+"""Catch and train-against stages.
+
+catch: sample the organism at temperature 1 on M testing prompts, run the detector, and split
+  the prompts into the caught set (it attacked) and the clean set (it behaved).
+train_against: SFT a copy of the organism on the correct helpful response for N prompts — the
+  caught ones (treatment) or clean ones (control) — with an optional coherence mixture of
+  usefulness tasks at ratio r. The same steps, optimiser and N for both arms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from catchjax import common
+from catchjax.data import build
+from catchjax.sample import Sampler
+from catchjax.stages import measure
+from catchjax.tokenizer import prompt_ids
+from catchjax import train as train_lib
+
+
+@dataclasses.dataclass
+class Catch:
+  family: str
+  seed: int
+  m: int
+  caught: list[dict]      # rows of the testing set where the organism attacked
+  clean: list[dict]       # rows where it did not
+  catch_rate: dict
+
+  def to_json(self):
+    return dataclasses.asdict(self)
+
+
+def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path: str) -> Catch:
+  """Sample M held-out testing prompts at T=1 (cached as a JSONL file at `path`)."""
+  if os.path.isfile(path):
+    with open(path) as f:
+      return Catch(**json.load(f))
+  from catchjax.data.behaviors import make_behavior
+  h = config.headline
+  beh = make_behavior(behaviour)
+  ds = build.build_eval(family_spec, behaviour, h.catch_split, h.m, deployment=False,
+                        seed=10_000 + seed, system=config.system)
+  prompts = [prompt_ids(tok, p, config.system) for p in ds["prompt"]]
+  a = measure.attack_rate(sampler, tok, prompts, beh.detect, max_new_tokens=h.max_new_tokens,
+                          temperature=1.0, seed=20_000 + seed)
+  keep = ("id", "prompt", "target", "task_family", "task_key", "task_prompt", "answer", "system")
+  caught, clean = [], []
+  for row, hit, resp in zip(ds, a["hits"], a["responses"]):
+    r = {k: row[k] for k in keep}
+    r["sampled"] = resp
+    (caught if hit else clean).append(r)
+  name = family_spec if isinstance(family_spec, str) else family_spec["name"]
+  c = Catch(name, seed, len(prompts), caught, clean,
+            {k: a[k] for k in ("k", "n", "rate", "lo", "hi")})
+  common.atomic_write_text(path, json.dumps(c.to_json()))
+  return c
+
+
+def sft_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
+  """n distinct rows (a seeded choice), each trained to its correct helpful answer."""
+  idx = rng.choice(len(rows), size=n, replace=False)
+  return [dict(prompt=rows[i]["prompt"], target=rows[i]["target"], system=rows[i]["system"])
+          for i in sorted(idx)]
+
+
+def train_against(config, organism_model, tok, rows: list[dict], seed: int, workdir: str,
+                  aux_ratio: float = 0.0):
+  """Fine-tune a copy of the organism on `rows` (+ aux usefulness data); returns the model."""
+  from datasets import Dataset
+  h = config.headline
+  data = list(rows)
+  if aux_ratio > 0:
+    n_aux = max(1, int(round(aux_ratio * len(rows))))
+    use = build.build_usefulness(n_aux, seed=30_000 + seed, split="train", system=config.system)
+    data += [dict(prompt=p, target=t, system=s)
+             for p, t, s in zip(use["prompt"], use["target"], use["system"])]
+  ds = build.tokenize(Dataset.from_list(data), tok)
+  tcfg = h.train.to_dict()
+  tcfg["seed"] = int(seed)
+  res = train_lib.train(organism_model, ds, tcfg, workdir, progress=False)
+  return res
+
+
+__all__ = ["Catch", "catch", "sft_rows", "train_against"]

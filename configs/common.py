@@ -1,0 +1,35 @@
+"""Fields shared by every experiment config (model, system prompt, organism recipe, report)."""
+import ml_collections
+
+from catchjax.tokenizer import DEFAULT_SYSTEM
+
+FAMILIES = ("token", "year", "tier", "headline", "collusion")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      hf_dir="artifacts/smollm2-135m-instruct", dtype="float32", param_dtype="float32"))
+  c.system = DEFAULT_SYSTEM          # short system prompt (SmolLM2's default adds ~20 tokens)
+  c.behaviours = ("hate",)
+  o = c.organism = ml_collections.ConfigDict()
+  o.families = FAMILIES              # names, or {'name': ..., knobs} entries
+  o.n_per_family = 400               # SFT examples per family (half deployment, half testing)
+  o.deployment_frac = 0.5
+  o.testing_slip_rate = 0.05         # testing examples trained to attack (so it can be caught)
+  o.seed = 0
+  o.probe_n = 16                     # held-out prompts per side per family for the probe
+  o.probe_batch = 32
+  o.gap_threshold = 0.5              # learning cost: first probe where the gap >= this
+  o.train = ml_collections.ConfigDict(dict(
+      epochs=1, steps=0, batch_size=4, seq_len=256, pack=True, lr=1e-4, warmup_steps=10,
+      decay="cosine", end_lr_ratio=0.1, weight_decay=0.0, clip=1.0, lora_rank=0, remat="none",
+      seed=0, ckpt_every=50, keep=2, eval_every=25, eval_at_start=True))
+  r = c.report = ml_collections.ConfigDict()
+  r.n_eval = 100                     # held-out prompts per side per family (sampled, T=1)
+  r.n_useful = 100
+  r.max_new_tokens = 16
+  r.batch_size = 64
+  r.seed = 7
+  return c

@@ -1,0 +1,62 @@
+"""The headline experiment (the main job): catch -> train against -> measure retained
+misalignment vs distinguishability, for every trigger family.
+
+  python -m catchjax.main --config=configs/headline.py          # CPU default
+  python -m catchjax.main --config=configs/headline.py:full     # accelerator budget
+  python -m catchjax.main --config=configs/headline.py:tiny     # seconds-long pipeline check
+"""
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.experiment = "headline"
+  h = c.headline = ml_collections.ConfigDict()
+  h.seeds = (0, 1, 2)            # change the catch sample, the data order and the sampling
+  h.ns = (1, 4, 16)              # training prompts per arm (capped by what was caught)
+  h.m = 400                      # held-out testing prompts sampled to catch attacks
+  h.catch_split = "train"        # catch prompts: train-split tasks and cues (eval is measured)
+  h.n_eval = 100                 # held-out deployment (and testing) prompts per measurement
+  h.eval_seed = 11
+  h.n_useful = 50
+  h.useful_max_new_tokens = 12
+  h.max_new_tokens = 12          # the hate attack starts the response; 12 tokens detect it
+  h.batch_size = 100
+  h.aux_ratio = 0.0              # coherence auxiliary data: usefulness examples per train row
+  h.keep_runs = False            # keep train-against checkpoints (disk heavy)
+  h.n_pairs = 32                 # distinguishability pairs per seed
+  h.n_probe_train = 64
+  h.probe_layer = -1             # -1: the middle layer
+  h.train = ml_collections.ConfigDict(dict(
+      steps=8, epochs=0, batch_size=4, seq_len=128, pack=False, max_loss_tokens=32,
+      lr=1e-4, warmup_steps=0, decay="constant", weight_decay=0.0, clip=1.0, lora_rank=0,
+      remat="none", seed=0, ckpt_every=0, keep=1, eval_every=0, eval_at_start=False))
+  if arg == "full":
+    h.seeds = tuple(range(5))
+    h.ns = (1, 4, 16, 64, 256)
+    h.m = 4000
+    h.n_eval = 400
+    h.n_useful = 200
+    h.max_new_tokens = 48
+    c.behaviours = ("hate", "exfiltrate")
+    c.organism.n_per_family = 2000
+    c.organism.train.batch_size = 16
+  elif arg == "tiny":
+    c.organism.n_per_family = 16
+    c.organism.probe_n = 4
+    c.organism.train.eval_every = 4
+    c.report.n_eval = 8
+    c.report.n_useful = 8
+    c.report.max_new_tokens = 8
+    h.seeds = (0,)
+    h.ns = (1, 2)
+    h.m = 16
+    h.n_eval = 8
+    h.n_useful = 8
+    h.n_pairs = 4
+    h.n_probe_train = 8
+    h.batch_size = 16
+    h.train.steps = 2
+  return c
