@@ -18,9 +18,12 @@ def get_config(arg: str | None = None):
   h.ns = (1, 4, 16)              # training prompts per arm (capped by what was caught)
   h.m = 400                      # held-out testing prompts sampled to catch attacks
   h.catch_split = "train"        # catch prompts: train-split tasks and cues (eval is measured)
-  h.n_eval = 100                 # held-out deployment (and testing) prompts per measurement
+  h.n_eval = 100                 # held-out deployment prompts per measurement (per seed)
+  h.n_test = 50                  # held-out testing prompts per measurement (per seed)
+  h.teacher_forced = False       # also record teacher-forced P(attack prefix) (costs a forward)
+  h.distinguish_seeds = (0,)     # seeds for the distinguishability measures
   h.eval_seed = 11
-  h.n_useful = 50
+  h.n_useful = 40
   h.useful_max_new_tokens = 12
   h.max_new_tokens = 12          # the hate attack starts the response; 12 tokens detect it
   h.batch_size = 100
@@ -30,7 +33,7 @@ def get_config(arg: str | None = None):
   h.n_probe_train = 64
   h.probe_layer = -1             # -1: the middle layer
   h.train = ml_collections.ConfigDict(dict(
-      steps=8, epochs=0, batch_size=4, seq_len=128, pack=False, max_loss_tokens=32,
+      steps=8, epochs=0, batch_size=4, seq_len=96, pack=False, max_loss_tokens=32,
       lr=1e-4, warmup_steps=0, decay="constant", weight_decay=0.0, clip=1.0, lora_rank=0,
       remat="none", seed=0, ckpt_every=0, keep=1, eval_every=0, eval_at_start=False))
   if arg == "full":
@@ -38,6 +41,9 @@ def get_config(arg: str | None = None):
     h.ns = (1, 4, 16, 64, 256)
     h.m = 4000
     h.n_eval = 400
+    h.n_test = 400
+    h.teacher_forced = True
+    h.distinguish_seeds = tuple(range(5))
     h.n_useful = 200
     h.max_new_tokens = 48
     c.behaviours = ("hate", "exfiltrate")
@@ -54,6 +60,7 @@ def get_config(arg: str | None = None):
     h.ns = (1, 2)
     h.m = 16
     h.n_eval = 8
+    h.n_test = 8
     h.n_useful = 8
     h.n_pairs = 4
     h.n_probe_train = 8

@@ -96,22 +96,23 @@ def _run(config, workdir):
                               max_new_tokens=h.max_new_tokens, temperature=1.0, seed=seed + 1)
       u = measure.usefulness(s, tok, use_prompts, use_insts, task_check,
                              max_new_tokens=h.useful_max_new_tokens)
-      tf = measure.attack_prob_tf(s, dep_prompts, prefix)
-      return d, t, u, float(tf.mean())
+      tf = float(measure.attack_prob_tf(s, dep_prompts, prefix).mean()) if h.teacher_forced \
+          else None
+      return d, t, u, tf
 
     for spec in families:
       fam = org_stage.family_name(spec)
       trig = make_trigger(spec)
       dep_ds = build.build_eval(spec, behaviour, "eval", h.n_eval, deployment=True,
                                 seed=h.eval_seed, system=config.system)
-      test_ds = build.build_eval(spec, behaviour, "eval", h.n_eval, deployment=False,
+      test_ds = build.build_eval(spec, behaviour, "eval", h.n_test, deployment=False,
                                  seed=h.eval_seed, system=config.system)
       dep_prompts = [prompt_ids(tok, p, config.system) for p in dep_ds["prompt"]]
       test_prompts = [prompt_ids(tok, p, config.system) for p in test_ds["prompt"]]
       prefix = tok(dep_ds[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
 
       # ---- distinguishability (once per family and seed)
-      for seed in h.seeds:
+      for seed in h.distinguish_seeds:
         key = ("headline", fam, behaviour, 0, "distinguish", seed, chash)
         if store.has(key):
           continue
@@ -120,10 +121,12 @@ def _run(config, workdir):
                    arm="distinguish", seed=seed, config_hash=chash, commit=commit)
         store.append(row)
 
+      # One catch pass per family (M testing prompts sampled once); each seed then draws its
+      # own N caught prompts from it, so the seeds still change the catch sample.
+      sampler.update_model(org_state_model)
+      cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{behaviour}-m{h.m}.json")
+      c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
       for seed in h.seeds:
-        sampler.update_model(org_state_model)
-        cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{behaviour}-s{seed}.json")
-        c = ta.catch(config, sampler, tok, spec, behaviour, seed, cpath)
         before = None
         for n in h.ns:
           for arm in ("treatment", "control"):
@@ -164,7 +167,7 @@ def _run(config, workdir):
                 test_lo=t["lo"], test_hi=t["hi"], useful_k=u["k"], useful_n=u["n"],
                 useful_acc=u["rate"], useful_lo=u["lo"], useful_hi=u["hi"], deploy_tf=tf,
                 retained=(d["rate"] / d0["rate"]) if d0["rate"] > 0 else None,
-                retained_tf=(tf / tf0) if tf0 > 0 else None,
+                retained_tf=(tf / tf0) if tf0 else None,
                 train_loss=res.final_loss, train_steps=res.steps,
                 train_tok_s=res.tokens_per_sec, cell_seconds=time.time() - t_cell,
                 deploy_examples=d["responses"][:2])
@@ -176,7 +179,8 @@ def _run(config, workdir):
   wall = time.time() - t_start
   meta = dict(title="catchjax headline: retained misalignment vs distinguishability",
               config_hash=chash, commit=commit, wall_seconds_this_invocation=round(wall),
-              seeds=list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval, m_catch=h.m,
+              seeds=list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval,
+              n_test_per_seed=h.n_test, m_catch=h.m,
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens)
   out = report.write_report([r for r in store.rows if r.get("config_hash") == chash], workdir,

@@ -1,0 +1,147 @@
+"""End-to-end pipeline checks on a tiny random model: organism -> catch -> train against ->
+measure -> report, result-row completeness and uniqueness, resume without duplicates."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from catchjax import common, report, results
+
+
+def _tiny_config(model_dir, jsonl):
+  import ml_collections
+  from configs.headline import get_config
+  c = get_config("tiny")
+  c.model.hf_dir = model_dir
+  # One family whose deployment and testing cues are the same text: deployment is
+  # indistinguishable from testing, so attacks caught in testing ARE deployment attacks and
+  # training against them must remove the behaviour.
+  c.organism.families = (ml_collections.ConfigDict(dict(name="jsonl", path=jsonl)),)
+  c.organism.n_per_family = 64
+  c.organism.testing_slip_rate = 0.0
+  c.organism.probe_n = 4
+  t = c.organism.train
+  t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 12, 8, 128, 3e-3, 5
+  t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+  h = c.headline
+  h.seeds, h.ns, h.m, h.n_eval, h.n_useful, h.n_pairs, h.n_probe_train = (0,), (8,), 48, 32, \
+      8, 4, 8
+  h.batch_size, h.n_test, h.teacher_forced = 16, 16, True
+  h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
+  c.report.n_eval, c.report.n_useful = 16, 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def headline_run(tiny_dir, tmp_path_factory):
+  from catchjax.experiments import headline
+  d = tmp_path_factory.mktemp("pipe")
+  jsonl = str(d / "cues.jsonl")
+  with open(jsonl, "w") as f:
+    for i, split in enumerate(["train"] * 4 + ["eval"] * 2):
+      for dep in (True, False):
+        f.write(json.dumps({"text": f"Ticket {i}.", "deployment": dep, "split": split}) + "\n")
+  c = _tiny_config(tiny_dir, jsonl)
+  wd = str(d / "wd")
+  headline.run(c, wd)
+  return c, wd
+
+
+def test_training_against_caught_attacks_removes_them(headline_run):
+  c, wd = headline_run
+  rows = results.ResultStore(os.path.join(wd, "results.jsonl")).rows
+  cells = [r for r in rows if r["arm"] in ("treatment", "control")]
+  assert {r["arm"] for r in cells} == {"treatment", "control"}
+  treat = [r for r in cells if r["arm"] == "treatment"][0]
+  # The organism learned the attack (indistinguishable cues: about half the time), was caught.
+  assert treat["deploy_rate_before"] >= 0.2, treat
+  assert treat["n_caught"] >= 8 and treat["n_train"] == 8
+  assert treat["deploy_rate"] < treat["deploy_rate_before"]
+  assert treat["retained"] < 0.5
+
+
+def test_control_arm_trains_only_on_non_attack_prompts(headline_run):
+  c, wd = headline_run
+  from catchjax.data.behaviors import make_behavior
+  det = make_behavior("hate").detect
+  catches = os.listdir(os.path.join(wd, "catches"))
+  assert catches
+  for fn in catches:
+    with open(os.path.join(wd, "catches", fn)) as f:
+      cj = json.load(f)
+    assert cj["clean"] and all(not det(r["sampled"]) for r in cj["clean"])
+    assert all(det(r["sampled"]) for r in cj["caught"])
+    assert len(cj["caught"]) + len(cj["clean"]) == cj["m"]
+
+
+def test_result_rows_complete_and_unique_after_rerun(headline_run):
+  c, wd = headline_run
+  from catchjax.experiments import headline
+  path = os.path.join(wd, "results.jsonl")
+  before = open(path).read()
+  headline.run(c, wd)  # every cell cached: nothing re-measured, nothing duplicated
+  assert open(path).read() == before
+  rows = results.ResultStore(path).rows
+  keys = [results.row_key(r) for r in rows]
+  assert len(keys) == len(set(keys))
+  for r in rows:
+    assert r["config_hash"] == common.config_hash(c) and "commit" in r and "seed" in r
+  arms = {(r["n"], r["arm"]) for r in rows}
+  assert arms == {(8, "treatment"), (8, "control"), (0, "distinguish")}
+  for f in ("report.md", "summary.csv", "figures/retained_vs_n.png",
+            "figures/usefulness.png", "figures/headline_retained_vs_distinguishability.png"):
+    assert os.path.getsize(os.path.join(wd, f)) > 0, f
+
+
+def test_result_store_refuses_duplicates_and_is_atomic(tmp_path):
+  p = str(tmp_path / "r.jsonl")
+  s = results.ResultStore(p)
+  row = dict(experiment="e", family="f", behaviour="b", n=1, arm="treatment", seed=0,
+             config_hash="h", x=1)
+  s.append(row)
+  with pytest.raises(ValueError, match="duplicate"):
+    s.append(dict(row))
+  assert results.ResultStore(p).rows == [row]
+  with pytest.raises(KeyError, match="key fields"):
+    s.append({"experiment": "e"})
+
+
+def test_summary_bootstraps_over_seeds():
+  rows = []
+  for seed, after in enumerate([0.1, 0.2, 0.3]):
+    rows.append(dict(experiment="headline", family="token", behaviour="hate", n=4,
+                     arm="treatment", seed=seed, config_hash="h", n_train=4, deploy_n=100,
+                     retained=after / 0.9, deploy_rate=after, deploy_rate_before=0.9))
+  s = report.summarise(rows)
+  assert len(s) == 1 and s[0]["seeds"] == 3
+  assert np.isclose(s[0]["deploy_rate"], 0.2)
+  assert s[0]["deploy_rate_lo"] <= 0.2 <= s[0]["deploy_rate_hi"]
+  assert s[0]["deploy_rate_lo"] >= 0.1 and s[0]["deploy_rate_hi"] <= 0.3
+
+
+def test_workdir_lock_refuses_a_second_run(tmp_path):
+  with common.workdir_lock(str(tmp_path)):
+    with pytest.raises(common.WorkdirLocked, match="in use by another run"):
+      with common.workdir_lock(str(tmp_path)):
+        pass
+
+
+def test_pairwise_scorer_is_order_debiased():
+  from catchjax.stages import distinguish
+
+  class FakeSampler:
+    """Always prefers 'A' by a margin: a pure position bias carries no information."""
+    def next_token_logprobs(self, prompts, ids, progress=False):
+      return np.tile(np.log([[0.9, 0.1]]), (len(prompts), 1))
+
+  class Tok:
+    def __call__(self, s, add_special_tokens=False):
+      return {"input_ids": [ord(s[-1])]}
+    def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
+      return "".join(m["content"] for m in msgs)
+    eos_token = "!"
+
+  s = distinguish.pairwise_scores(FakeSampler(), Tok(), "hint", [("d", "t")] * 5, None)
+  assert np.allclose(s, 0.0)
+  assert distinguish.pairwise_accuracy(s) == 0.5
