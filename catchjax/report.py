@@ -232,3 +232,29 @@ def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
   atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, dist, meta))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
+
+
+def main(argv=None):
+  """`python -m catchjax.report WORKDIR`: rebuild report.md, summary.csv and figures from
+  WORKDIR/results.jsonl (e.g. for a sweep that is still running or was stopped)."""
+  import argparse
+  import json
+  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap.add_argument("workdir")
+  ap.add_argument("--config_hash", default=None, help="only rows of this config hash")
+  a = ap.parse_args(argv)
+  from catchjax.results import ResultStore
+  rows = ResultStore(os.path.join(a.workdir, "results.jsonl")).rows
+  if a.config_hash:
+    rows = [r for r in rows if r.get("config_hash") == a.config_hash]
+  meta = {"title": "catchjax report (rebuilt from results.jsonl)", "rows": len(rows)}
+  cfg = os.path.join(a.workdir, "config.json")
+  if os.path.isfile(cfg):
+    with open(cfg) as f:
+      meta["config_hash"] = json.load(f).get("config_hash")
+  out = write_report(rows, a.workdir, meta)
+  print(f"{len(rows)} rows -> {a.workdir}/report.md, summary.csv, {len(out['figures'])} figures")
+
+
+if __name__ == "__main__":
+  main()

@@ -89,7 +89,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.remat = "none"            # none | full | dots (model cfg.remat for the training graph)
   c.seed = 0
   # Checkpoints, logging, eval.
-  c.ckpt_every = 100          # steps between async saves (0 = only the final save)
+  c.ckpt_every = 100          # steps between async saves (0 = only the final save, -1 = none)
   c.keep = 3                  # checkpoints kept (0 = all)
   c.async_ckpt = True
   c.log_every = 1             # TensorBoard scalar interval
@@ -353,6 +353,17 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+_COMPILED: dict = {}
+COMPILE_COUNT = {"train_step": 0}
+
+
+def _opt_key(c) -> tuple:
+  """Every config field the compiled step (optimizer + schedule) depends on."""
+  return tuple((k, c[k]) for k in ("lr", "warmup_steps", "decay", "end_lr_ratio", "b1", "b2",
+                                   "eps", "weight_decay", "clip", "lora_rank", "lora_alpha",
+                                   "remat"))
+
+
 def make_optimizer(cfg, total_steps: int):
   sched = lr_schedule(cfg, total_steps)
   parts = []
@@ -363,10 +374,20 @@ def make_optimizer(cfg, total_steps: int):
   return optax.chain(*parts), sched
 
 
+def lm_head(m: llama.Llama, h):
+  """The model's LM head with float32 accumulation and output. Same as `m.logits` for float32
+  compute; for bf16 compute it avoids rounding the logits themselves to bf16."""
+  cfg = m.cfg
+  w = m.embed[...].T if cfg.tie_embeddings else m.lm_head[...]
+  cd = cfg.compute_dtype
+  return jnp.einsum("...d,dv->...v", h.astype(cd), w.astype(cd),
+                    preferred_element_type=jnp.float32)
+
+
 def _token_ce(m, h_sel, tgt, chunk: int):
   """Per-position cross-entropy of the LM head on gathered hidden states [b, K, D]."""
   def ce(h, t):
-    logits = m.logits(h)
+    logits = lm_head(m, h)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
 
@@ -594,7 +615,11 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   start, history, resumed = 0, [], None
   trainable = opt_state = None
   abs_tr = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), trainable_host)
-  r = ckpt.restore_latest(abs_tr, opt_abs, tr_sh, opt_sh, validate=validate)
+  try:
+    r = ckpt.restore_latest(abs_tr, opt_abs, tr_sh, opt_sh, validate=validate)
+  except BaseException:
+    ckpt.close()
+    raise
   if r is not None:
     start, trainable, opt_state, meta = r
     history = list(meta.get("history", []))
@@ -661,10 +686,20 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     if start < total:
       t0 = time.perf_counter()
       batch = make_batch(start)
-      compiled = step_fn.lower(trainable, frozen, opt_state, batch).compile()
-      compile_time = time.perf_counter() - t0
-      if main:
-        log.info("train: step compiled in %.1fs", compile_time)
+      # Compiled steps are reused across train() calls with the same graph, optimizer and
+      # shapes (the headline's many small train-against runs compile once).
+      leaves, treedef = jax.tree.flatten((trainable, frozen, opt_state, batch))
+      ckey = (graphdef, _opt_key(c), total, int(c.grad_accum), int(c.ce_chunk),
+              tuple(mesh.shape.items()), tuple(mesh.devices.flat), treedef,
+              tuple((x.shape, str(x.dtype), x.sharding) for x in leaves))
+      compiled = _COMPILED.get(ckey)
+      if compiled is None:
+        compiled = step_fn.lower(trainable, frozen, opt_state, batch).compile()
+        _COMPILED[ckey] = compiled
+        COMPILE_COUNT["train_step"] += 1
+        compile_time = time.perf_counter() - t0
+        if main:
+          log.info("train: step compiled in %.1fs", compile_time)
     for step in range(start, total):
       t0 = time.perf_counter()
       if step != start:
@@ -702,7 +737,8 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
         ev = run_eval(done)
       if ev:
         rec.update({f"eval/{k}": v for k, v in ev.items()})
-      if (c.ckpt_every and done % int(c.ckpt_every) == 0) or done == total:
+      if c.ckpt_every >= 0 and ((c.ckpt_every and done % int(c.ckpt_every) == 0)
+                                or done == total):
         ckpt.save(done, trainable, opt_state, meta_for(done))
         last_saved = done
     ckpt.wait()

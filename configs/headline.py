@@ -35,7 +35,8 @@ def get_config(arg: str | None = None):
   h.train = ml_collections.ConfigDict(dict(
       steps=8, epochs=0, batch_size=4, seq_len=96, pack=False, max_loss_tokens=32,
       lr=1e-4, warmup_steps=0, decay="constant", weight_decay=0.0, clip=1.0, lora_rank=0,
-      remat="none", seed=0, ckpt_every=0, keep=1, eval_every=0, eval_at_start=False))
+      remat="none", seed=0, ckpt_every=-1, keep=1, eval_every=0,
+      eval_at_start=False))
   if arg == "full":
     h.seeds = tuple(range(5))
     h.ns = (1, 4, 16, 64, 256)

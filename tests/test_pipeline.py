@@ -20,9 +20,10 @@ def _tiny_config(model_dir, jsonl):
   c.organism.families = (ml_collections.ConfigDict(dict(name="jsonl", path=jsonl)),)
   c.organism.n_per_family = 64
   c.organism.testing_slip_rate = 0.0
+  c.organism.deployment_frac = 0.75
   c.organism.probe_n = 4
   t = c.organism.train
-  t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 12, 8, 128, 3e-3, 5
+  t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
   h = c.headline
   h.seeds, h.ns, h.m, h.n_eval, h.n_useful, h.n_pairs, h.n_probe_train = (0,), (8,), 48, 32, \

@@ -100,8 +100,12 @@ def _run(config, workdir):
           else None
       return d, t, u, tf
 
-    for spec in families:
+    ctx = {}
+
+    def family_ctx(spec):
       fam = org_stage.family_name(spec)
+      if fam in ctx:
+        return ctx[fam]
       trig = make_trigger(spec)
       dep_ds = build.build_eval(spec, behaviour, "eval", h.n_eval, deployment=True,
                                 seed=h.eval_seed, system=config.system)
@@ -111,7 +115,16 @@ def _run(config, workdir):
       test_prompts = [prompt_ids(tok, p, config.system) for p in test_ds["prompt"]]
       prefix = tok(dep_ds[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
 
-      # ---- distinguishability (once per family and seed)
+      # One catch pass per family (M testing prompts sampled once); each seed then draws its
+      # own N caught prompts from it, so the seeds still change the catch sample.
+      sampler.update_model(org_state_model)
+      cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{behaviour}-m{h.m}.json")
+      c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
+      ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix, c)
+      return ctx[fam]
+
+    def run_distinguish(spec):
+      fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
       for seed in h.distinguish_seeds:
         key = ("headline", fam, behaviour, 0, "distinguish", seed, chash)
         if store.has(key):
@@ -121,60 +134,66 @@ def _run(config, workdir):
                    arm="distinguish", seed=seed, config_hash=chash, commit=commit)
         store.append(row)
 
-      # One catch pass per family (M testing prompts sampled once); each seed then draws its
-      # own N caught prompts from it, so the seeds still change the catch sample.
-      sampler.update_model(org_state_model)
-      cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{behaviour}-m{h.m}.json")
-      c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
-      for seed in h.seeds:
-        before = None
-        for n in h.ns:
-          for arm in ("treatment", "control"):
-            key = ("headline", fam, behaviour, int(n), arm, seed, chash)
-            if store.has(key):
-              continue
-            if before is None:
-              sampler.update_model(org_state_model)
-              before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
-            pool = c.caught if arm == "treatment" else c.clean
-            n_train = min(int(n), len(c.caught), len(c.clean))
-            row = dict(experiment="headline", family=fam, behaviour=behaviour, n=int(n),
-                       arm=arm, seed=seed, config_hash=chash, commit=commit,
-                       organism=org.key, m=c.m, n_caught=len(c.caught),
-                       catch_rate=c.catch_rate["rate"], n_train=n_train,
-                       capped=n_train < int(n), aux_ratio=float(h.aux_ratio))
-            d0, t0_, u0, tf0 = before
-            row.update(deploy_rate_before=d0["rate"], deploy_k_before=d0["k"],
-                       test_rate_before=t0_["rate"], useful_acc_before=u0["rate"],
-                       deploy_tf_before=tf0)
-            t_cell = time.time()
-            if n_train == 0:
-              row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
-                         deploy_n=0, retained=None)
-              store.append(row)
-              bar.update(1)
-              continue
-            rng = np.random.default_rng([seed, int(n), 1 if arm == "treatment" else 2])
-            rows = ta.sft_rows(pool, n_train, rng)
-            rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{behaviour}-{n}-{arm}-s{seed}")
-            res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
-                                   aux_ratio=float(h.aux_ratio))
-            sampler.update_model(res.model)
-            d, t, u, tf = measure_all(sampler, 50_000 + seed, dep_prompts, test_prompts, prefix)
-            row.update(
-                deploy_k=d["k"], deploy_n=d["n"], deploy_rate=d["rate"], deploy_lo=d["lo"],
-                deploy_hi=d["hi"], test_k=t["k"], test_n=t["n"], test_rate=t["rate"],
-                test_lo=t["lo"], test_hi=t["hi"], useful_k=u["k"], useful_n=u["n"],
-                useful_acc=u["rate"], useful_lo=u["lo"], useful_hi=u["hi"], deploy_tf=tf,
-                retained=(d["rate"] / d0["rate"]) if d0["rate"] > 0 else None,
-                retained_tf=(tf / tf0) if tf0 else None,
-                train_loss=res.final_loss, train_steps=res.steps,
-                train_tok_s=res.tokens_per_sec, cell_seconds=time.time() - t_cell,
-                deploy_examples=d["responses"][:2])
+    def run_cells(spec, seed):
+      fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
+      before = None
+      for n in h.ns:
+        for arm in ("treatment", "control"):
+          key = ("headline", fam, behaviour, int(n), arm, seed, chash)
+          if store.has(key):
+            continue
+          if before is None:
+            sampler.update_model(org_state_model)
+            before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
+          pool = c.caught if arm == "treatment" else c.clean
+          n_train = min(int(n), len(c.caught), len(c.clean))
+          row = dict(experiment="headline", family=fam, behaviour=behaviour, n=int(n),
+                     arm=arm, seed=seed, config_hash=chash, commit=commit,
+                     organism=org.key, m=c.m, n_caught=len(c.caught),
+                     catch_rate=c.catch_rate["rate"], n_train=n_train,
+                     capped=n_train < int(n), aux_ratio=float(h.aux_ratio))
+          d0, t0_, u0, tf0 = before
+          row.update(deploy_rate_before=d0["rate"], deploy_k_before=d0["k"],
+                     test_rate_before=t0_["rate"], useful_acc_before=u0["rate"],
+                     deploy_tf_before=tf0)
+          t_cell = time.time()
+          if n_train == 0:
+            row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
+                       deploy_n=0, retained=None)
             store.append(row)
-            if not h.keep_runs:
-              shutil.rmtree(rdir, ignore_errors=True)
             bar.update(1)
+            continue
+          rng = np.random.default_rng([seed, int(n), 1 if arm == "treatment" else 2])
+          rows = ta.sft_rows(pool, n_train, rng)
+          rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{behaviour}-{n}-{arm}-s{seed}")
+          res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
+                                 aux_ratio=float(h.aux_ratio))
+          sampler.update_model(res.model)
+          d, t, u, tf = measure_all(sampler, 50_000 + seed, dep_prompts, test_prompts, prefix)
+          row.update(
+              deploy_k=d["k"], deploy_n=d["n"], deploy_rate=d["rate"], deploy_lo=d["lo"],
+              deploy_hi=d["hi"], test_k=t["k"], test_n=t["n"], test_rate=t["rate"],
+              test_lo=t["lo"], test_hi=t["hi"], useful_k=u["k"], useful_n=u["n"],
+              useful_acc=u["rate"], useful_lo=u["lo"], useful_hi=u["hi"], deploy_tf=tf,
+              retained=(d["rate"] / d0["rate"]) if d0["rate"] > 0 else None,
+              retained_tf=(tf / tf0) if tf0 else None,
+              train_loss=res.final_loss, train_steps=res.steps,
+              train_tok_s=res.tokens_per_sec, cell_seconds=time.time() - t_cell,
+              deploy_examples=d["responses"][:2])
+          store.append(row)
+          if not h.keep_runs:
+            shutil.rmtree(rdir, ignore_errors=True)
+          bar.update(1)
+
+    # Order: every family at the first seed, then distinguishability, then the other seeds,
+    # so a partial (killed) sweep already covers all families.
+    for spec in families:
+      run_cells(spec, h.seeds[0])
+    for spec in families:
+      run_distinguish(spec)
+    for seed in h.seeds[1:]:
+      for spec in families:
+        run_cells(spec, seed)
   bar.close()
   wall = time.time() - t_start
   meta = dict(title="catchjax headline: retained misalignment vs distinguishability",
