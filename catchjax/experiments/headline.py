@@ -134,10 +134,10 @@ def _run(config, workdir):
                    arm="distinguish", seed=seed, config_hash=chash, commit=commit)
         store.append(row)
 
-    def run_cells(spec, seed):
+    def run_cells(spec, seed, ns):
       fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
       before = None
-      for n in h.ns:
+      for n in ns:
         for arm in ("treatment", "control"):
           key = ("headline", fam, behaviour, int(n), arm, seed, chash)
           if store.has(key):
@@ -185,15 +185,16 @@ def _run(config, workdir):
             shutil.rmtree(rdir, ignore_errors=True)
           bar.update(1)
 
-    # Order: every family at the first seed, then distinguishability, then the other seeds,
-    # so a partial (killed) sweep already covers all families.
+    # Order: every family at the first seed and the largest N, then distinguishability, then
+    # the other Ns and seeds, so a partial (killed) sweep already has the headline points.
+    big = max(h.ns)
     for spec in families:
-      run_cells(spec, h.seeds[0])
+      run_cells(spec, h.seeds[0], [big])
     for spec in families:
       run_distinguish(spec)
-    for seed in h.seeds[1:]:
+    for seed in h.seeds:
       for spec in families:
-        run_cells(spec, seed)
+        run_cells(spec, seed, [n for n in h.ns if n != big] + [big])
   bar.close()
   wall = time.time() - t_start
   meta = dict(title="catchjax headline: retained misalignment vs distinguishability",
