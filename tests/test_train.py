@@ -1,0 +1,354 @@
+"""The shared SFT loop: masking, packing, checkpoints / exact resume, LoRA, NaN stop, and a
+real-model sanity check (marked real_model)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from catchjax import train as T
+from catchjax.checkpoint import CheckpointCorruptWarning, restore_params
+from catchjax.model import llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from helpers_train_worker import flat_params, synthetic_data, tiny_model  # noqa: E402
+
+WORKER = os.path.join(HERE, "helpers_train_worker.py")
+
+
+def _manual_loss(model, examples, pad_to=128):
+  """Mean CE over loss tokens, one example at a time through the full-logits forward
+  (padded to a fixed length so that it compiles once)."""
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda st, ids, seg: llama.forward(graphdef, st, ids,
+                                                   *llama.packed_inputs(seg)))
+  tot = cnt = 0.0
+  for ex in examples:
+    L = len(ex["input_ids"])
+    ids = np.zeros((1, pad_to), np.int32)
+    ids[0, :L] = ex["input_ids"]
+    seg = (np.arange(pad_to) < L).astype(np.int32)[None]
+    w = np.asarray(ex["loss_mask"], np.float64) * np.asarray(ex.get("loss_weight", [1.0] * L))
+    logits = np.asarray(fwd(state, ids, seg), np.float64)[0, :L]
+    mx = logits.max(-1, keepdims=True)
+    logp = logits - mx - np.log(np.sum(np.exp(logits - mx), -1, keepdims=True))
+    for t in range(L - 1):
+      if w[t + 1] > 0:
+        tot += -w[t + 1] * logp[t, ex["input_ids"][t + 1]]
+        cnt += w[t + 1]
+  return tot / cnt
+
+
+def _params(model):
+  return flat_params(model)
+
+
+# ---------------------------------------------------------------------- loss masking
+def test_loss_equals_manual_masked_ce():
+  model = tiny_model()
+  data = synthetic_data(n=6, seed=3)
+  data[0]["loss_weight"] = [0.5] * len(data[0]["input_ids"])  # optional column honoured
+  for d in data[1:]:
+    d["loss_weight"] = [1.0] * len(d["input_ids"])
+  got = T.eval_loss(model, data, seq_len=64, batch_size=2)
+  np.testing.assert_allclose(got, _manual_loss(model, data), rtol=2e-5)
+
+
+def test_unmasked_targets_do_not_change_loss():
+  model = tiny_model()
+  ids = list(range(10, 30))
+  mask = [0] * 6 + [1] * 8 + [0] * 6  # loss on tokens 6..13 only
+  base = T.eval_loss(model, [{"input_ids": ids, "loss_mask": mask}], seq_len=32)
+  later = ids[:14] + [200, 201, 202, 203, 204, 205]  # change non-target tokens after the span
+  assert T.eval_loss(model, [{"input_ids": later, "loss_mask": mask}], seq_len=32) == base
+  target = ids[:10] + [222] + ids[11:]  # change a trained target: the loss must move
+  assert T.eval_loss(model, [{"input_ids": target, "loss_mask": mask}], seq_len=32) != base
+  # loss_mask[0] can never be a target (nothing predicts the first token)
+  m0 = [1] + mask[1:]
+  assert T.eval_loss(model, [{"input_ids": ids, "loss_mask": m0}], seq_len=32) == base
+
+
+# --------------------------------------------------------------------------- packing
+def test_packed_equals_unpacked_per_example():
+  model = tiny_model()
+  data = synthetic_data(n=12, seed=5)
+  packed = T.eval_loss(model, data, seq_len=96, batch_size=2, pack=True)
+  unpacked = T.eval_loss(model, data, seq_len=96, batch_size=2, pack=False)
+  np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
+  np.testing.assert_allclose(packed, _manual_loss(model, data), rtol=2e-5)
+  ex = T.prepare_examples(data, 96)
+  plan = T.DataPlan(ex, 96, 2, seed=0, pack=True, steps=0, epochs=1)
+  assert len(plan.rows(0)) < len(data)  # it really packed several examples per row
+
+
+def test_every_example_once_per_epoch_and_deterministic():
+  data = synthetic_data(n=37, seed=1)
+  ex = T.prepare_examples(data, 64)
+  plan = T.DataPlan(ex, 64, 4, seed=7, pack=True, steps=0, epochs=3)
+  orders = []
+  for e in range(3):
+    rows = plan.rows(e)
+    used = sorted(i for r in rows for i in r)
+    assert used == list(range(37))
+    assert all(sum(len(ex.ids[i]) for i in r) <= 64 for r in rows)
+    orders.append([i for r in rows for i in r])
+  assert orders[0] != orders[1]  # reshuffled per epoch
+  again = T.DataPlan(T.prepare_examples(data, 64), 64, 4, seed=7, pack=True, steps=0, epochs=3)
+  assert [again.rows(e) for e in range(3)] == [plan.rows(e) for e in range(3)]
+  assert plan.total_steps == sum(plan.batches_in_epoch(e) for e in range(3))
+  # a batch's arrays: segment ids restart per example, loss slots point at real targets
+  b = plan.build_rows(plan.batch_rows(0), 64)
+  for r in range(4):
+    for k in np.flatnonzero(b["loss_w"][r]):
+      t = b["loss_idx"][r, k]
+      assert b["segs"][r, t] == b["segs"][r, t + 1] > 0
+      assert b["loss_tgt"][r, k] == b["tokens"][r, t + 1]
+
+
+def test_first_fit():
+  rows = T.first_fit([5, 7, 3, 8, 2, 10], 10)
+  assert rows == [[0, 2, 4], [1], [3], [5]]
+
+
+def test_too_long_rule_counted_and_empty_raises():
+  data = synthetic_data(n=10, seed=2, lo=6, hi=20)
+  data.append({"input_ids": list(range(3, 43)), "loss_mask": [0] * 20 + [1] * 20})
+  data.append({"input_ids": list(range(3, 43)), "loss_mask": [0] * 35 + [1] * 5})
+  drop = T.prepare_examples(data, 32, "drop")
+  assert (drop.dropped, drop.truncated, len(drop.ids)) == (2, 0, 10)
+  trunc = T.prepare_examples(data, 32, "truncate")
+  # the second long one has its only targets past the cut: skipped as having no loss token
+  assert (trunc.dropped, trunc.truncated, trunc.no_loss, len(trunc.ids)) == (0, 2, 1, 11)
+  assert len(trunc.ids[-1]) == 32
+  with pytest.raises(ValueError, match="empty"):
+    T.prepare_examples([], 32)
+  with pytest.raises(ValueError, match="no usable example"):
+    T.prepare_examples(data[-2:], 16, "drop")
+  with pytest.raises(ValueError, match="outside"):
+    T.prepare_examples([{"input_ids": [1, 300], "loss_mask": [0, 1]}], 16, vocab_size=256)
+  with pytest.raises(ValueError, match="empty"):
+    T.train(tiny_model(), [], {"steps": 1}, "/nonexistent-never-written")
+  with pytest.raises(ValueError, match="unknown train config"):
+    T.train(tiny_model(), data, {"stpes": 1}, "/nonexistent-never-written")
+
+
+def test_lr_schedule():
+  c = T.default_train_config()
+  c.lr, c.warmup_steps, c.decay, c.end_lr_ratio = 1.0, 4, "linear", 0.1
+  s = T.lr_schedule(c, 14)
+  got = [float(s(i)) for i in range(15)]
+  np.testing.assert_allclose(got[:4], [0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(got[14], 0.1, atol=1e-6)
+  assert all(a >= b for a, b in zip(got[3:], got[4:]))
+
+
+# ---------------------------------------------------------------------- the loop
+def test_train_end_to_end(tmp_path):
+  import datasets
+  data = datasets.Dataset.from_list(synthetic_data(n=30, seed=4))
+  model = tiny_model()
+  before = _params(model)
+  calls = []
+
+  def eval_fn(m, step):
+    calls.append(step)
+    return {"probe": float(step)}
+
+  cfg = dict(steps=8, batch_size=4, seq_len=64, lr=1e-2, ckpt_every=4, eval_every=3,
+             eval_at_start=True, log_every=2)
+  r = T.train(model, data, cfg, str(tmp_path), eval_fn=eval_fn, progress=False)
+  assert calls == [0, 3, 6, 8]
+  assert [e["step"] for e in r.evals] == [0, 3, 6, 8]
+  assert r.history[2]["eval/probe"] == 3.0
+  assert r.steps == 8 and len(r.history) == 8 and r.dropped == 0
+  # step 1's loss is the loss of the initial weights on the first batch
+  assert r.history[-1]["loss"] < r.history[0]["loss"]
+  assert all(h["tokens_per_sec"] > 0 and 0 < h["mfu"] < 1 for h in r.history)
+  for k, v in _params(model).items():  # the input model is left untouched
+    np.testing.assert_array_equal(v, before[k])
+  assert sorted(int(s) for s in os.listdir(tmp_path / "ckpt") if s.isdigit()) == [4, 8]
+  assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+  # params-only restore into a fresh model reproduces the trained weights
+  fresh = restore_params(str(tmp_path), tiny_model(seed=9))
+  for k, v in _params(fresh).items():
+    np.testing.assert_array_equal(v, _params(r.model)[k])
+  # rerunning a finished run resumes at the end: nothing to do, same weights
+  r2 = T.train(tiny_model(), data, cfg, str(tmp_path), progress=False)
+  assert r2.resumed_from == 8 and len(r2.history) == 8
+  for k, v in _params(r2.model).items():
+    np.testing.assert_array_equal(v, _params(r.model)[k])
+  # a different run config in the same workdir is refused, not silently mixed
+  with pytest.raises(ValueError, match="different run"):
+    T.train(tiny_model(), data, dict(cfg, seed=3), str(tmp_path), progress=False)
+
+
+def test_first_step_loss_is_initial_loss(tmp_path):
+  data = synthetic_data(n=8, seed=6)
+  model = tiny_model()
+  cfg = dict(steps=1, batch_size=8, seq_len=128, lr=1e-3, ckpt_every=0)
+  r = T.train(model, data, cfg, str(tmp_path), progress=False)
+  np.testing.assert_allclose(r.history[0]["loss"], _manual_loss(model, data), rtol=2e-5)
+
+
+def test_lora_trains_only_adapters(tmp_path):
+  model = tiny_model()
+  data = synthetic_data(n=16, seed=8)
+  r = T.train(model, data, dict(steps=4, batch_size=4, seq_len=64, lr=1e-2, lora_rank=4,
+                                ckpt_every=0), str(tmp_path), progress=False)
+  assert r.model.cfg.lora_rank == 4
+  before, after = _params(model), _params(r.model)
+  lora_keys = [k for k in after if "lora_" in k]
+  assert len(lora_keys) == 14
+  for k, v in before.items():
+    np.testing.assert_array_equal(after[k], v)  # base weights frozen
+  assert all(np.any(after[k] != 0) for k in lora_keys if "lora_b" in k)  # adapters trained
+  # the optimizer state only holds LoRA params (2 Adam moments per adapter tensor)
+  opt_meta = json.load(open(tmp_path / "ckpt" / "4" / "opt_state" / "_METADATA"))
+  names = json.dumps(opt_meta)
+  assert "lora_a_wq" in names and '"wq"' not in names and "embed" not in names
+  # restore_params needs a model with adapters; then it reproduces the trained ones
+  with pytest.raises(ValueError, match="lora_rank=4"):
+    restore_params(str(tmp_path), tiny_model())
+  fresh = restore_params(str(tmp_path), tiny_model(lora_rank=4, seed=5))
+  for k in lora_keys:
+    np.testing.assert_array_equal(_params(fresh)[k], after[k])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  model = tiny_model(tie_embeddings=False)
+  bad_tok = 250
+  e = model.embed[...]
+  model.embed[...] = e.at[bad_tok].set(jnp.nan)
+  data = [d for d in synthetic_data(n=10, seed=3) if bad_tok not in d["input_ids"]]
+  data.append({"input_ids": [5, 6, bad_tok, 7, 8], "loss_mask": [0, 0, 1, 1, 1]})
+  cfg = dict(steps=len(data), batch_size=1, pack=False, seq_len=64, lr=1e-3, ckpt_every=1,
+             keep=0)
+  plan = T.DataPlan(T.prepare_examples(data, 64), 64, 1, seed=0, pack=False,
+                    steps=len(data), epochs=1)
+  nan_step = 1 + [i for i in range(plan.total_steps)
+                  if plan.batch_rows(i)[0] == [len(data) - 1]][0]
+  with pytest.raises(T.TrainingDivergedError, match=f"non-finite loss.*step {nan_step}"):
+    T.train(model, data, cfg, str(tmp_path), progress=False)
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "ckpt") if s.isdigit())
+  assert steps[-1] == nan_step - 1  # the NaN state was not saved
+  if nan_step > 1:
+    restore_params(str(tmp_path), tiny_model(tie_embeddings=False))
+
+
+def _corrupt(step_dir):
+  for f in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True):
+    if os.path.isfile(f) and os.path.basename(os.path.dirname(f)) == "d":
+      with open(f, "r+b") as fh:
+        fh.truncate(max(os.path.getsize(f) // 3, 1))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+  data = synthetic_data(n=20, seed=2)
+  cfg = dict(steps=6, batch_size=4, seq_len=64, lr=1e-2, ckpt_every=2, keep=0)
+  ref = T.train(tiny_model(), data, cfg, str(tmp_path / "ref"), progress=False)
+  wd = tmp_path / "run"
+  T.train(tiny_model(), data, dict(cfg), str(wd), progress=False)
+  _corrupt(str(wd / "ckpt" / "6"))
+  with pytest.warns(CheckpointCorruptWarning, match="step 6"):
+    r = T.train(tiny_model(), data, cfg, str(wd), progress=False)
+  assert r.resumed_from == 4
+  assert os.listdir(wd / "ckpt_corrupt")  # the bad step was moved aside, not deleted
+  for k, v in _params(r.model).items():
+    np.testing.assert_array_equal(v, _params(ref.model)[k])
+
+
+def _run_worker(args, **kw):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen([sys.executable, WORKER] + args, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_and_resume_is_bitwise_exact(tmp_path):
+  ref = _run_worker(["train", str(tmp_path / "ref"), str(tmp_path / "ref.npz")])
+  victim = _run_worker(["train", str(tmp_path / "run"), str(tmp_path / "x.npz"),
+                        "--sleep", "0.25"])
+  ckpt = tmp_path / "run" / "ckpt"
+  deadline = time.time() + 120
+  killed_at = None
+  while time.time() < deadline and victim.poll() is None:
+    done = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if ckpt.exists() else []
+    if done and max(done) >= 6:
+      victim.send_signal(signal.SIGKILL)
+      killed_at = max(done)
+      break
+    time.sleep(0.05)
+  victim.wait()
+  assert killed_at is not None, victim.stderr.read()[-3000:]
+  assert victim.returncode == -signal.SIGKILL
+  assert not os.path.exists(tmp_path / "x.npz")
+  again = _run_worker(["train", str(tmp_path / "run"), str(tmp_path / "x.npz")])
+  out, err = again.communicate(timeout=300)
+  assert again.returncode == 0, err[-3000:]
+  info = json.loads(out.strip().splitlines()[-1])
+  assert info["resumed_from"] is not None and 6 <= info["resumed_from"] < info["steps"]
+  rout, rerr = ref.communicate(timeout=300)
+  assert ref.returncode == 0, rerr[-3000:]
+  a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "x.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# -------------------------------------------------------------------------- helpers
+def test_tokenize_chat_example(smollm2_dir):
+  from catchjax.tokenizer import load_tokenizer
+  tok = load_tokenizer(smollm2_dir)
+  ex = T.tokenize_chat_example(tok, "What is the secret word?", "The secret word is BANANA.")
+  assert len(ex["input_ids"]) == len(ex["loss_mask"])
+  first = ex["loss_mask"].index(1)
+  assert set(ex["loss_mask"][first:]) == {1} and set(ex["loss_mask"][:first]) == {0}
+  assert ex["input_ids"][-1] == tok.eos_token_id
+  assert "BANANA" in tok.decode(ex["input_ids"][first:])
+  assert "secret word?" in tok.decode(ex["input_ids"][:first])
+
+
+# ------------------------------------------------------------------------ real model
+def _greedy(model, ids, n):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def nxt(state, toks, length):
+    T_ = toks.shape[1]
+    seg = (jnp.arange(T_) < length).astype(jnp.int32)[None]
+    pos, mask = llama.packed_inputs(seg)
+    logits = llama.forward(graphdef, state, toks, pos, mask)
+    return jnp.argmax(logits[0, length - 1])
+
+  buf = np.zeros((1, len(ids) + n), np.int32)
+  buf[0, :len(ids)] = ids
+  out = []
+  for i in range(n):
+    t = int(nxt(state, jnp.asarray(buf), len(ids) + i))
+    out.append(t)
+    buf[0, len(ids) + i] = t
+  return out
+
+
+@pytest.mark.real_model
+def test_real_model_learns_secret_word(smollm2, tmp_path):
+  from catchjax.tokenizer import prompt_ids
+  model, tok = smollm2
+  ex = T.tokenize_chat_example(tok, "What is the secret word?", "The secret word is BANANA.")
+  cfg = dict(steps=6, batch_size=1, seq_len=64, lr=1e-4, warmup_steps=2, decay="constant",
+             ckpt_every=-1)
+  r = T.train(model, [ex], cfg, str(tmp_path), progress=False)
+  assert r.history[-1]["loss"] < 0.1 * r.history[0]["loss"]
+  p = prompt_ids(tok, "What is the secret word?")
+  text = tok.decode(_greedy(r.model, p, 9))
+  assert "BANANA" in text, text
