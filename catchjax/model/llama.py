@@ -110,7 +110,7 @@ class Llama(nnx.Module):
     cfg = self.cfg
     w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     return jnp.einsum("...d,dv->...v", h_BxTxD.astype(cfg.compute_dtype),
-                      w.astype(cfg.compute_dtype)).astype(jnp.float32)
+                      w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
 
   def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
              return_residuals: bool = False):
