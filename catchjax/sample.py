@@ -42,11 +42,13 @@ logits: ~3 ms for [64, 49152], where Gumbel-max noise generation costs ~45 ms).
 unscaled, unfiltered logits (temperature 1). That is the quantity needed for likelihoods and
 KL estimates; the log-prob under the tempered/filtered sampling distribution is not returned.
 
-Teacher forcing: `score` runs one forward over prompt + continuation (left-padded, bucketed,
-no cache) and returns log p(continuation token | everything before it) per token; the LM head
-is applied only to the positions that predict continuation tokens, a few positions at a time,
-so no [B, T, V] array is ever built. `next_token_logprobs` gives log p(candidate | prompt) for a
-list of candidate next tokens (A-vs-B choices, attack probabilities of a first token).
+Teacher forcing: `score` runs one forward over prompt + continuation through the same
+shared-prefix + left-padded-suffix path (no decode) and returns log p(continuation token |
+everything before it) per token; the LM head is applied only to the positions that predict
+continuation tokens, a few positions at a time, so no [B, T, V] array is ever built.
+`next_token_logprobs` gives log p(candidate | prompt) for a list of candidate next tokens (A-vs-B
+choices, the probability that an attack starts with a given token). Both use the raw model
+distribution (temperature 1, no filtering).
 
 Sharding: with `mesh` given, every batch-major array (tokens, cache, outputs) is sharded over
 the mesh's batch axes ('data', and 'fsdp' when the mesh has it) with `NamedSharding`; weights
@@ -55,7 +57,11 @@ lives on the default device.
 
 Speed notes (2-core CPU, SmolLM2-135M, batch 64): argmax is written as max + min-of-iota
 (`jnp.argmax` is ~3x slower on XLA:CPU) and the chosen token's log-prob is gathered from the
-logits minus logsumexp (gathering from a materialised log_softmax costs ~30 ms a step).
+logits minus logsumexp (gathering from a materialised log_softmax costs ~30 ms a step). A decode
+step is ~17 GFLOP of matmuls (LM head ~20% of it); the rest of its time is the model's
+layer-scan copies (stacked weight slices, per-layer cache copy-out/write-back and transposes).
+`Sampler.last_stats` / `last_decode_steps` report the prefill / decode wall time of the last
+`generate` call.
 """
 from __future__ import annotations
 
@@ -112,13 +118,12 @@ class SamplingParams:
 
   def mode(self) -> tuple[bool, int, bool]:
     """The static part (what changes the compiled program): (greedy, top-k candidate count
-    (0 = no top-k), top-p on)."""
+    (0 = no top-k), full-vocabulary top-p on)."""
     if self.greedy:
       return (True, 0, False)
-    cap = 0
-    if self.top_k > 0:
-      cap = max(_MIN_TOPK_CAP, 1 << (self.top_k - 1).bit_length())
-    return (False, cap, self.top_p < 1.0)
+    if self.top_k > 0:   # top-p, if any, is applied among the top-k candidates
+      return (False, max(_MIN_TOPK_CAP, 1 << (self.top_k - 1).bit_length()), False)
+    return (False, 0, self.top_p < 1.0)
 
 
 @dataclasses.dataclass
@@ -199,10 +204,11 @@ def _top_p_threshold(probs_BxV, top_p):
 def sample_from_logits(logits_BxV, keys_B, step, temperature, top_k, top_p, mode):
   """Sample one token per row. Returns (tokens [B] int32, raw log-probs [B] float32).
 
-  mode = (greedy, top-k candidate cap, top-p on) is static (see SamplingParams.mode);
-  temperature, top_k (<= cap) and top_p are traced scalars. keys_B are typed PRNG keys, one per
-  row; row i uses fold_in(keys_B[i], step), so its draw depends on nothing but its own seed,
-  the step and its own logits.
+  mode = (greedy, top-k candidate cap (0: no top-k), top-p by bisection over the full
+  vocabulary) is static (see SamplingParams.mode); with top-k on, top-p is applied among the
+  k candidates. temperature, top_k (<= cap) and top_p are traced scalars. keys_B are typed
+  PRNG keys, one per row; row i uses fold_in(keys_B[i], step), so its draw depends on nothing
+  but its own seed, the step and its own logits.
   """
   greedy, k_cap, use_top_p = mode
   logits_BxV = logits_BxV.astype(jnp.float32)
@@ -215,14 +221,11 @@ def sample_from_logits(logits_BxV, keys_B, step, temperature, top_k, top_p, mode
       cand = jax.lax.top_k(x, min(k_cap, x.shape[-1]))[0]            # [B, cap] descending
       k = jnp.clip(top_k, 1, cand.shape[-1])
       cand = jnp.where(jnp.arange(cand.shape[-1]) < k, cand, neg)
-      if use_top_p:
-        probs = jax.nn.softmax(cand, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs                  # mass strictly above
-        n_keep = jnp.clip(jnp.sum(before < top_p, axis=-1, keepdims=True), 1, k)
-        thr = jnp.take_along_axis(cand, n_keep - 1, axis=-1)
-      else:
-        thr = jnp.take_along_axis(cand, jnp.broadcast_to(k - 1, (x.shape[0], 1)), axis=-1)
-      x = jnp.where(x < thr, neg, x)
+      # Nucleus among the k candidates (top_p = 1 keeps all k).
+      probs = jax.nn.softmax(cand, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs                    # mass strictly above
+      n_keep = jnp.clip(jnp.sum(before < top_p, axis=-1, keepdims=True), 1, k)
+      x = jnp.where(x < jnp.take_along_axis(cand, n_keep - 1, axis=-1), neg, x)
     elif use_top_p:
       probs = jax.nn.softmax(x, axis=-1)
       x = jnp.where(probs < _top_p_threshold(probs, top_p), neg, x)
@@ -286,14 +289,11 @@ class _Fns:
   def _is_eos(tok_B, eos_E):
     return jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
 
-  # -- generation
-  def prefill(self, state, prefix_P, prefix_len, suffix_BxT, lens_B, active_B, seeds_B,
-              eos_E, pad_id, temperature, top_k, top_p, *, cache_len, mode):
-    """Prompt = shared prefix (prefix_P, left-padded; run once at batch 1 and broadcast into
-    every row's cache) + per-row suffix (suffix_BxT, left-padded). Returns the cache and the
-    first sampled token of each row."""
+  def _prompt_forward(self, m, prefix_P, prefix_len, suffix_BxT, lens_B, cache_len):
+    """Run a batch of prompts = shared prefix (prefix_P, left-padded; run once at batch 1 and
+    broadcast into every row's cache) + per-row suffix (suffix_BxT, left-padded) into a fresh
+    cache of cache_len slots. Returns the suffix hidden states [B, Ts, D] and the cache."""
     cfg = self.cfg
-    m = nnx.merge(self.graphdef, state)
     B, Ts = suffix_BxT.shape
     Pb = prefix_P.shape[0]
     S = cache_len
@@ -313,13 +313,22 @@ class _Fns:
     slots = jnp.arange(S, dtype=jnp.int32)[None, :]
     mask = llama.make_mask(q_pos, k_pos, k_valid & (slots < Pb + Ts), window=cfg.sliding_window)
     h, cache = m.hidden(suffix_BxT, q_pos, mask, cache=cache, cache_index=Pb)
+    return h, self._cache_c(cache)
+
+  # -- generation
+  def prefill(self, state, prefix_P, prefix_len, suffix_BxT, lens_B, active_B, seeds_B,
+              eos_E, pad_id, temperature, top_k, top_p, *, cache_len, mode):
+    """Prompt forward (see `_prompt_forward`) into a cache with room for the new tokens;
+    returns the cache and the first sampled token of each row."""
+    m = nnx.merge(self.graphdef, state)
+    h, cache = self._prompt_forward(m, prefix_P, prefix_len, suffix_BxT, lens_B, cache_len)
     logits = m.logits(h[:, -1])
     keys = jax.vmap(jax.random.key)(seeds_B)
     tok, lp = sample_from_logits(logits, keys, 0, temperature, top_k, top_p, mode)
     tok = jnp.where(active_B, tok, pad_id)
     lp = jnp.where(active_B, lp, 0.0)
     done = ~active_B | self._is_eos(tok, eos_E)
-    return self._cache_c(cache), tok, lp, done
+    return cache, tok, lp, done
 
   def decode(self, state, cache, tok_B, lp_B, done_B, prefix_len, lens_B, seeds_B, eos_E,
              pad_id, temperature, top_k, top_p, max_new, *, prefix_block, prompt_len, out_len,
@@ -331,7 +340,7 @@ class _Fns:
     m = nnx.merge(self.graphdef, state)
     Pb, Ts, N = prefix_block, prompt_len, out_len
     B = tok_B.shape[0]
-    S = cache["k"].shape[2]
+    S = Pb + Ts + N
     keys = jax.vmap(jax.random.key)(seeds_B)
     k_pos, k_valid = _cache_layout(lens_B, prefix_len, Pb, Ts, S)
     slots = jnp.arange(S, dtype=jnp.int32)[None, :]
@@ -361,21 +370,15 @@ class _Fns:
     return cache, self._c(toks), self._c(lps), t
 
   # -- teacher forcing
-  def _forward_hidden(self, state, tokens_BxT, lens_B):
+  def score(self, state, prefix_P, prefix_len, suffix_BxT, lens_B, *, cont_len):
+    """log p(suffix[:, T-C+j] | everything before it) for j < C: [B, C]. The LM head runs
+    only on the C positions that predict them, _SCORE_CHUNK positions at a time."""
     m = nnx.merge(self.graphdef, state)
-    T = tokens_BxT.shape[1]
-    tokens_BxT, lens_B = self._c(tokens_BxT), self._c(lens_B)
-    pos, valid = _left_pad_inputs(lens_B, T)
-    mask = llama.make_mask(pos, pos, valid, window=self.cfg.sliding_window)
-    h, _ = m.hidden(tokens_BxT, pos, mask)
-    return m, h
-
-  def score(self, state, tokens_BxT, lens_B, *, cont_len):
-    """log p(tokens[:, T-C+j] | tokens[:, :T-C+j]) for j < C: [B, C]."""
-    T, C = tokens_BxT.shape[1], cont_len
-    m, h = self._forward_hidden(state, tokens_BxT, lens_B)
+    T, C = suffix_BxT.shape[1], cont_len
+    h, _ = self._prompt_forward(m, prefix_P, prefix_len, suffix_BxT, lens_B,
+                                prefix_P.shape[0] + T)
     hs = jnp.moveaxis(h[:, T - C - 1:T - 1], 1, 0)          # [C, B, D]
-    tg = jnp.moveaxis(tokens_BxT[:, T - C:], 1, 0)          # [C, B]
+    tg = jnp.moveaxis(self._c(suffix_BxT)[:, T - C:], 1, 0)  # [C, B]
 
     def one(args):
       hc, tc = args
@@ -386,8 +389,10 @@ class _Fns:
     out = jax.lax.map(one, (hs, tg), batch_size=min(C, _SCORE_CHUNK))
     return self._c(out.T)
 
-  def next_token(self, state, tokens_BxT, lens_B, cand_K):
-    m, h = self._forward_hidden(state, tokens_BxT, lens_B)
+  def next_token(self, state, prefix_P, prefix_len, suffix_BxT, lens_B, cand_K):
+    m = nnx.merge(self.graphdef, state)
+    h, _ = self._prompt_forward(m, prefix_P, prefix_len, suffix_BxT, lens_B,
+                                prefix_P.shape[0] + suffix_BxT.shape[1])
     logits = m.logits(h[:, -1])
     return self._c(logits[:, cand_K] - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
 
@@ -431,6 +436,10 @@ class Sampler:
     progress: show a tqdm bar over batches (each call can override it).
     share_prefix: prefill the longest prompt prefix common to a batch once (batch 1) and
       broadcast its keys/values into every row (chat prompts share the system turn).
+
+  Attributes: `compile_seconds` {shape key: seconds} of the programs this Sampler used,
+  `last_stats` (prefill_s, decode_s, prefill_tokens) and `last_decode_steps` (tokens produced
+  per batch; fewer than max_new_tokens when every row hit EOS) of the last `generate`.
   """
 
   def __init__(self, model: llama.Llama, *,
@@ -449,6 +458,8 @@ class Sampler:
         raise ValueError(f"mesh needs an axis named 'data', has {mesh.axis_names}")
       mesh = _auto_mesh(mesh)
       axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+      if not axes:
+        raise ValueError(f"none of batch_axes {tuple(batch_axes)} is in mesh {mesh.axis_names}")
       n = int(np.prod([mesh.shape[a] for a in axes]))
       if self.batch_size % n:
         raise ValueError(f"batch_size {batch_size} is not divisible by the batch mesh axes "
@@ -468,9 +479,9 @@ class Sampler:
     self.share_prefix = share_prefix
     self.graphdef, state = nnx.split(model)
     self.state = self._place_state(state)
-    self._fns = _Fns(self.graphdef, self.cfg, self.mesh, self.batch_axes)
     self.compile_seconds: dict[tuple, float] = {}
     self.last_decode_steps: list[int] = []
+    self.last_stats: dict[str, float] = {}
 
   # -- state / placement
   def update_model(self, model: llama.Llama) -> None:
@@ -546,18 +557,30 @@ class Sampler:
       lens[r] = len(s)
     return tokens, lens
 
-  @staticmethod
-  def _shared_prefix_len(seqs) -> int:
-    """Length of the longest common prefix, leaving every row at least one own token; 0 when
-    it is shorter than _MIN_SHARED_PREFIX (not worth a separate pass)."""
-    shortest = min(len(s) for s in seqs)
-    first = seqs[0][:shortest - 1]
+  def _shared_prefix_len(self, seqs, limit: int) -> int:
+    """Length of the longest prefix common to all seqs, at most `limit`; 0 when sharing is off
+    or it is shorter than _MIN_SHARED_PREFIX (not worth a separate pass)."""
+    if not self.share_prefix:
+      return 0
+    first = seqs[0][:max(limit, 0)]
     p = len(first)
     for s in seqs[1:]:
       neq = np.nonzero(s[:p] != first[:p])[0]
       if neq.size:
         p = int(neq[0])
     return p if p >= _MIN_SHARED_PREFIX else 0
+
+  def _prefix_suffix(self, seqs, limit: int, what: str):
+    """Split a batch into (prefix [Pb], p, suffix [B, Ts], lens [B], suffix lens [B])."""
+    p = self._shared_prefix_len(seqs, limit)
+    Pb = _pick_bucket(p, self.prompt_buckets, "shared prefix") if p else 0
+    prefix = np.full((Pb,), self.pad_id, np.int32)
+    if p:
+      prefix[Pb - p:] = seqs[0][:p]
+    Ts = _pick_bucket(max(len(s) for s in seqs) - p, self.prompt_buckets, what)
+    suffix, slens = self._left_pad([s[p:] for s in seqs], Ts)
+    # Dummy rows: a one-token suffix after the prefix.
+    return jnp.asarray(prefix), np.int32(p), suffix, slens + p, slens
 
   # -- generation
   def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
@@ -584,34 +607,37 @@ class Sampler:
     finished: list = [False] * n
     token_array = np.full((n, params.max_new_tokens), self.pad_id, np.int32)
     self.last_decode_steps = []   # tokens produced per batch (< max_new: early exit)
+    # Wall time of the last call (compiles included if any happened in it).
+    self.last_stats = stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0}
     B = self.batch_size
     for idx in self._batches([len(p) for p in ps], progress, "generate"):
       seqs = [ps[i] for i in idx]
-      p = self._shared_prefix_len(seqs) if self.share_prefix else 0
-      Pb = _pick_bucket(p, self.prompt_buckets, "shared prefix") if p else 0
-      prefix = np.full((Pb,), self.pad_id, np.int32)
-      if p:
-        prefix[Pb - p:] = seqs[0][:p]
-      Ts = _pick_bucket(max(len(s) for s in seqs) - p, self.prompt_buckets, "prompt")
-      suffix, slens = self._left_pad([s[p:] for s in seqs], Ts)
-      lens = slens + p
+      prefix, p, suffix, lens, slens = self._prefix_suffix(
+          seqs, min(len(s) for s in seqs) - 1, "prompt")
+      Pb, Ts = prefix.shape[0], suffix.shape[1]
       active = np.zeros((B,), bool)
       active[:len(idx)] = True
       sd = np.zeros((B,), np.uint32)
       sd[:len(idx)] = [seeds[i] for i in idx]
       suffix, lens, active, sd = map(self._put, (suffix, lens, active, sd))
-      prefix, p = jnp.asarray(prefix), np.int32(p)
       shape_key = (B, Pb, Ts, N, mode)
+      t0 = time.perf_counter()
       cache, tok, lp, done = self._run(
           "prefill", ("prefill",) + shape_key,
           (self.state, prefix, p, suffix, lens, active, sd) + dyn,
           dict(cache_len=Pb + Ts + N, mode=mode))
+      tok.block_until_ready()
+      t1 = time.perf_counter()
       _, toks, lps, steps = self._run(
           "decode", ("decode",) + shape_key,
           (self.state, cache, tok, lp, done, p, lens, sd) + dyn + (max_new,),
           dict(prefix_block=Pb, prompt_len=Ts, out_len=N, mode=mode), donate=(1,))
       toks, lps = np.asarray(toks), np.asarray(lps)
+      t2 = time.perf_counter()
       self.last_decode_steps.append(int(steps))
+      stats["prefill_s"] += t1 - t0
+      stats["decode_s"] += t2 - t1
+      stats["prefill_tokens"] += int(p) + int(np.sum(slens[:len(idx)]))  # computed, not padded
       for r, i in enumerate(idx):
         row = toks[r, :params.max_new_tokens]
         token_array[i] = row
@@ -644,13 +670,16 @@ class Sampler:
     out: list = [None] * len(ps)
     B = self.batch_size
     for idx in self._batches([len(f) for f in full], progress, "score"):
-      T = _pick_bucket(max(len(full[i]) for i in idx), self.prompt_buckets, "prompt+continuation")
+      # The shared prefix stays inside every prompt, so the positions that predict the
+      # continuation (last prompt token onwards) are all in the suffix block.
+      prefix, p, suffix, lens, _ = self._prefix_suffix(
+          [full[i] for i in idx], min(len(ps[i]) for i in idx) - 1, "prompt+continuation")
+      Pb, T = prefix.shape[0], suffix.shape[1]
       cmax = max(max(len(cs[i]) for i in idx), 1)
       C = min(1 << (cmax - 1).bit_length(), T - 1)
-      tokens, lens = self._left_pad([full[i] for i in idx], T)
-      lp = np.asarray(self._run("score", ("score", B, T, C),
-                                (self.state, self._put(tokens), self._put(lens)),
-                                dict(cont_len=C)))
+      lp = np.asarray(self._run(
+          "score", ("score", B, Pb, T, C),
+          (self.state, prefix, p, self._put(suffix), self._put(lens)), dict(cont_len=C)))
       for r, i in enumerate(idx):
         c = len(cs[i])
         out[i] = lp[r, C - c:].copy() if c else np.zeros((0,), np.float32)
@@ -672,9 +701,11 @@ class Sampler:
     out = np.zeros((len(ps), cand.size), np.float32)
     B = self.batch_size
     for idx in self._batches([len(p) for p in ps], progress, "next-token"):
-      T = _pick_bucket(max(len(ps[i]) for i in idx), self.prompt_buckets, "prompt")
-      tokens, lens = self._left_pad([ps[i] for i in idx], T)
-      res = self._run("next_token", ("next", B, T, cand.size),
-                      (self.state, self._put(tokens), self._put(lens), jnp.asarray(cand)), {})
+      seqs = [ps[i] for i in idx]
+      prefix, p, suffix, lens, _ = self._prefix_suffix(
+          seqs, min(len(s) for s in seqs) - 1, "prompt")
+      res = self._run("next_token", ("next", B, prefix.shape[0], suffix.shape[1], cand.size),
+                      (self.state, prefix, p, self._put(suffix), self._put(lens),
+                       jnp.asarray(cand)), {})
       out[idx] = np.asarray(res)[:len(idx)]
     return out
