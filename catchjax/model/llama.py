@@ -139,7 +139,7 @@ class Llama(nnx.Module):
         y = y + scale_lora * jnp.einsum("btr,re->bte", a, p[f"lora_b_{name}"].astype(cd))
       return y
 
-    def block(x, p, kc, vc):
+    def block(x, p, kcs, vcs, i=None):
       h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
       q, k, v = proj(h, p, "wq"), proj(h, p, "wk"), proj(h, p, "wv")
       if cfg.qkv_bias:
@@ -147,10 +147,13 @@ class Llama(nnx.Module):
       q = apply_rope(q.reshape(B, T, H, hd), cos, sin)
       k = apply_rope(k.reshape(B, T, KV, hd), cos, sin)
       v = v.reshape(B, T, KV, hd)
-      if kc is not None:
-        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, cache_index, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, cache_index, 0, 0))
-        k_all, v_all = kc.astype(cd), vc.astype(cd)
+      if kcs is not None:
+        # Write only the T new slots of layer i, in place in the stacked cache, and read the
+        # layer back for attention (no per-layer copy-out / write-back of the whole cache).
+        kcs = jax.lax.dynamic_update_slice(kcs, k[None].astype(kcs.dtype), (i, 0, cache_index, 0, 0))
+        vcs = jax.lax.dynamic_update_slice(vcs, v[None].astype(vcs.dtype), (i, 0, cache_index, 0, 0))
+        k_all = jax.lax.dynamic_index_in_dim(kcs, i, keepdims=False).astype(cd)
+        v_all = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False).astype(cd)
       else:
         k_all, v_all = k, v
       qg = q.reshape(B, T, KV, G, hd)
@@ -162,7 +165,7 @@ class Llama(nnx.Module):
       h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
       g = jax.nn.silu(proj(h, p, "w_gate")) * proj(h, p, "w_up")
       x = x + proj(g, p, "w_down")
-      return x, kc, vc
+      return x, kcs, vcs
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
@@ -177,11 +180,7 @@ class Llama(nnx.Module):
     else:
       def body(carry, p):
         x, kcs, vcs, i = carry
-        kc = jax.lax.dynamic_index_in_dim(kcs, i, keepdims=False)
-        vc = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False)
-        x, kc, vc = block(x, p, kc, vc)
-        kcs = jax.lax.dynamic_update_index_in_dim(kcs, kc, i, 0)
-        vcs = jax.lax.dynamic_update_index_in_dim(vcs, vc, i, 0)
+        x, kcs, vcs = block(x, p, kcs, vcs, i)
         return (x, kcs, vcs, i + 1), (x if return_residuals else None)
       (x, kcs, vcs, _), res = jax.lax.scan(body, (x, cache["k"], cache["v"], 0), lp)
       new_cache = {"k": kcs, "v": vcs}
