@@ -58,10 +58,19 @@ def distinguishability(rows: list[dict]) -> dict[str, dict]:
   for r in rows:
     if r.get("arm") == "distinguish":
       by_fam[r["family"]].append(r)
+  # The behavioural gap is taken from the headline's own "before" measurements (same
+  # sampler, prompts and seeds as the retained-misalignment cells), one value per seed.
+  gaps = defaultdict(dict)
+  for r in rows:
+    if r.get("arm") == "treatment" and r.get("deploy_rate_before") is not None \
+        and r.get("test_rate_before") is not None:
+      gaps[r["family"]][r["seed"]] = r["deploy_rate_before"] - r["test_rate_before"]
   out = {}
   for fam, rs in by_fam.items():
     out[fam] = {k: _agg([r.get(k) for r in rs]) for k, _ in DIST_MEASURES + (
         ("prompted_base", ""),)}
+    if gaps.get(fam):
+      out[fam]["behavioural_gap"] = _agg(list(gaps[fam].values()))
   return out
 
 
