@@ -49,6 +49,23 @@ def summarise(rows: list[dict]) -> list[dict]:
                   "useful_acc_before", "deploy_tf_before", "deploy_tf"):
       a = _agg([r.get(field) for r in rs])
       s[field], s[field + "_lo"], s[field + "_hi"] = a["mean"], a["lo"], a["hi"]
+    if len(rs) == 1 and rs[0].get("deploy_lo") is not None:
+      # One seed: a bootstrap over seeds is degenerate, so report the run's Wilson intervals
+      # (retained: the deployment interval divided by the before rate).
+      r = rs[0]
+      s["ci"] = "wilson (1 seed)"
+      for field, key in (("deploy_rate", "deploy"), ("test_rate", "test"),
+                         ("useful_acc", "useful")):
+        s[field + "_lo"], s[field + "_hi"] = r[key + "_lo"], r[key + "_hi"]
+      _, s["deploy_rate_before_lo"], s["deploy_rate_before_hi"] = stats.wilson(
+          r["deploy_k_before"], r["deploy_n"])
+      _, s["useful_acc_before_lo"], s["useful_acc_before_hi"] = stats.wilson(
+          round(r["useful_acc_before"] * r["useful_n"]), r["useful_n"])
+      b = r.get("deploy_rate_before") or 0
+      if b > 0:
+        s["retained_lo"], s["retained_hi"] = r["deploy_lo"] / b, r["deploy_hi"] / b
+    else:
+      s["ci"] = f"bootstrap over {len(rs)} seeds"
     out.append(s)
   return out
 
@@ -98,11 +115,12 @@ def markdown(summary, dist, meta: dict) -> str:
     if k != "title":
       lines.append(f"- **{k}**: {v}")
   lines += ["", "## Retained misalignment (deployment attack rate after / before)", "",
-            "Mean over seeds with a bootstrap 95% CI; `n_train` is the number of distinct "
-            "training prompts (capped by what was caught); eval n is per seed.", "",
+            "Mean over seeds with a bootstrap 95% CI over seeds; where a cell has one seed, its "
+            "Wilson 95% interval instead (column `ci`). `n_train` is the number of distinct "
+            "training prompts (capped by what was caught or clean); eval n is per seed.", "",
             "| family | behaviour | N | arm | n_train | seeds | eval n | before | after "
-            "| retained | testing after | usefulness before -> after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| retained | testing after | usefulness before -> after | ci |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for s in summary:
     lines.append(
         f"| {s['family']} | {s['behaviour']} | {s['n']} | {s['arm']} | "
@@ -113,7 +131,8 @@ def markdown(summary, dist, meta: dict) -> str:
         f"{_fmt(s['retained'], s['retained_lo'], s['retained_hi'])} | "
         f"{_fmt(s['test_rate'], s['test_rate_lo'], s['test_rate_hi'], True)} | "
         f"{_fmt(s['useful_acc_before'], s['useful_acc_before_lo'], s['useful_acc_before_hi'], True)}"
-        f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} |")
+        f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} | "
+        f"{s['ci']} |")
   if dist:
     lines += ["", "## Distinguishability of deployment from testing", "",
               "| family | prompted A/B (base) | prompted A/B (organism) | probe | "
