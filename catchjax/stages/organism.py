@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from catchjax import common, stats
+from catchjax import common
 from catchjax.data import build
 from catchjax.data.behaviors import make_behavior
 from catchjax.data.triggers import make_trigger
@@ -118,7 +118,6 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
   sets = probe_sets(config, behaviour, o.probe_n)
   sampler = Sampler(base, batch_size=o.probe_batch, progress=False)
   curve = []
-  steps_total = [None]
 
   def eval_fn(model, step):
     sampler.update_model(model)
@@ -135,7 +134,6 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
   tcfg = o.train.to_dict()
   res = train_lib.train(base, ds, tcfg, os.path.join(odir, "train"), eval_fn=eval_fn,
                         progress=progress)
-  steps_total[0] = res.steps
   # Examples seen at each eval (one epoch of `n_train` examples over res.steps steps).
   for row in curve:
     row["examples"] = int(round(row["step"] / max(res.steps, 1) * n_train * max(
@@ -242,4 +240,4 @@ def card_markdown(card) -> str:
 
 
 __all__ = ["Organism", "get_organism", "report_card", "organism_key", "organism_spec",
-           "learning_costs", "stats"]
+           "learning_costs"]
