@@ -127,6 +127,18 @@ def run_jax(args) -> dict:
   return out
 
 
+def _torch_left_pad(seqs, pad_id):
+  """Left-padded ids and attention mask (long tensors) for HF `generate` / forward."""
+  import torch
+  T = max(len(p) for p in seqs)
+  ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+  att = torch.zeros((len(seqs), T), dtype=torch.long)
+  for r, p in enumerate(seqs):
+    ids[r, T - len(p):] = torch.tensor(p)
+    att[r, T - len(p):] = 1
+  return ids, att
+
+
 def run_torch(args) -> dict:
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,13 +182,8 @@ def run_torch(args) -> dict:
       t = time.perf_counter()
       n_new = 0
       for i in range(0, len(prompts), bs):
-        chunk = prompts[i:i + bs]
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, p in enumerate(chunk):
-          ids[r, T - len(p):] = torch.tensor(p)
-          att[r, T - len(p):] = 1
+        ids, att = _torch_left_pad(prompts[i:i + bs], tok.pad_token_id)
+        T = ids.shape[1]
         with torch.no_grad():
           g = m.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=True,
                          temperature=1.0, top_k=0, max_new_tokens=args.new_tokens,
@@ -197,12 +204,7 @@ def run_torch(args) -> dict:
     n_tok = 0
     for i in range(0, len(prompts), 64):
       chunk = [p + p[-16:] for p in prompts[i:i + 64]]
-      T = max(len(p) for p in chunk)
-      ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
-      att = torch.zeros((len(chunk), T), dtype=torch.long)
-      for r, p in enumerate(chunk):
-        ids[r, T - len(p):] = torch.tensor(p)
-        att[r, T - len(p):] = 1
+      ids, att = _torch_left_pad(chunk, tok.pad_token_id)
       with torch.no_grad():
         lg = m(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
         torch.log_softmax(lg[:, -17:-1].float(), -1)
