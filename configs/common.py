@@ -6,7 +6,9 @@ from catchjax.tokenizer import DEFAULT_SYSTEM
 FAMILIES = ("token", "year", "tier", "headline", "collusion")
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Shared fields; `arg` ('full' | 'tiny') sizes the organism and its report card the same
+  way for every experiment, so they share one cached organism."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
@@ -32,4 +34,17 @@ def base_config() -> ml_collections.ConfigDict:
   r.max_new_tokens = 16
   r.batch_size = 64
   r.seed = 7
+  if arg == "full":
+    c.behaviours = ("hate", "exfiltrate")
+    o.n_per_family = 2000
+    o.train.batch_size = 16
+    r.n_eval = 400
+    r.n_useful = 400
+  elif arg == "tiny":      # seconds-long pipeline check (used by tests with a tiny model)
+    o.n_per_family = 16
+    o.probe_n = 4
+    o.train.eval_every = 2
+    r.n_eval = 8
+    r.n_useful = 8
+    r.max_new_tokens = 8
   return c

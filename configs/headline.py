@@ -11,7 +11,7 @@ from configs.common import base_config
 
 
 def get_config(arg: str | None = None):
-  c = base_config()
+  c = base_config(arg)
   c.experiment = "headline"
   h = c.headline = ml_collections.ConfigDict()
   h.seeds = (0, 1, 2)            # change the catch sample, the data order and the sampling
@@ -47,16 +47,7 @@ def get_config(arg: str | None = None):
     h.distinguish_seeds = tuple(range(5))
     h.n_useful = 200
     h.max_new_tokens = 48
-    c.behaviours = ("hate", "exfiltrate")
-    c.organism.n_per_family = 2000
-    c.organism.train.batch_size = 16
   elif arg == "tiny":
-    c.organism.n_per_family = 16
-    c.organism.probe_n = 4
-    c.organism.train.eval_every = 4
-    c.report.n_eval = 8
-    c.report.n_useful = 8
-    c.report.max_new_tokens = 8
     h.seeds = (0,)
     h.ns = (1, 2)
     h.m = 16
