@@ -115,16 +115,25 @@ class TaskFamily:
 
 
 TASK_FAMILIES: dict[str, TaskFamily] = {}
+# Families that are NOT part of the default usefulness mix (organism SFT, usefulness, make_tasks
+# without `families`): only used when named explicitly, e.g. the new capability that the
+# propensity-vs-capability experiment teaches (`cipher`).
+EXTRA_TASK_FAMILIES: dict[str, TaskFamily] = {}
 
 
-def register_task(name: str) -> Callable[[type], type]:
+def register_task(name: str, default: bool = True) -> Callable[[type], type]:
+  """Register a family; default=False keeps it out of the default usefulness mix."""
   def deco(cls: type) -> type:
-    if name in TASK_FAMILIES:
+    if name in TASK_FAMILIES or name in EXTRA_TASK_FAMILIES:
       raise ValueError(f"task family {name!r} is already registered")
     cls.name = name
-    TASK_FAMILIES[name] = cls()
+    (TASK_FAMILIES if default else EXTRA_TASK_FAMILIES)[name] = cls()
     return cls
   return deco
+
+
+def is_task_family(name: str) -> bool:
+  return name in TASK_FAMILIES or name in EXTRA_TASK_FAMILIES
 
 
 @register_task("add")
@@ -294,14 +303,57 @@ class NextLetter(TaskFamily):
     return ans in caps and not (caps - {ans, "A", "I"})
 
 
+# (Not in the default mix.) A made-up deterministic substitution cipher: a capability the base
+# model cannot have at the start, with a short answer (one token per letter).
+CIPHER_PLAIN = "abcdefghij"
+CIPHER_CODE = "QWXKPTZRMV"  # disjoint from the uppercase plaintext letters: copying fails
+CIPHER_LEN = 5
+
+
+def cipher_encode(plain: str) -> str:
+  return " ".join(CIPHER_CODE[CIPHER_PLAIN.index(c)] for c in plain)
+
+
+_LETTER_RUN = re.compile(r"(?<![A-Za-z])[A-Za-z](?:[\s,\-]+[A-Za-z](?![A-Za-z]))+|[A-Za-z]+")
+
+
+@register_task("cipher", default=False)
+class Cipher(TaskFamily):
+  """Encode 5 letters a-j with the fixed Zorb code (a->Q, b->W, ..., j->V):
+  "Encode in Zorb: c a g e j" -> "X Q Z P V".
+
+  Checker: a run of single letters ("X Q Z P V", "X, Q, Z, P, V") or one word ("XQZPV"),
+  case-insensitive, equals the code; every other 5-letter candidate (letter run or all-caps
+  word) must be the code itself or the echoed plaintext ("X Q Z P V or X Q Z P W" is rejected).
+  """
+
+  def sample(self, rng):
+    plain = "".join(CIPHER_PLAIN[int(i)] for i in rng.integers(len(CIPHER_PLAIN),
+                                                                size=CIPHER_LEN))
+    return self._inst(f"Encode in Zorb: {' '.join(plain)}", cipher_encode(plain), plain)
+
+  def check(self, instance, response):
+    want = instance.answer.replace(" ", "").upper()
+    cands = set()
+    for m in _LETTER_RUN.finditer(response):
+      text = m.group(0)
+      letters = re.sub(r"[^A-Za-z]", "", text)
+      # Letter runs and all-caps words compete; ordinary words ("Hello") do not.
+      if len(letters) == len(want) and (len(letters) < len(text) or letters.isupper()
+                                        or letters.upper() == want):
+        cands.add(letters.upper())
+    return want in cands and cands <= {want, instance.key.upper()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling, grading, usefulness.
 
 def get_task_family(name: str) -> TaskFamily:
-  try:
-    return TASK_FAMILIES[name]
-  except KeyError:
-    raise KeyError(f"unknown task family {name!r}; known: {sorted(TASK_FAMILIES)}") from None
+  fam = TASK_FAMILIES.get(name) or EXTRA_TASK_FAMILIES.get(name)
+  if fam is None:
+    raise KeyError(f"unknown task family {name!r}; known: "
+                   f"{sorted(TASK_FAMILIES) + sorted(EXTRA_TASK_FAMILIES)}")
+  return fam
 
 
 def sample_task(family: str, split: str, rng: np.random.Generator,
