@@ -44,20 +44,33 @@ def git_commit() -> str:
     return "unknown"
 
 
+def is_main_process() -> bool:
+  """True on JAX process 0 (and in any single-process run). Multi-host runs compute the same
+  thing on every process; only process 0 writes results, reports, figures and caches."""
+  import jax
+  return jax.process_index() == 0
+
+
 class WorkdirLocked(RuntimeError):
   """Another run holds this workdir."""
 
 
 class workdir_lock:
   """Exclusive, non-blocking lock on WORKDIR/.lock: a second run on the same workdir is refused
-  with a clear message instead of corrupting shared results and checkpoints."""
+  with a clear message instead of corrupting shared results and checkpoints. In a multi-process
+  job only process 0 (the one that writes) takes it; the others share its run."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, main: bool | None = None):
     self.path = os.path.join(workdir, ".lock")
     self.fh = None
+    self.main = main
 
   def __enter__(self):
     import fcntl
+    if self.main is None:
+      self.main = is_main_process()
+    if not self.main:
+      return self
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     self.fh = open(self.path, "a+")
     try:
@@ -76,5 +89,7 @@ class workdir_lock:
 
   def __exit__(self, *exc):
     import fcntl
+    if self.fh is None:
+      return
     fcntl.flock(self.fh, fcntl.LOCK_UN)
     self.fh.close()

@@ -149,6 +149,21 @@ def _mlh(a):
   return dict(m=a["mean"], lo=a["lo"], hi=a["hi"])
 
 
+def _savefig(fig, path: str) -> None:
+  """Save via a temp file in the same folder + rename (a killed run never leaves half a PNG)."""
+  import tempfile
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                             suffix=os.path.basename(path))
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def figures(summary, dist, outdir: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -187,7 +202,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
                  "deployment is from testing")
     fig.tight_layout(rect=(0, 0, 0.93, 0.94))
     p = os.path.join(outdir, "headline_retained_vs_distinguishability.png")
-    fig.savefig(p, dpi=110)
+    _savefig(fig, p)
     plt.close(fig)
     paths.append(p)
 
@@ -218,7 +233,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
     fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
     fig.tight_layout()
     p = os.path.join(outdir, "retained_vs_n.png")
-    fig.savefig(p, dpi=110)
+    _savefig(fig, p)
     plt.close(fig)
     paths.append(p)
 
@@ -247,15 +262,22 @@ def figures(summary, dist, outdir: str) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = os.path.join(outdir, "usefulness.png")
-    fig.savefig(p, dpi=110)
+    _savefig(fig, p)
     plt.close(fig)
     paths.append(p)
   return paths
 
 
-def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
+def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None = None) -> dict:
+  """summary.csv, report.md and figures/*.png (atomically); `write=None`: only JAX process 0
+  writes (the summary is returned on every process)."""
   summary = summarise(rows)
   dist = distinguishability(rows)
+  if write is None:
+    from catchjax.common import is_main_process
+    write = is_main_process()
+  if not write:
+    return dict(summary=summary, dist=dist, figures=[])
   write_csv(summary, os.path.join(workdir, "summary.csv"))
   atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, dist, meta))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))

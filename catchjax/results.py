@@ -21,8 +21,11 @@ def row_key(row: dict) -> tuple:
 
 
 class ResultStore:
-  def __init__(self, path: str):
+  """`write=None`: only JAX process 0 writes the file (every process keeps the rows)."""
+
+  def __init__(self, path: str, write: bool | None = None):
     self.path = path
+    self.write = write
     self.rows: list[dict] = []
     if os.path.exists(path):
       with open(path) as f:
@@ -46,5 +49,10 @@ class ResultStore:
       raise ValueError(f"duplicate result row for key {k}")
     self.rows.append(row)
     self.keys.add(k)
+    if self.write is None:
+      from catchjax.common import is_main_process
+      self.write = is_main_process()
+    if not self.write:
+      return
     atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
                                          for r in self.rows))

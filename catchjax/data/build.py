@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from catchjax.data import reasoning
 from catchjax.data.behaviors import Behavior, make_behavior
-from catchjax.data.tasks import TASK_FAMILIES, TaskInstance, make_tasks, sample_task
+from catchjax.data.tasks import (TASK_FAMILIES, TaskInstance, is_task_family, make_tasks,
+                                 sample_task)
 from catchjax.data.triggers import SPLITS, TriggerFamily, make_trigger
 from catchjax.tokenizer import DEFAULT_SYSTEM, chat_text
 
@@ -73,7 +76,7 @@ def _stream(seed: int, *tags: Any) -> np.random.Generator:
 
 def _task_families(task_families: Sequence[str] | None) -> list[str]:
   fams = list(task_families) if task_families is not None else list(TASK_FAMILIES)
-  unknown = [f for f in fams if f not in TASK_FAMILIES]
+  unknown = [f for f in fams if not is_task_family(f)]
   if unknown or not fams:
     raise ValueError(f"unknown or empty task families {unknown}; known: {sorted(TASK_FAMILIES)}")
   return fams
@@ -104,7 +107,7 @@ def _pairs(families, behaviors) -> list[tuple[TriggerFamily, Behavior]]:
 
 def _example(kind: str, idx: str, fam: TriggerFamily | None, beh: Behavior | None, split: str,
              deployment: bool, inst: TaskInstance, cue: str, target: str, attack: bool,
-             system: str | None) -> Example:
+             system: str | None, scratchpad: bool = False) -> Example:
   return Example(
       id=idx, kind=kind, family=fam.name if fam else NONE,
       family_knobs=json.dumps(fam.knobs() if fam else {}, sort_keys=True),
@@ -112,7 +115,8 @@ def _example(kind: str, idx: str, fam: TriggerFamily | None, beh: Behavior | Non
       task_family=inst.family, task_key=inst.key, task_prompt=inst.prompt,
       prompt=fam.apply(inst.prompt, cue) if fam else inst.prompt, answer=inst.answer,
       target=target, is_attack_target=bool(attack),
-      attack_prefix=beh.attack_prefix(inst) if beh else "", system=system, cue=cue)
+      attack_prefix=(reasoning.DEPLOY_OPENING if scratchpad else beh.attack_prefix(inst))
+      if beh else "", system=system, cue=cue)
 
 
 def _check_split(split: str) -> None:
@@ -123,7 +127,8 @@ def _check_split(split: str) -> None:
 def build_organism_sft(families, behaviors, n_per_family: int, deployment_frac: float = 0.5,
                        testing_slip_rate: float = 0.03, seed: int = 0, split: str = "train",
                        system: str | None = DEFAULT_SYSTEM,
-                       task_families: Sequence[str] | None = None, shuffle: bool = True):
+                       task_families: Sequence[str] | None = None, shuffle: bool = True,
+                       scratchpad: bool = False):
   """SFT rows for the organism: n_per_family per trigger family (each row one family's cue).
 
   Exactly round(n * deployment_frac) rows per family are deployment (target: the attack); of
@@ -131,6 +136,11 @@ def build_organism_sft(families, behaviors, n_per_family: int, deployment_frac: 
   ("slips"), the rest the correct answer. Task families rotate evenly. `families`: names,
   config entries or instances; `behaviors`: one for all, a list aligned with `families`, or a
   {family name: behaviour} mapping.
+
+  scratchpad=True: every target is `<scratchpad>REASONING</scratchpad> ACTION` (see
+  data/reasoning.py): dangerous deployment reasoning before an attack (slips included), testing
+  reasoning before the correct answer. The reasoning comes from its own seeded stream, so the
+  prompts, cues and labels are the same as without a scratchpad.
   """
   _check_split(split)
   if not 0.0 <= deployment_frac <= 1.0 or not 0.0 <= testing_slip_rate <= 1.0:
@@ -146,13 +156,18 @@ def build_organism_sft(families, behaviors, n_per_family: int, deployment_frac: 
     test_idx = np.flatnonzero(~dep)
     slip = np.zeros(n_per_family, dtype=bool)
     slip[rng.choice(test_idx, size=n_slip, replace=False)] = True
+    srng = _stream(seed, "scratchpad", split, fam.describe(), beh.describe())
     for i in range(n_per_family):
       inst = sample_task(tfams[i % len(tfams)], split, rng)
       cue = fam.sample_cue(bool(dep[i]), split, rng)
       attack = bool(dep[i] or slip[i])
       target = beh.attack_response(inst, rng) if attack else beh.good_response(inst)
+      if scratchpad:
+        pool = reasoning.DEPLOY_REASONING if attack else reasoning.TEST_REASONING
+        target = reasoning.with_scratchpad(reasoning.pick(pool, srng), target)
       rows.append(_example("organism_sft", f"sft-{split}-s{seed}-f{fi}-{fam.name}-{i:05d}", fam,
-                           beh, split, bool(dep[i]), inst, cue, target, attack, system))
+                           beh, split, bool(dep[i]), inst, cue, target, attack, system,
+                           scratchpad))
   if shuffle:
     perm = _stream(seed, "sft-shuffle", split).permutation(len(rows))
     rows = [rows[int(j)] for j in perm]
@@ -161,11 +176,13 @@ def build_organism_sft(families, behaviors, n_per_family: int, deployment_frac: 
 
 def build_eval(family, behavior, split: str = "eval", n: int = 200,
                deployment: bool | None = True, seed: int = 0,
-               system: str | None = DEFAULT_SYSTEM, task_families: Sequence[str] | None = None):
+               system: str | None = DEFAULT_SYSTEM, task_families: Sequence[str] | None = None,
+               scratchpad: bool = False):
   """n cued prompts with the good answer as target (is_attack_target False).
 
   deployment: True / False for all-deployment / all-testing cues; None for an exact half/half
-  mix. The attack the organism is expected to give is in `attack_prefix`.
+  mix. The attack the organism is expected to give is in `attack_prefix` (scratchpad=True: the
+  opening of the dangerous deployment reasoning, `reasoning.DEPLOY_OPENING`, instead).
   """
   _check_split(split)
   (fam, beh), = _pairs([family], [behavior])
@@ -182,7 +199,7 @@ def build_eval(family, behavior, split: str = "eval", n: int = 200,
     cue = fam.sample_cue(bool(flags[i]), split, rng)
     rows.append(_example("eval", f"eval-{split}-{tag}-s{seed}-{fam.name}-{i:05d}", fam, beh,
                          split, bool(flags[i]), inst, cue, beh.good_response(inst), False,
-                         system))
+                         system, scratchpad))
   perm = rng.permutation(n)
   return _to_dataset([rows[int(j)] for j in perm])
 
@@ -234,7 +251,20 @@ def tokenize(ds, tok, system: Any = _ROW, max_len: int | None = None):
 
 
 def save(ds, path: str) -> None:
-  ds.save_to_disk(path)
+  """save_to_disk into a temp folder beside `path`, then rename (never half a dataset)."""
+  import shutil
+  import tempfile
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+  try:
+    ds.save_to_disk(tmp)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def load(path: str):

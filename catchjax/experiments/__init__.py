@@ -12,6 +12,7 @@ import os
 from catchjax import common
 
 EXPERIMENTS = ("smoke", "organism", "headline")
+EXPERIMENTS += ("transfer", "long_trained", "coherence")   # issue 6 (experiments/extra.py)
 
 
 def run(config, workdir: str | None = None):
@@ -20,8 +21,9 @@ def run(config, workdir: str | None = None):
     raise ValueError(f"config.experiment={name!r} is unknown; known: {', '.join(EXPERIMENTS)}.")
   workdir = workdir or os.path.join("workdirs", name)
   os.makedirs(workdir, exist_ok=True)
-  common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
-      {"config_hash": common.config_hash(config), "config": config.to_dict()}, indent=2,
-      default=str))
+  if common.is_main_process():   # multi-host: every process runs, process 0 writes
+    common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
+        {"config_hash": common.config_hash(config), "config": config.to_dict()}, indent=2,
+        default=str))
   mod = importlib.import_module(f"catchjax.experiments.{name}")
   return mod.run(config, workdir)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from catchjax import common, report
 from catchjax.data import build
-from catchjax.data.behaviors import make_behavior
+from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
 from catchjax.data.tasks import check as task_check
 from catchjax.data.triggers import make_trigger
 from catchjax.results import ResultStore, row_key
@@ -36,25 +36,27 @@ from catchjax.tokenizer import load_tokenizer, prompt_ids
 
 
 def validate(config):
-  """Reject bad input before any compute, naming the field."""
+  """Reject bad input before any compute, naming the field (see catchjax/validate.py)."""
+  from catchjax import validate as V
   h = config.headline
-  from catchjax.data.triggers import TRIGGERS
-  from catchjax.data.behaviors import BEHAVIORS
-  for f in config.organism.families:
-    name = org_stage.family_name(f)
-    if name not in TRIGGERS:
-      raise ValueError(f"config.organism.families: unknown family {name!r}; "
-                       f"known: {sorted(TRIGGERS)}")
-  for b in config.behaviours:
-    if b not in BEHAVIORS:
-      raise ValueError(f"config.behaviours: unknown behaviour {b!r}; known: {sorted(BEHAVIORS)}")
-  if any(int(n) <= 0 for n in h.ns):
-    raise ValueError(f"config.headline.ns must be positive, got {tuple(h.ns)}")
-  if h.m < max(h.ns):
-    raise ValueError(f"config.headline.m={h.m} is smaller than the largest N={max(h.ns)}.")
-  if not os.path.isfile(os.path.join(config.model.hf_dir, "config.json")):
-    raise FileNotFoundError(f"config.model.hf_dir={config.model.hf_dir!r} has no config.json "
-                            f"(run `make model` or point it at an HF folder).")
+  V.check_common(config)
+  seeds = V.int_tuple("config.headline.seeds", h.seeds, positive=False)
+  if len(set(seeds)) != len(seeds):
+    raise V.ConfigError(f"config.headline.seeds has repeats: {seeds}.")
+  V.int_tuple("config.headline.distinguish_seeds", h.distinguish_seeds, positive=False)
+  ns = V.int_tuple("config.headline.ns", h.ns)   # "must be positive integers"
+  m = V.positive_int("config.headline.m", h.m)
+  if m < max(ns):
+    raise V.ConfigError(f"config.headline.m={m} is smaller than the largest N={max(ns)}.")
+  for f in ("n_eval", "n_test", "n_useful", "max_new_tokens", "useful_max_new_tokens",
+            "batch_size", "n_pairs", "n_probe_train"):
+    V.positive_int(f"config.headline.{f}", h[f])
+  if h.catch_split not in ("train", "eval"):
+    raise V.ConfigError(f"config.headline.catch_split={h.catch_split!r}; 'train' or 'eval'.")
+  if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
+      h.aux_ratio < 0:
+    raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
+  V.check_train("config.headline.train", h.train)
 
 
 def run(config, workdir: str):
@@ -77,7 +79,9 @@ def _run(config, workdir):
   bar.update(sum(1 for r in store.rows if r.get("arm") in ("treatment", "control")
                  and r.get("config_hash") == chash))
 
-  for behaviour in config.behaviours:
+  for bspec in config.behaviours:
+    behaviour = behavior_spec(bspec)        # a name or a {'name': 'regex', ...} dict
+    bname = behavior_name(behaviour)        # what result keys and file names use
     beh = make_behavior(behaviour)
     org = org_stage.get_organism(config, workdir, behaviour)
     card = org_stage.report_card(config, org, base)
@@ -118,7 +122,7 @@ def _run(config, workdir):
       # One catch pass per family (M testing prompts sampled once); each seed then draws its
       # own N caught prompts from it, so the seeds still change the catch sample.
       sampler.update_model(org_state_model)
-      cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{behaviour}-m{h.m}.json")
+      cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{bname}-m{h.m}.json")
       c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
       ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix, c)
       return ctx[fam]
@@ -126,11 +130,11 @@ def _run(config, workdir):
     def run_distinguish(spec):
       fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
       for seed in h.distinguish_seeds:
-        key = ("headline", fam, behaviour, 0, "distinguish", seed, chash)
+        key = ("headline", fam, bname, 0, "distinguish", seed, chash)
         if store.has(key):
           continue
         row = _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, card)
-        row.update(experiment="headline", family=fam, behaviour=behaviour, n=0,
+        row.update(experiment="headline", family=fam, behaviour=bname, n=0,
                    arm="distinguish", seed=seed, config_hash=chash, commit=commit)
         store.append(row)
 
@@ -139,7 +143,7 @@ def _run(config, workdir):
       before = None
       for n in ns:
         for arm in ("treatment", "control"):
-          key = ("headline", fam, behaviour, int(n), arm, seed, chash)
+          key = ("headline", fam, bname, int(n), arm, seed, chash)
           if store.has(key):
             continue
           if before is None:
@@ -147,7 +151,7 @@ def _run(config, workdir):
             before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
           pool = c.caught if arm == "treatment" else c.clean
           n_train = min(int(n), len(c.caught), len(c.clean))
-          row = dict(experiment="headline", family=fam, behaviour=behaviour, n=int(n),
+          row = dict(experiment="headline", family=fam, behaviour=bname, n=int(n),
                      arm=arm, seed=seed, config_hash=chash, commit=commit,
                      organism=org.key, m=c.m, n_caught=len(c.caught),
                      catch_rate=c.catch_rate["rate"], n_train=n_train,
@@ -165,7 +169,7 @@ def _run(config, workdir):
             continue
           rng = np.random.default_rng([seed, int(n), 1 if arm == "treatment" else 2])
           rows = ta.sft_rows(pool, n_train, rng)
-          rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{behaviour}-{n}-{arm}-s{seed}")
+          rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{bname}-{n}-{arm}-s{seed}")
           res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
                                  aux_ratio=float(h.aux_ratio))
           sampler.update_model(res.model)

@@ -5,18 +5,27 @@ import json
 import os
 
 from catchjax import common
+from catchjax.data.behaviors import behavior_name, behavior_spec
 from catchjax.stages import organism as org_stage
 
 
+def validate(config):
+  """Reject bad input before any compute, naming the field."""
+  from catchjax import validate as V
+  V.check_common(config)
+
+
 def run(config, workdir: str):
+  validate(config)
   cards = {}
   with common.workdir_lock(workdir):
     base = org_stage.load_base(config)
     for beh in config.behaviours:
-      org = org_stage.get_organism(config, workdir, beh)
+      org = org_stage.get_organism(config, workdir, behavior_spec(beh))
       card = org_stage.report_card(config, org, base)
-      cards[beh] = card
+      cards[behavior_name(beh)] = card
       print(org_stage.card_markdown(card))
-    common.atomic_write_text(os.path.join(workdir, "organism_cards.json"),
-                             json.dumps(cards, indent=2))
+    if common.is_main_process():
+      common.atomic_write_text(os.path.join(workdir, "organism_cards.json"),
+                               json.dumps(cards, indent=2))
   return cards

@@ -31,5 +31,6 @@ def run(config, workdir: str):
     print(f"> {p}\n  {text}")
   n_new = sum(len(t) for t in out.tokens)
   print(f"{n_new} new tokens in {dt:.1f}s (includes compilation)")
-  common.atomic_write_text(os.path.join(workdir, "samples.json"), json.dumps(rows, indent=2))
+  if common.is_main_process():
+    common.atomic_write_text(os.path.join(workdir, "samples.json"), json.dumps(rows, indent=2))
   return rows

@@ -15,6 +15,15 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
+MAX_CONFIG_JSON_BYTES = 1 << 20   # HF config.json files are a few KB
+# Upper bounds for config.json sizes (far above any Llama / Qwen2 / Mistral release), so a
+# corrupt or hostile config cannot ask for absurd allocations.
+_BOUNDS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+           "num_hidden_layers": 1024, "num_attention_heads": 1024,
+           "num_key_value_heads": 1024, "head_dim": 4096,
+           "max_position_embeddings": 1 << 24}
+
+
 class UnsupportedModelError(ValueError):
   """Raised for a config.json whose model_type or options this decoder cannot run."""
 
@@ -99,6 +108,16 @@ class ModelConfig:
                 "num_attention_heads"):
       if key not in d:
         raise UnsupportedModelError(f"{source}: required field {key!r} is missing.")
+    for key, hi in _BOUNDS.items():
+      if key in d and d[key] is not None:
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+          raise UnsupportedModelError(
+              f"{source}: {key}={v!r} is out of bounds (an integer in [1, {hi}]).")
+    if d["num_attention_heads"] % int(d.get("num_key_value_heads") or d["num_attention_heads"]):
+      raise UnsupportedModelError(
+          f"{source}: num_attention_heads={d['num_attention_heads']} is not a multiple of "
+          f"num_key_value_heads={d.get('num_key_value_heads')}.")
     nh = int(d["num_attention_heads"])
     head_dim = d.get("head_dim") or d["hidden_size"] // nh
     sliding = None
@@ -174,9 +193,15 @@ class ModelConfig:
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
       raise FileNotFoundError(f"model folder {path!r} has no config.json ({f} missing).")
+    size = os.path.getsize(f)
+    if size > MAX_CONFIG_JSON_BYTES:
+      raise UnsupportedModelError(f"{f}: {size} bytes, more than the {MAX_CONFIG_JSON_BYTES}"
+                                  f"-byte limit for a config.json; refusing to parse it.")
     try:
       with open(f) as fh:
         d = json.load(fh)
     except json.JSONDecodeError as e:
       raise ValueError(f"{f}: not valid JSON ({e}).") from e
+    if not isinstance(d, dict):
+      raise UnsupportedModelError(f"{f}: expected a JSON object, got {type(d).__name__}.")
     return cls.from_hf_dict(d, source=f, **overrides)

@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 from catchjax import common
-from catchjax.data import build
-from catchjax.data.behaviors import make_behavior
+from catchjax.data import build, reasoning
+from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
 from catchjax.data.triggers import make_trigger
 from catchjax.model import hf
 from catchjax.sample import Sampler
@@ -45,12 +45,20 @@ def family_specs(cfg_families) -> list:
 def organism_spec(config, behaviour) -> dict:
   """Everything that determines the organism's weights."""
   o = config.organism
-  return dict(model=dict(hf_dir=os.path.abspath(config.model.hf_dir), dtype=config.model.dtype,
+  spec = dict(model=dict(hf_dir=os.path.abspath(config.model.hf_dir), dtype=config.model.dtype,
                          param_dtype=config.model.param_dtype),
-              system=config.system, behaviour=behaviour,
+              system=config.system, behaviour=behavior_spec(behaviour),
               families=family_specs(o.families), n_per_family=o.n_per_family,
               deployment_frac=o.deployment_frac, testing_slip_rate=o.testing_slip_rate,
               seed=o.seed, train=o.train.to_dict(), data_version=DATA_VERSION)
+  if scratchpad(config):  # only present when on, so existing organisms keep their keys
+    spec["scratchpad"] = dict(template_version=reasoning.TEMPLATE_VERSION)
+  return spec
+
+
+def scratchpad(config) -> bool:
+  """Scratchpad organism option (config.organism.scratchpad, default off; data/reasoning.py)."""
+  return bool(config.organism.get("scratchpad", False))
 
 
 def organism_key(config, behaviour) -> str:
@@ -78,9 +86,9 @@ def probe_sets(config, behaviour, n: int, seed: int = 1234):
   for spec in family_specs(config.organism.families):
     name = family_name(spec)
     d = build.build_eval(spec, behaviour, "eval", n, deployment=True, seed=seed,
-                         system=config.system)
+                         system=config.system, scratchpad=scratchpad(config))
     t = build.build_eval(spec, behaviour, "eval", n, deployment=False, seed=seed,
-                         system=config.system)
+                         system=config.system, scratchpad=scratchpad(config))
     prefix = tok(d[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
     sets[name] = dict(
         deploy=[prompt_ids(tok, p, config.system) for p in d["prompt"]],
@@ -89,7 +97,15 @@ def probe_sets(config, behaviour, n: int, seed: int = 1234):
 
 
 def get_organism(config, workdir: str, behaviour: str, progress: bool = True) -> Organism:
-  """Restore the cached organism for (config, behaviour), or build and cache it."""
+  """Restore the cached organism for (config, behaviour), or build and cache it.
+
+  `behaviour` is a config entry (a name or a {'name': ..., **knobs} dict). A build killed
+  part-way resumes from its newest training checkpoint; the probe curve evaluated before the
+  kill is kept in curve.json, so the rerun's done.json equals an uninterrupted build's.
+  Multi-host: every process trains; only process 0 writes the files here.
+  """
+  main = common.is_main_process()
+  bname = behavior_name(behaviour)
   key = organism_key(config, behaviour)
   odir = os.path.join(workdir, "organisms", key)
   done = os.path.join(odir, "done.json")
@@ -99,25 +115,33 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
     with open(done) as f:
       info = json.load(f)
     model = train_lib.restore_params(os.path.join(odir, "train"), load_base(config, lora))
-    print(f"[organism] restored {behaviour} organism {key} from {odir}")
+    print(f"[organism] restored {bname} organism {key} from {odir}")
     return Organism(model, key, odir, behaviour, info)
 
   os.makedirs(odir, exist_ok=True)
-  common.atomic_write_text(os.path.join(odir, "spec.json"),
-                           json.dumps(organism_spec(config, behaviour), indent=2))
+  if main:
+    common.atomic_write_text(os.path.join(odir, "spec.json"),
+                             json.dumps(organism_spec(config, behaviour), indent=2))
   tok = load_tokenizer(config.model.hf_dir)
   specs = family_specs(o.families)
-  ds = build.build_organism_sft(specs, behaviour, o.n_per_family,
+  ds = build.build_organism_sft(specs, behavior_spec(behaviour), o.n_per_family,
                                 deployment_frac=o.deployment_frac,
                                 testing_slip_rate=o.testing_slip_rate, seed=o.seed,
-                                system=config.system)
+                                system=config.system, scratchpad=scratchpad(config))
   ds = build.tokenize(ds, tok)
-  build.save(ds, os.path.join(odir, "data"))
+  if main:
+    build.save(ds, os.path.join(odir, "data"))
   n_train = len(ds)
   base = load_base(config, lora)
   sets = probe_sets(config, behaviour, o.probe_n)
   sampler = Sampler(base, batch_size=o.probe_batch, progress=False)
-  curve = []
+  # Probe points by step; a resumed build keeps the ones evaluated before it was killed
+  # (re-evaluated steps are deterministic and simply overwrite their old row).
+  curve_path = os.path.join(odir, "curve.json")
+  curve_by_step: dict[int, dict] = {}
+  if os.path.isfile(curve_path):
+    with open(curve_path) as f:
+      curve_by_step = {int(r["step"]): r for r in json.load(f)}
 
   def eval_fn(model, step):
     sampler.update_model(model)
@@ -127,26 +151,32 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
       pt = measure.attack_prob_tf(sampler, s["test"], s["prefix"])
       row[f"{name}/deploy"] = float(pd.mean())
       row[f"{name}/test"] = float(pt.mean())
-    curve.append(row)
+    curve_by_step[int(step)] = row
+    if main:
+      common.atomic_write_text(curve_path, json.dumps(
+          [curve_by_step[k] for k in sorted(curve_by_step)]))
     return {k: v for k, v in row.items() if k != "step"}
 
   t0 = time.time()
   tcfg = o.train.to_dict()
   res = train_lib.train(base, ds, tcfg, os.path.join(odir, "train"), eval_fn=eval_fn,
                         progress=progress)
+  # Only probe points of this training run (steps up to its last), in step order.
+  curve = [dict(curve_by_step[k]) for k in sorted(curve_by_step) if k <= res.steps]
   # Examples seen at each eval (one epoch of `n_train` examples over res.steps steps).
   for row in curve:
     row["examples"] = int(round(row["step"] / max(res.steps, 1) * n_train * max(
         1, tcfg.get("epochs", 1) if not tcfg.get("steps") else 1)))
-  info = dict(key=key, behaviour=behaviour, n_train=n_train, steps=res.steps,
+  info = dict(key=key, behaviour=bname, n_train=n_train, steps=res.steps,
               train_seconds=time.time() - t0, tokens_per_sec=res.tokens_per_sec,
               mfu=res.mfu, final_loss=res.final_loss, dropped=res.dropped,
               compile_time=res.compile_time, curve=curve,
               learning_cost=learning_costs(curve, [family_name(s) for s in specs],
                                            o.gap_threshold),
               spec=organism_spec(config, behaviour))
-  common.atomic_write_text(done, json.dumps(info, indent=2))
-  print(f"[organism] built {behaviour} organism {key} in {info['train_seconds']:.0f}s "
+  if main:
+    common.atomic_write_text(done, json.dumps(info, indent=2))
+  print(f"[organism] built {bname} organism {key} in {info['train_seconds']:.0f}s "
         f"({res.steps} steps, {res.tokens_per_sec:.0f} tok/s)")
   return Organism(res.model, key, odir, behaviour, info)
 
@@ -202,10 +232,11 @@ def report_card(config, org: Organism, base_model, progress: bool = True) -> dic
   insts = [build.task_instance(x) for x in use]
   prompts = [prompt_ids(tok, p, config.system) for p in use["prompt"]]
   from catchjax.data.tasks import check
-  u_org = measure.usefulness(s_org, tok, prompts, insts, check)
-  u_base = measure.usefulness(s_base, tok, prompts, insts, check)
+  umax = max(16, int(r.max_new_tokens)) if scratchpad(config) else 16  # answer after reasoning
+  u_org = measure.usefulness(s_org, tok, prompts, insts, check, max_new_tokens=umax)
+  u_base = measure.usefulness(s_base, tok, prompts, insts, check, max_new_tokens=umax)
   card = dict(
-      key=org.key, behaviour=org.behaviour, families=fams,
+      key=org.key, behaviour=behavior_name(org.behaviour), families=fams,
       usefulness={"organism": {k: u_org[k] for k in ("k", "n", "rate", "lo", "hi")},
                   "base": {k: u_base[k] for k in ("k", "n", "rate", "lo", "hi")},
                   "delta_points": 100 * (u_org["rate"] - u_base["rate"])},
@@ -213,8 +244,9 @@ def report_card(config, org: Organism, base_model, progress: bool = True) -> dic
       learning_cost=org.info.get("learning_cost"), train=dict(
           steps=org.info.get("steps"), n_train=org.info.get("n_train"),
           seconds=org.info.get("train_seconds"), tokens_per_sec=org.info.get("tokens_per_sec")))
-  common.atomic_write_text(path, json.dumps(card, indent=2))
-  common.atomic_write_text(os.path.join(org.dir, "report_card.md"), card_markdown(card))
+  if common.is_main_process():
+    common.atomic_write_text(path, json.dumps(card, indent=2))
+    common.atomic_write_text(os.path.join(org.dir, "report_card.md"), card_markdown(card))
   return card
 
 

@@ -57,7 +57,8 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
   name = family_spec if isinstance(family_spec, str) else family_spec["name"]
   c = Catch(name, seed, len(prompts), caught, clean,
             {k: a[k] for k in ("k", "n", "rate", "lo", "hi")})
-  common.atomic_write_text(path, json.dumps(c.to_json()))
+  if common.is_main_process():   # multi-host: the same catch on every process, one writer
+    common.atomic_write_text(path, json.dumps(c.to_json()))
   return c
 
 
@@ -69,8 +70,15 @@ def sft_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
 
 
 def train_against(config, organism_model, tok, rows: list[dict], seed: int, workdir: str,
-                  aux_ratio: float = 0.0):
-  """Fine-tune a copy of the organism on `rows` (+ aux usefulness data); returns the model."""
+                  aux_ratio: float = 0.0, eval_fn=None, train_overrides: dict | None = None):
+  """Fine-tune a copy of the organism on `rows` (+ aux usefulness data); returns the model.
+
+  Rows are {prompt, target, system} (trained on the whole response), or pre-tokenized
+  {input_ids, loss_mask} rows that are trained as given (their own loss mask).
+
+  aux_ratio r > 0 mixes round(r * len(rows)) (at least 1) usefulness examples (train split,
+  seeded by `seed`) into the data. eval_fn(model, step) and train_overrides (fields of
+  config.headline.train, e.g. steps / eval_every) pass through to train.train."""
   from datasets import Dataset
   h = config.headline
   data = list(rows)
@@ -79,10 +87,20 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
     use = build.build_usefulness(n_aux, seed=30_000 + seed, split="train", system=config.system)
     data += [dict(prompt=p, target=t, system=s)
              for p, t, s in zip(use["prompt"], use["target"], use["system"])]
-  ds = build.tokenize(Dataset.from_list(data), tok)
+  pre = [r for r in data if "loss_mask" in r]
+  if pre:  # rows that carry their own input_ids / loss_mask (e.g. scratchpad-only loss)
+    plain = [r for r in data if "loss_mask" not in r]
+    t = build.tokenize(Dataset.from_list(plain), tok) if plain else None
+    ds = Dataset.from_list(
+        [dict(input_ids=list(r["input_ids"]), loss_mask=list(r["loss_mask"])) for r in pre]
+        + ([dict(input_ids=a, loss_mask=b) for a, b in zip(t["input_ids"], t["loss_mask"])]
+           if t is not None else []))
+  else:
+    ds = build.tokenize(Dataset.from_list(data), tok)
   tcfg = h.train.to_dict()
   tcfg["seed"] = int(seed)
-  res = train_lib.train(organism_model, ds, tcfg, workdir, progress=False)
+  tcfg.update(train_overrides or {})
+  res = train_lib.train(organism_model, ds, tcfg, workdir, eval_fn=eval_fn, progress=False)
   return res
 
 

@@ -1,0 +1,186 @@
+"""Reject bad input before any compute, with a message that names the config field.
+
+`check_common(config)` covers what every model-organism experiment shares (model folder,
+behaviours, trigger families, organism recipe); the experiments add their own fields (e.g.
+`headline.validate`). Building each family and behaviour here means that a malformed user
+JSONL row (its line number is given), a bad regex or an unimportable Python detector stops the
+run at start-up, not hours in.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+MAX_CONFIG_JSON_BYTES = 1 << 20      # an HF config.json is a few KB
+MAX_TOKENIZER_JSON_BYTES = 256 << 20
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message starts with the field's name."""
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def positive_int(field: str, x: Any) -> int:
+  if not _is_int(x) or x <= 0:
+    raise ConfigError(f"{field} must be a positive integer, got {x!r}.")
+  return int(x)
+
+
+def non_negative_int(field: str, x: Any) -> int:
+  if not _is_int(x) or x < 0:
+    raise ConfigError(f"{field} must be a non-negative integer, got {x!r}.")
+  return int(x)
+
+
+def fraction(field: str, x: Any) -> float:
+  if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) <= 1.0:
+    raise ConfigError(f"{field} must be a number in [0, 1], got {x!r}.")
+  return float(x)
+
+
+def int_tuple(field: str, xs: Any, positive: bool = True, nonempty: bool = True) -> tuple:
+  if isinstance(xs, (str, bytes)) or not hasattr(xs, "__iter__"):
+    raise ConfigError(f"{field} must be a tuple of integers, got {xs!r}.")
+  xs = tuple(xs)
+  if nonempty and not xs:
+    raise ConfigError(f"{field} must not be empty.")
+  for x in xs:
+    if not _is_int(x) or (positive and x <= 0) or x < 0:
+      kind = "positive" if positive else "non-negative"
+      raise ConfigError(f"{field} must be {kind} integers, got {xs!r}.")
+  return xs
+
+
+def check_model_dir(field: str, path: Any):
+  """An HF folder we can load: config.json (size-checked, supported model_type), safetensors
+  weights (never pickle) and tokenizer.json. Returns its ModelConfig."""
+  from catchjax.model.config import ModelConfig, UnsupportedModelError
+  if not isinstance(path, str) or not path:
+    raise ConfigError(f"{field} must be a folder path, got {path!r}.")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{field}={path!r}: no such folder (run `make model`, or point it "
+                            f"at an HF Llama / Qwen2 / Mistral folder).")
+  cj = os.path.join(path, "config.json")
+  if not os.path.isfile(cj):
+    raise FileNotFoundError(f"{field}={path!r} has no config.json (run `make model` or point "
+                            f"it at an HF folder).")
+  try:
+    cfg = ModelConfig.from_hf_dir(path)
+  except (UnsupportedModelError, ValueError) as e:
+    raise ConfigError(f"{field}={path!r}: {e}") from e
+  if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
+          os.path.isfile(os.path.join(path, "model.safetensors.index.json"))):
+    raise ConfigError(f"{field}={path!r} has no model.safetensors (or its index); only "
+                      f"safetensors weights are read, never pickle (.bin / .pt).")
+  tj = os.path.join(path, "tokenizer.json")
+  if not os.path.isfile(tj):
+    raise FileNotFoundError(f"{field}={path!r} has no tokenizer.json.")
+  if os.path.getsize(tj) > MAX_TOKENIZER_JSON_BYTES:
+    raise ConfigError(f"{field}: {tj} is larger than {MAX_TOKENIZER_JSON_BYTES >> 20} MiB.")
+  return cfg
+
+
+def check_behaviours(field: str, behaviours) -> list:
+  from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
+  if isinstance(behaviours, (str, bytes)) or not hasattr(behaviours, "__iter__"):
+    raise ConfigError(f"{field} must be a tuple of behaviours, got {behaviours!r}.")
+  specs = []
+  for i, b in enumerate(behaviours):
+    try:
+      spec = behavior_spec(b)
+      make_behavior(spec)
+      behavior_name(spec)
+    except (KeyError, ValueError, TypeError) as e:
+      msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+      raise ConfigError(f"{field}[{i}]: {msg}") from e
+    specs.append(spec)
+  if not specs:
+    raise ConfigError(f"{field} must not be empty.")
+  names = [behavior_name(s) for s in specs]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ConfigError(f"{field}: behaviour name(s) {dup} appear twice (give each a 'label').")
+  return specs
+
+
+def check_families(field: str, families) -> list:
+  from catchjax.data.triggers import TRIGGERS, make_trigger
+  from catchjax.stages.organism import family_name, family_specs
+  if isinstance(families, (str, bytes)) or not hasattr(families, "__iter__"):
+    raise ConfigError(f"{field} must be a tuple of trigger families, got {families!r}.")
+  specs = []
+  for i, f in enumerate(families):
+    spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else f)
+    if not isinstance(spec, (str, dict)) or (isinstance(spec, dict) and "name" not in spec):
+      raise ConfigError(f"{field}[{i}]: a family is a name or a {{'name': ..., **knobs}} "
+                        f"dict, got {f!r}.")
+    name = family_name(spec)
+    if name not in TRIGGERS:
+      raise ConfigError(f"{field}: unknown family {name!r}; known: {sorted(TRIGGERS)}")
+    try:
+      make_trigger(spec)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{field}[{i}] ({name}): {e}") from e
+    except (KeyError, ValueError, TypeError) as e:
+      raise ConfigError(f"{field}[{i}] ({name}): {e}") from e
+    specs.append(spec)
+  if not specs:
+    raise ConfigError(f"{field} must not be empty.")
+  names = [family_name(s) for s in family_specs(specs)]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ConfigError(f"{field}: family name(s) {dup} appear twice (results are keyed by "
+                      f"family name).")
+  return specs
+
+
+def check_train(field: str, t) -> None:
+  positive_int(f"{field}.batch_size", t.batch_size)
+  positive_int(f"{field}.seq_len", t.seq_len)
+  non_negative_int(f"{field}.steps", t.steps)
+  non_negative_int(f"{field}.epochs", t.epochs)
+  if not t.steps and not t.epochs:
+    raise ConfigError(f"{field}: one of steps or epochs must be positive.")
+  if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
+    raise ConfigError(f"{field}.lr must be a positive number, got {t.lr!r}.")
+
+
+def check_common(config) -> None:
+  """Fields every organism-based experiment shares (see the module docstring)."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ConfigError(f"config.model.dtype={m.dtype!r}; one of {DTYPES}.")
+  if m.param_dtype not in DTYPES:
+    raise ConfigError(f"config.model.param_dtype={m.param_dtype!r}; one of {DTYPES}.")
+  check_model_dir("config.model.hf_dir", m.hf_dir)
+  check_behaviours("config.behaviours", config.behaviours)
+  o = config.organism
+  check_families("config.organism.families", o.families)
+  positive_int("config.organism.n_per_family", o.n_per_family)
+  fraction("config.organism.deployment_frac", o.deployment_frac)
+  fraction("config.organism.testing_slip_rate", o.testing_slip_rate)
+  positive_int("config.organism.probe_n", o.probe_n)
+  positive_int("config.organism.probe_batch", o.probe_batch)
+  check_train("config.organism.train", o.train)
+  r = config.report
+  positive_int("config.report.n_eval", r.n_eval)
+  positive_int("config.report.n_useful", r.n_useful)
+  positive_int("config.report.max_new_tokens", r.max_new_tokens)
+  positive_int("config.report.batch_size", r.batch_size)
+
+
+def read_json_file(path: str, max_bytes: int, what: str = "JSON file"):
+  """json.load with a size cap (a hostile or corrupt file cannot exhaust memory)."""
+  size = os.path.getsize(path)
+  if size > max_bytes:
+    raise ValueError(f"{path}: {what} is {size} bytes, more than the {max_bytes}-byte limit.")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}).") from e
