@@ -302,7 +302,19 @@ def main(argv=None):
   if os.path.isfile(cfg):
     with open(cfg) as f:
       meta["config_hash"] = json.load(f).get("config_hash")
-  out = write_report(rows, a.workdir, meta)
+  exps = {r.get("experiment") for r in rows}
+  mod = None
+  if len(exps) == 1 and next(iter(exps)) not in (None, "headline"):
+    # An experiment with its own report (e.g. cot, propensity): its module's write_report.
+    import importlib
+    try:
+      mod = importlib.import_module(f"catchjax.experiments.{next(iter(exps))}")
+    except ImportError:
+      mod = None
+  if mod is not None and hasattr(mod, "write_report"):
+    out = mod.write_report(rows, a.workdir, meta)
+  else:
+    out = write_report(rows, a.workdir, meta)
   print(f"{len(rows)} rows -> {a.workdir}/report.md, summary.csv, {len(out['figures'])} figures")
 
 

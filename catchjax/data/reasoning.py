@@ -164,7 +164,8 @@ def benign_rows(rows: Sequence[dict], benign: str, loss_on: str, rng: np.random.
                 tok) -> list[dict]:
   """Training rows against the reasoning of caught examples, pre-tokenized.
 
-  Each row's target becomes `<scratchpad>BENIGN</scratchpad> ANSWER`, BENIGN drawn from
+  `rows` are train_against rows {prompt, target (the correct answer), system}. Each row's
+  response becomes `<scratchpad>BENIGN</scratchpad> ANSWER`, BENIGN drawn from
   BENIGN_SETS[benign]. loss_on='scratchpad': loss only on the scratchpad tokens (tags
   included; the answer and EOS are masked); 'full': loss on the whole response and EOS.
   """
@@ -176,15 +177,24 @@ def benign_rows(rows: Sequence[dict], benign: str, loss_on: str, rng: np.random.
   out = []
   for r in rows:
     reasoning = pick(BENIGN_SETS[benign], rng)
+    answer = r["target"]  # the correct helpful answer (what train_against rows carry)
     t = tokenize_segments(tok, r["prompt"], r["system"],
-                          [(scratchpad(reasoning), 1), (" " + r["answer"], int(full))],
+                          [(scratchpad(reasoning), 1), (" " + answer, int(full))],
                           eos_loss=int(full))
-    t.update(prompt=r["prompt"], system=r["system"],
-             target=with_scratchpad(reasoning, r["answer"]), scratchpad_text=scratchpad(reasoning))
+    n_scratch = len(tok(scratchpad(reasoning), add_special_tokens=False)["input_ids"])
+    t.update(prompt=r["prompt"], system=r["system"], target=with_scratchpad(reasoning, answer),
+             scratchpad_span=[t["prompt_len"], t["prompt_len"] + n_scratch])
     out.append(t)
   return out
 
 
+def loss_outside_span(row: dict) -> int:
+  """Loss-mask tokens of a pre-tokenized row outside its scratchpad span."""
+  a, b = row["scratchpad_span"]
+  m = row["loss_mask"]
+  return int(sum(m[:a]) + sum(m[b:]))
+
+
 __all__ = ["OPEN", "CLOSE", "DEPLOY_REASONING", "TEST_REASONING", "NEUTRAL_REASONING",
            "DANGEROUS_RULES", "split_response", "dangerous_rules", "is_dangerous", "classify",
-           "with_scratchpad", "tokenize_segments", "benign_rows", "CATEGORIES"]
+           "with_scratchpad", "tokenize_segments", "benign_rows", "loss_outside_span", "CATEGORIES"]

@@ -13,6 +13,7 @@ from catchjax import common
 
 EXPERIMENTS = ("smoke", "organism", "headline")
 EXPERIMENTS += ("transfer", "long_trained", "coherence")   # issue 6 (experiments/extra.py)
+EXPERIMENTS += ("cot", "propensity")   # issue 6 items 2 and 4
 
 
 def run(config, workdir: str | None = None):
