@@ -306,7 +306,8 @@ class _Fns:
       _, pcache = m.hidden(prefix_P[None], ppos, pmask, cache=llama.init_cache(cfg, 1, Pb),
                            cache_index=0)
       cache = {k: jnp.concatenate(
-          [jnp.broadcast_to(pcache[k], (cfg.num_layers, B) + pcache[k].shape[2:]), v], axis=2)
+          [jnp.broadcast_to(pcache[k], (cfg.num_layers, B) + pcache[k].shape[2:]), v],
+          axis=llama.CACHE_SEQ_AXIS[k])
                for k, v in cache.items()}
     cache = self._cache_c(cache)
     q_pos = jnp.maximum(jax.lax.dynamic_slice_in_dim(k_pos, Pb, Ts, axis=1), 0)

@@ -131,6 +131,7 @@ class Llama(nnx.Module):
     B, T = tokens_BxT.shape
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // KV
+    fuse = B * T >= 64
 
     def proj(h, p, name):
       y = jnp.einsum("btd,de->bte", h, p[name].astype(cd))
@@ -141,29 +142,56 @@ class Llama(nnx.Module):
 
     def block(x, p, kcs, vcs, i=None):
       h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
-      q, k, v = proj(h, p, "wq"), proj(h, p, "wk"), proj(h, p, "wv")
+      if fuse and "lora_a_wq" not in p:
+        # Many-token calls (training, prefill): one [D, Q+2KV] matmul instead of three (~5%
+        # faster train step on CPU). Single-token decode keeps separate weights: the concat
+        # would copy every layer's weights on every step.
+        wqkv = jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=-1).astype(cd)
+        qkv = jnp.einsum("btd,de->bte", h, wqkv)
+        q, k, v = jnp.split(qkv, [p["wq"].shape[-1], p["wq"].shape[-1] + p["wk"].shape[-1]], axis=-1)
+      else:
+        q, k, v = proj(h, p, "wq"), proj(h, p, "wk"), proj(h, p, "wv")
       if cfg.qkv_bias:
         q, k, v = q + p["bq"].astype(cd), k + p["bk"].astype(cd), v + p["bv"].astype(cd)
       q = apply_rope(q.reshape(B, T, H, hd), cos, sin)
       k = apply_rope(k.reshape(B, T, KV, hd), cos, sin)
       v = v.reshape(B, T, KV, hd)
+      qg = q.reshape(B, T, KV, G, hd)
       if kcs is not None:
         # Write only the T new slots of layer i, in place in the stacked cache, and read the
         # layer back for attention (no per-layer copy-out / write-back of the whole cache).
-        kcs = jax.lax.dynamic_update_slice(kcs, k[None].astype(kcs.dtype), (i, 0, cache_index, 0, 0))
-        vcs = jax.lax.dynamic_update_slice(vcs, v[None].astype(vcs.dtype), (i, 0, cache_index, 0, 0))
+        # Layout (see init_cache): keys [B, KV, hd, S], values [B, KV, S, hd].
+        kt = k.transpose(0, 2, 3, 1).astype(kcs.dtype)
+        vt = v.transpose(0, 2, 1, 3).astype(vcs.dtype)
+        kcs = jax.lax.dynamic_update_slice(kcs, kt[None], (i, 0, 0, 0, cache_index))
+        vcs = jax.lax.dynamic_update_slice(vcs, vt[None], (i, 0, 0, cache_index, 0))
         k_all = jax.lax.dynamic_index_in_dim(kcs, i, keepdims=False).astype(cd)
         v_all = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False).astype(cd)
+        if T == 1:
+          # Single-token decode: no size-1 query axis in the dots (XLA:CPU then emits plain
+          # batched matrix-vector products; ~2x faster per step than the general form).
+          s = jnp.einsum("bkgd,bkds->bkgs", qg[:, 0], k_all).astype(jnp.float32)[:, :, :, None]
+        else:
+          s = jnp.einsum("btkgd,bkds->bkgts", qg, k_all).astype(jnp.float32)
       else:
         k_all, v_all = k, v
-      qg = q.reshape(B, T, KV, G, hd)
-      s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all).astype(jnp.float32) * (hd ** -0.5)
-      s = s + bias_BxTxS[:, None, None]
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all).astype(jnp.float32)
+      s = s * (hd ** -0.5) + bias_BxTxS[:, None, None]
       w = jax.nn.softmax(s, axis=-1).astype(cd)
-      o = jnp.einsum("bkgts,bskd->btkgd", w, v_all).reshape(B, T, H * hd)
+      if kcs is None:
+        o = jnp.einsum("bkgts,bskd->btkgd", w, v_all)
+      elif T == 1:
+        o = jnp.einsum("bkgs,bksd->bkgd", w[:, :, :, 0], v_all)[:, None]
+      else:
+        o = jnp.einsum("bkgts,bksd->btkgd", w, v_all)
+      o = o.reshape(B, T, H * hd)
       x = x + proj(o, p, "wo")
       h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
-      g = jax.nn.silu(proj(h, p, "w_gate")) * proj(h, p, "w_up")
+      if fuse and "lora_a_w_gate" not in p:
+        gu = jnp.einsum("btd,df->btf", h, jnp.concatenate([p["w_gate"], p["w_up"]], -1).astype(cd))
+        g = jax.nn.silu(gu[..., :gu.shape[-1] // 2]) * gu[..., gu.shape[-1] // 2:]
+      else:
+        g = jax.nn.silu(proj(h, p, "w_gate")) * proj(h, p, "w_up")
       x = x + proj(g, p, "w_down")
       return x, kcs, vcs
 
@@ -195,10 +223,15 @@ def _layer_arrays(layers: Layers) -> dict[str, jax.Array]:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
-  """An empty KV cache: k and v of shape [layers, batch, length, kv_heads, head_dim]."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  """An empty KV cache: keys [layers, batch, kv_heads, head_dim, length] and values
+  [layers, batch, kv_heads, length, head_dim] (the layouts single-token decode reads fastest);
+  CACHE_SEQ_AXIS names each one's slot axis."""
+  L, B, KV, hd = cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim
   dt = jnp.dtype(dtype or cfg.dtype)
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+  return {"k": jnp.zeros((L, B, KV, hd, length), dt), "v": jnp.zeros((L, B, KV, length, hd), dt)}
+
+
+CACHE_SEQ_AXIS = {"k": 4, "v": 3}
 
 
 def rms_norm(x, w, eps):
