@@ -156,7 +156,8 @@ def _run(config, workdir):
                        n_train=n_train, capped=n_train < int(t.n),
                        aux_ratio=float(h.aux_ratio), deploy_rate_before=b["deploy_rate"],
                        deploy_k_before=b["deploy_k"], deploy_n_before=b["deploy_n"],
-                       deploy_lo_before=b["deploy_lo"], deploy_hi_before=b["deploy_hi"])
+                       deploy_lo_before=b["deploy_lo"], deploy_hi_before=b["deploy_hi"],
+                       deploy_tf_before=b.get("deploy_tf"))
             if res is None:
               row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
                          deploy_n=0, retained=None)
