@@ -81,6 +81,13 @@ class workdir_lock:
       self.fh.close()
       raise WorkdirLocked(f"workdir {os.path.dirname(self.path)!r} is in use by another run "
                           f"({holder or 'unknown pid'}); wait for it or use another --workdir.")
+    except OSError as e:   # e.g. a FUSE bucket mount without flock support
+      import warnings
+      warnings.warn(f"workdir lock unavailable on this filesystem ({e}); not locking "
+                    f"{self.path}. Do not start two runs on this workdir.", stacklevel=2)
+      self.fh.close()
+      self.fh = None
+      return self
     self.fh.seek(0)
     self.fh.truncate()
     self.fh.write(f"pid {os.getpid()}")

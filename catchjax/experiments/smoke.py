@@ -13,6 +13,9 @@ from catchjax.tokenizer import load_tokenizer, prompt_ids
 
 
 def run(config, workdir: str):
+  from catchjax import validate as V
+  V.check_model_dir("config.model.hf_dir", config.model.hf_dir)   # before any compute
+  V.positive_int("config.max_new_tokens", config.max_new_tokens)
   t0 = time.time()
   model = hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
                      param_dtype=config.model.param_dtype)

@@ -68,12 +68,150 @@ def _req(reader, key, src):
   return v
 
 
+# Bounds for the header walk in `check_gguf_layout` (far above any real llama GGUF).
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_STRING_BYTES = 16 << 20       # one metadata string (a chat template is a few KB)
+MAX_ARRAY_ITEMS = 1 << 24         # one metadata array (a vocab is ~50k-250k tokens)
+MAX_DIMS = 4                      # GGML_MAX_DIMS
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_gguf_layout(path: str) -> dict:
+  """Walk the GGUF header with explicit bounds before any parser trusts it: magic and version,
+  tensor / metadata counts, every string and array length, tensor ranks, dims, types, and that
+  each tensor's data lies inside the file. Returns {"version", "n_tensors", "n_kv"}.
+
+  Raises GGUFError naming the offending field and byte offset.
+  """
+  import mmap
+  size = os.path.getsize(path)
+  if size == 0:
+    raise GGUFError(f"{path}: empty file.")
+  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    return _walk_gguf(path, buf, size)
+
+
+def _walk_gguf(path: str, buf, size: int) -> dict:
+  import struct
+  import gguf
+  pos = 0
+
+  def need(n: int, what: str):
+    if n < 0 or pos + n > len(buf):
+      raise GGUFError(f"{path}: truncated or corrupt header: {what} at byte {pos} needs {n} "
+                      f"bytes, file/header has {len(buf) - pos} left.")
+
+  def u32(what):
+    nonlocal pos
+    need(4, what)
+    v = struct.unpack_from("<I", buf, pos)[0]
+    pos += 4
+    return v
+
+  def u64(what):
+    nonlocal pos
+    need(8, what)
+    v = struct.unpack_from("<Q", buf, pos)[0]
+    pos += 8
+    return v
+
+  def string(what):
+    nonlocal pos
+    n = u64(what + " length")
+    if n > MAX_STRING_BYTES:
+      raise GGUFError(f"{path}: {what} length {n} at byte {pos - 8} exceeds "
+                      f"{MAX_STRING_BYTES} bytes.")
+    need(n, what)
+    out = bytes(buf[pos:pos + n])
+    pos += n
+    return out
+
+  def skip_value(vtype, what, depth=0):
+    nonlocal pos
+    if vtype in _SCALAR_BYTES:
+      need(_SCALAR_BYTES[vtype], what)
+      pos += _SCALAR_BYTES[vtype]
+    elif vtype == _STRING:
+      string(what)
+    elif vtype == _ARRAY and depth == 0:
+      itype = u32(what + " item type")
+      count = u64(what + " item count")
+      if count > MAX_ARRAY_ITEMS:
+        raise GGUFError(f"{path}: {what} has {count} items (limit {MAX_ARRAY_ITEMS}).")
+      if itype in _SCALAR_BYTES:
+        need(count * _SCALAR_BYTES[itype], what)
+        pos += count * _SCALAR_BYTES[itype]
+      else:
+        for _ in range(count):
+          skip_value(itype, what, depth + 1)
+    else:
+      raise GGUFError(f"{path}: {what} has unknown or nested value type {vtype}.")
+
+  if u32("magic") != 0x46554747:  # b"GGUF" little-endian
+    raise GGUFError(f"{path}: not a GGUF file (bad magic).")
+  version = u32("version")
+  if version not in (2, 3):
+    raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3).")
+  n_tensors = u64("tensor count")
+  n_kv = u64("metadata count")
+  if n_tensors > MAX_TENSORS:
+    raise GGUFError(f"{path}: tensor count {n_tensors} exceeds the limit {MAX_TENSORS}.")
+  if n_kv > MAX_KV:
+    raise GGUFError(f"{path}: metadata count {n_kv} exceeds the limit {MAX_KV}.")
+  alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+  for i in range(n_kv):
+    key = string(f"metadata key #{i}").decode("utf-8", "replace")
+    vtype = u32(f"metadata {key!r} type")
+    if key == "general.alignment" and vtype == 4:
+      need(4, key)
+      alignment = struct.unpack_from("<I", buf, pos)[0]
+      if alignment == 0 or alignment & (alignment - 1) or alignment > 1 << 16:
+        raise GGUFError(f"{path}: general.alignment={alignment} is not a power of two <= 65536.")
+    skip_value(vtype, f"metadata {key!r}")
+  infos = []
+  for i in range(n_tensors):
+    name = string(f"tensor #{i} name").decode("utf-8", "replace")
+    n_dims = u32(f"tensor {name!r} rank")
+    if not 1 <= n_dims <= MAX_DIMS:
+      raise GGUFError(f"{path}: tensor {name!r} has rank {n_dims} (1..{MAX_DIMS}).")
+    dims = [u64(f"tensor {name!r} dim") for _ in range(n_dims)]
+    ttype = u32(f"tensor {name!r} type")
+    offset = u64(f"tensor {name!r} offset")
+    try:
+      qt = gguf.GGMLQuantizationType(ttype)
+      block, tsize = gguf.GGML_QUANT_SIZES[qt]
+    except (ValueError, KeyError):
+      raise GGUFError(f"{path}: tensor {name!r} has unknown type id {ttype}.") from None
+    n = 1
+    for d in dims:
+      if d == 0 or d > size * max(block, 1):
+        raise GGUFError(f"{path}: tensor {name!r} has an impossible dimension {d} "
+                        f"(file is {size} bytes).")
+      n *= d
+    if dims[0] % block:
+      raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple of "
+                      f"its {qt.name} block size {block}.")
+    infos.append((name, offset, n // block * tsize))
+  data_start = -(-pos // alignment) * alignment
+  for name, offset, nbytes in infos:
+    if offset % alignment:
+      raise GGUFError(f"{path}: tensor {name!r} offset {offset} is not {alignment}-aligned.")
+    if data_start + offset + nbytes > size:
+      raise GGUFError(f"{path}: tensor {name!r} data [{data_start + offset}, "
+                      f"{data_start + offset + nbytes}) lies beyond the end of the file "
+                      f"({size} bytes).")
+  return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv}
+
+
 def read_gguf(path: str):
   import gguf
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
   if os.path.getsize(path) > MAX_GGUF_BYTES:
     raise GGUFError(f"{path}: larger than {MAX_GGUF_BYTES >> 30} GiB; refusing to read.")
+  check_gguf_layout(path)
   try:
     return gguf.GGUFReader(path)
   except Exception as e:

@@ -49,8 +49,11 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
     try:
       with open(index) as f:
         weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise CheckpointError(f"{index}: corrupt safetensors index ({e}).") from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+      raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names.")
     files = [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
     for s in files:
       if os.path.basename(s) != os.path.basename(os.path.normpath(s)) or "/" in os.path.relpath(
