@@ -200,6 +200,8 @@ def test_coherence_both_aux_settings_produce_rows(coherence_run, transfer_run):
   assert {r["organism"] for r in cells} == {r["organism"] for r in t_rows}
   assert len(os.listdir(os.path.join(c.cache_dir, "organisms"))) >= 1
   s = {x["aux_ratio"]: x for x in out["summary"]}
+  for x in s.values():    # usefulness in the summary carries its (Wilson) interval too
+    assert 0 <= x["useful_lo"] <= x["useful"] <= x["useful_hi"] <= 1
   assert set(s) == {0.0, 1.0} and np.isfinite(s[1.0]["delta_vs_r0"])
   assert s[1.0]["delta_lo"] <= s[1.0]["delta_vs_r0"] <= s[1.0]["delta_hi"]
   assert os.path.getsize(os.path.join(wd, "figures", "coherence_hate.png")) > 10_000
@@ -356,3 +358,5 @@ def test_seed_agg_uses_wilson_for_one_seed_and_bootstrap_for_more():
   many = seed_agg([dict(retained=x) for x in (0.2, 0.4, 0.6)], "retained")
   assert np.isclose(many["mean"], 0.4) and 0.2 <= many["lo"] < 0.4 < many["hi"] <= 0.6
   assert many["ci"].startswith("bootstrap")
+  rate = seed_agg([dict(deploy_rate=0.25, deploy_lo=0.1, deploy_hi=0.5)], "deploy_rate")
+  assert (rate["lo"], rate["hi"]) == (0.1, 0.5)

@@ -253,7 +253,9 @@ def seed_agg(rows: list[dict], field: str) -> dict:
     return dict(mean=float("nan"), lo=float("nan"), hi=float("nan"), seeds=0, ci="n/a")
   if len(vals) == 1:
     r = next(r for r in rows if r.get(field) is not None)
-    lo, hi = r.get(field + "_lo"), r.get(field + "_hi")
+    stem = field[:-len("_rate")] if field.endswith("_rate") else field   # deploy_rate: deploy_lo
+    lo = r.get(field + "_lo", r.get(stem + "_lo"))
+    hi = r.get(field + "_hi", r.get(stem + "_hi"))
     if lo is None or hi is None:
       return dict(mean=float(vals[0]), lo=float("nan"), hi=float("nan"), seeds=1, ci="n/a")
     return dict(mean=float(vals[0]), lo=float(lo), hi=float(hi), seeds=1, ci="wilson (1 seed)")
