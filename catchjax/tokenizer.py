@@ -16,7 +16,8 @@ def load_tokenizer(path: str):
   from transformers import AutoTokenizer
   if not os.path.isfile(os.path.join(path, "tokenizer.json")):
     raise FileNotFoundError(f"{path}: no tokenizer.json (convert the model first: make model).")
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  # Local files only, and never a tokenizer class shipped as code in the folder.
+  return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def chat_text(tok, user: str, system: str | None = DEFAULT_SYSTEM,

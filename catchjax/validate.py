@@ -95,7 +95,7 @@ def check_behaviours(field: str, behaviours) -> list:
       spec = behavior_spec(b)
       make_behavior(spec)
       behavior_name(spec)
-    except (KeyError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - bad regex (re.error), import errors, ...
       msg = e.args[0] if isinstance(e, KeyError) and e.args else e
       raise ConfigError(f"{field}[{i}]: {msg}") from e
     specs.append(spec)

@@ -21,6 +21,9 @@ def run(config, workdir: str | None = None):
   if name not in EXPERIMENTS:
     raise ValueError(f"config.experiment={name!r} is unknown; known: {', '.join(EXPERIMENTS)}.")
   workdir = workdir or os.path.join("workdirs", name)
+  mod = importlib.import_module(f"catchjax.experiments.{name}")
+  if hasattr(mod, "validate"):   # bad input is refused before the workdir or any compute
+    mod.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if common.is_main_process():   # multi-host: every process runs, process 0 writes
     common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
@@ -30,5 +33,4 @@ def run(config, workdir: str | None = None):
   # points it elsewhere, e.g. one cache shared by several workdirs).
   common.enable_compile_cache(os.environ.get("CATCHJAX_XLA_CACHE",
                                              os.path.join(workdir, "xla_cache")))
-  mod = importlib.import_module(f"catchjax.experiments.{name}")
   return mod.run(config, workdir)

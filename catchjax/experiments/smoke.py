@@ -12,10 +12,15 @@ from catchjax.sample import Sampler, SamplingParams
 from catchjax.tokenizer import load_tokenizer, prompt_ids
 
 
-def run(config, workdir: str):
+def validate(config):
+  """Reject bad input before any compute, naming the field."""
   from catchjax import validate as V
-  V.check_model_dir("config.model.hf_dir", config.model.hf_dir)   # before any compute
+  V.check_model_dir("config.model.hf_dir", config.model.hf_dir)
   V.positive_int("config.max_new_tokens", config.max_new_tokens)
+
+
+def run(config, workdir: str):
+  validate(config)
   t0 = time.time()
   model = hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
                      param_dtype=config.model.param_dtype)
