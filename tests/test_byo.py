@@ -20,7 +20,15 @@ def parse(*args):
   from ml_collections import config_flags
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", flag_values=fv)
-  fv(["catchjax.main"] + list(args))
+  argv = ["catchjax.main"] + list(args)
+  # ml_collections registers the `--config.*` override flags by scanning sys.argv, so parse
+  # with sys.argv set exactly as it is under `python -m catchjax.main ...`.
+  import sys
+  saved, sys.argv = sys.argv, argv
+  try:
+    fv(argv)
+  finally:
+    sys.argv = saved
   return fv.config
 
 
