@@ -88,6 +88,8 @@ def distinguishability(rows: list[dict]) -> dict[str, dict]:
         ("prompted_base", ""),)}
     if gaps.get(fam):
       out[fam]["behavioural_gap"] = _agg(list(gaps[fam].values()))
+    # Learning cost is right-censored at the organism's budget when the gap never opened.
+    out[fam]["learning_cost_censored"] = any(r.get("learning_cost_censored") for r in rs)
   return out
 
 
@@ -141,7 +143,9 @@ def markdown(summary, dist, meta: dict) -> str:
       lines.append(
           f"| {fam} | {_fmt(**_mlh(d['prompted_base']))} | "
           f"{_fmt(**_mlh(d['prompted_organism']))} | {_fmt(**_mlh(d['probe_acc']))} | "
-          f"{_fmt(**_mlh(d['behavioural_gap']))} | {_fmt(**_mlh(d['learning_cost']))} |")
+          f"{_fmt(**_mlh(d['behavioural_gap']))} | "
+          + (f"> {d['learning_cost']['mean']:.0f} (not reached; censored at the budget)"
+             if d.get("learning_cost_censored") else _fmt(**_mlh(d['learning_cost']))) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -187,11 +191,15 @@ def figures(summary, dist, outdir: str) -> list[str]:
         d = dist[s["family"]][key]
         if not np.isfinite(d["mean"]):
           continue
+        censored = key == "learning_cost" and dist[s["family"]].get("learning_cost_censored")
         ax.errorbar(d["mean"], s["retained"],
                     xerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]],
                     yerr=[[s["retained"] - s["retained_lo"]], [s["retained_hi"] - s["retained"]]],
-                    fmt="o", color=colors[s["family"]], label=s["family"], capsize=3)
-      ax.set_xlabel(label, fontsize=9)
+                    fmt=">" if censored else "o", color=colors[s["family"]],
+                    label=s["family"] + (" (learning cost censored)" if censored else ""),
+                    capsize=3)
+      ax.set_xlabel(label + ("\n(triangle: gap never opened, censored at the budget)"
+                             if key == "learning_cost" else ""), fontsize=9)
       ax.set_ylabel("retained misalignment (after / before)")
       ax.axhline(1.0, color="grey", lw=0.5, ls="--")
       ax.grid(alpha=0.3)
