@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import shutil
 
 import numpy as np
@@ -91,6 +92,22 @@ def retained_fields(after: dict, before_rate: float) -> dict:
     return dict(retained=None, retained_lo=None, retained_hi=None)
   return dict(retained=after["rate"] / before_rate, retained_lo=after["lo"] / before_rate,
               retained_hi=after["hi"] / before_rate)
+
+
+def record_run(row: dict, res, measure_fn, before_rate: float, t_run: float) -> dict:
+  """Fill a train-against row: skipped when there was nothing to train on (res is None), else
+  the measurement `measure_fn(res.model)` (deploy_rate / deploy_lo / deploy_hi, ...), retained
+  misalignment against before_rate, the final loss, steps and run time."""
+  if res is None:
+    row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
+               deploy_n=0, retained=None)
+    return row
+  m = measure_fn(res.model)
+  row.update(m)
+  row.update(retained_fields(dict(rate=m["deploy_rate"], lo=m["deploy_lo"], hi=m["deploy_hi"]),
+                             before_rate))
+  row.update(train_loss=res.final_loss, train_steps=res.steps, run_seconds=time.time() - t_run)
+  return row
 
 
 # ---------------------------------------------------------------------------------------------

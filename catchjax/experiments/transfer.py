@@ -158,17 +158,8 @@ def _run(config, workdir):
                        deploy_k_before=b["deploy_k"], deploy_n_before=b["deploy_n"],
                        deploy_lo_before=b["deploy_lo"], deploy_hi_before=b["deploy_hi"],
                        deploy_tf_before=b.get("deploy_tf"))
-            if res is None:
-              row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
-                         deploy_n=0, retained=None)
-            else:
-              m = meas.measure(res.model, spec, 50_000 + seed)
-              row.update(m)
-              row.update(extra.retained_fields(
-                  dict(rate=m["deploy_rate"], lo=m["deploy_lo"], hi=m["deploy_hi"]),
-                  b["deploy_rate"]))
-              row.update(train_loss=res.final_loss, train_steps=res.steps,
-                         run_seconds=time.time() - t_run)
+            extra.record_run(row, res, lambda mdl: meas.measure(mdl, spec, 50_000 + seed),
+                             b["deploy_rate"], t_run)
             store.append(row)
             bar.update(1)
           if not h.keep_runs:
