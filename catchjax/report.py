@@ -153,7 +153,7 @@ def _mlh(a):
   return dict(m=a["mean"], lo=a["lo"], hi=a["hi"])
 
 
-def _savefig(fig, path: str) -> None:
+def savefig(fig, path: str) -> None:
   """Save via a temp file in the same folder + rename (a killed run never leaves half a PNG)."""
   import tempfile
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
@@ -210,7 +210,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
                  "deployment is from testing")
     fig.tight_layout(rect=(0, 0, 0.93, 0.94))
     p = os.path.join(outdir, "headline_retained_vs_distinguishability.png")
-    _savefig(fig, p)
+    savefig(fig, p)
     plt.close(fig)
     paths.append(p)
 
@@ -241,7 +241,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
     fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
     fig.tight_layout()
     p = os.path.join(outdir, "retained_vs_n.png")
-    _savefig(fig, p)
+    savefig(fig, p)
     plt.close(fig)
     paths.append(p)
 
@@ -270,7 +270,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = os.path.join(outdir, "usefulness.png")
-    _savefig(fig, p)
+    savefig(fig, p)
     plt.close(fig)
     paths.append(p)
   return paths

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from catchjax import common, stats
+from catchjax import common, report, stats
 from catchjax.experiments import extra
 from catchjax.experiments.transfer import newcombe_diff
 from catchjax.results import ResultStore
@@ -253,9 +253,7 @@ def figure(summ: list[dict], behaviour: str, path: str) -> str | None:
                f"examples mixed in at ratio r (95% CIs)")
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  report.savefig(fig, path)
   plt.close(fig)
   return path
 

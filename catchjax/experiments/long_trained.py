@@ -22,7 +22,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from catchjax import common
+from catchjax import common, report
 from catchjax.experiments import extra
 from catchjax.results import ResultStore
 from catchjax.stages import organism as org_stage
@@ -386,9 +386,7 @@ def figure(table: list[dict], behaviour: str, path: str) -> str | None:
                f"organism budget")
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  report.savefig(fig, path)
   plt.close(fig)
   return path
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from catchjax import common, stats
+from catchjax import common, report, stats
 from catchjax.data import build, tasks
 from catchjax.data.behaviors import make_behavior
 from catchjax.results import ResultStore
@@ -433,7 +433,7 @@ def figure(summary, path) -> str | None:
                "(Wilson 95% CIs pooled over seeds)", fontsize=10)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  report.savefig(fig, path)   # atomic: temp file + rename
   plt.close(fig)
   return path
 

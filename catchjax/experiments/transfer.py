@@ -21,7 +21,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from catchjax import common, stats
+from catchjax import common, report, stats
 from catchjax.experiments import extra
 from catchjax.results import ResultStore
 from catchjax.stages import organism as org_stage
@@ -294,9 +294,7 @@ def figure(rows: list[dict], behaviour: str, path: str) -> str | None:
                f"95% CIs in brackets")
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  report.savefig(fig, path)
   plt.close(fig)
   return path
 
