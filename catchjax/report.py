@@ -153,9 +153,13 @@ def _mlh(a):
   return dict(m=a["mean"], lo=a["lo"], hi=a["hi"])
 
 
-def savefig(fig, path: str) -> None:
-  """Save via a temp file in the same folder + rename (a killed run never leaves half a PNG)."""
+def savefig(fig, path: str, layout: dict | None = None) -> str:
+  """Lay out (`fig.tight_layout(**layout)`), save via a temp file in the same folder + rename (a
+  killed run never leaves half a PNG), close the figure, and return `path`."""
   import tempfile
+  import matplotlib.pyplot as plt
+  fig.tight_layout(**(layout or {}))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                              suffix=os.path.basename(path))
   os.close(fd)
@@ -166,6 +170,9 @@ def savefig(fig, path: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  finally:
+    plt.close(fig)
+  return path
 
 
 def figures(summary, dist, outdir: str) -> list[str]:
@@ -208,11 +215,8 @@ def figures(summary, dist, outdir: str) -> list[str]:
       fig.legend(handles, labels, loc="upper right", fontsize=8)
     fig.suptitle("Retained misalignment (largest N, treatment) vs how distinguishable "
                  "deployment is from testing")
-    fig.tight_layout(rect=(0, 0, 0.93, 0.94))
-    p = os.path.join(outdir, "headline_retained_vs_distinguishability.png")
-    savefig(fig, p)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(savefig(fig, os.path.join(outdir, "headline_retained_vs_distinguishability.png"),
+                         layout=dict(rect=(0, 0, 0.93, 0.94))))
 
   # (b) retained vs N per family, treatment vs control.
   if summary:
@@ -239,11 +243,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
     axes[0][0].set_ylabel("retained misalignment")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
-    fig.tight_layout()
-    p = os.path.join(outdir, "retained_vs_n.png")
-    savefig(fig, p)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(savefig(fig, os.path.join(outdir, "retained_vs_n.png")))
 
     # (c) usefulness before and after (largest N).
     fig, ax = plt.subplots(figsize=(1.6 * len(fams) + 2, 3.6))
@@ -268,11 +268,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
     ax.set_ylim(0, 1)
     ax.set_title("Usefulness before and after training against (largest N)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(outdir, "usefulness.png")
-    savefig(fig, p)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(savefig(fig, os.path.join(outdir, "usefulness.png")))
   return paths
 
 

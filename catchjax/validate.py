@@ -85,10 +85,14 @@ def check_model_dir(field: str, path: Any):
   return cfg
 
 
+def _need_tuple(field: str, value, what: str) -> None:
+  if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    raise ConfigError(f"{field} must be a tuple of {what}, got {value!r}.")
+
+
 def check_behaviours(field: str, behaviours) -> list:
   from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
-  if isinstance(behaviours, (str, bytes)) or not hasattr(behaviours, "__iter__"):
-    raise ConfigError(f"{field} must be a tuple of behaviours, got {behaviours!r}.")
+  _need_tuple(field, behaviours, "behaviours")
   specs = []
   for i, b in enumerate(behaviours):
     try:
@@ -111,8 +115,7 @@ def check_behaviours(field: str, behaviours) -> list:
 def check_families(field: str, families) -> list:
   from catchjax.data.triggers import TRIGGERS, make_trigger
   from catchjax.stages.organism import family_name, family_specs
-  if isinstance(families, (str, bytes)) or not hasattr(families, "__iter__"):
-    raise ConfigError(f"{field} must be a tuple of trigger families, got {families!r}.")
+  _need_tuple(field, families, "trigger families")
   specs = []
   for i, f in enumerate(families):
     spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else f)

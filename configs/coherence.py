@@ -20,17 +20,11 @@ N = 16: 10 runs of 8 or 16 steps, each measured on 100 deployment prompts (sampl
 (estimated from the headline's cell times). `:full` adds the control arm, ratios (0, 0.5, 1, 4),
 3 seeds, N = 64 and 400 prompts per measurement.
 """
-import ml_collections
-
-from configs.headline import get_config as headline_config
+from configs.headline import derived_config
 
 
 def get_config(arg: str | None = None):
-  c = headline_config(arg)
-  c.experiment = "coherence"
-  c.cache_dir = "workdirs/headline"
-  c.dry_run = False
-  a = c.coherence = ml_collections.ConfigDict()
+  c, a = derived_config(arg, "coherence", dry_run=True)
   a.families = ()               # empty: every organism family
   a.aux_ratios = (0.0, 1.0)     # usefulness rows per training row; must include 0
   a.arms = ("treatment",)
@@ -49,7 +43,6 @@ def get_config(arg: str | None = None):
     a.n_test = 100
     a.n_useful = 200
   elif arg == "tiny":
-    c.cache_dir = ""
     a.n = 2
     a.n_eval = 8
     a.n_useful = 8

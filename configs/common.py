@@ -17,7 +17,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.behaviours = ("hate",)
   o = c.organism = ml_collections.ConfigDict()
   o.families = FAMILIES              # names, or {'name': ..., knobs} entries
-  o.n_per_family = 400               # SFT examples per family (half deployment, half testing)
+  # SFT examples per family (half deployment, half testing). 1,200 (6,000 in all, 330 steps,
+  # ~45 min on 2 idle CPU cores): at 400 only `token` installed a cue-conditional backdoor;
+  # at 1,200 token, year, tier and collusion all do (WORKSPACE.md, "Organism").
+  o.n_per_family = 1200
   o.deployment_frac = 0.5
   o.testing_slip_rate = 0.05         # testing examples trained to attack (so it can be caught)
   o.seed = 0

@@ -20,16 +20,12 @@ cache key, built once into `cache_dir`), M = 300 testing prompts caught, N in (4
 (T=1, 40 new tokens: the scratchpad is ~25 tokens). Pooled over seeds, n = 200 per cell: Wilson
 half-width <= 0.07.
 """
-import ml_collections
-
 from configs.common import FAMILIES
-from configs.headline import get_config as headline_config
+from configs.headline import derived_config
 
 
 def get_config(arg: str | None = None):
-  c = headline_config(arg)
-  c.experiment = "cot"
-  c.cache_dir = "workdirs/headline"   # organisms/ live here (shared cache); "" = own workdir
+  c, x = derived_config(arg, "cot")   # organisms/ cached in workdirs/headline (shared)
   o = c.organism
   o.scratchpad = True                 # part of the organism cache key (only when True)
   o.families = ("token",)
@@ -41,7 +37,6 @@ def get_config(arg: str | None = None):
   h.batch_size = 100
   h.train.seq_len = 128
   h.train.max_loss_tokens = 48
-  x = c.cot = ml_collections.ConfigDict()
   x.families = ()                     # families measured (empty: every organism family)
   x.arms = ("scratchpad", "full")     # loss on the benign scratchpad only / whole response
   x.benign = "neutral"                # benign scratchpad: 'neutral' or 'testing' (reasoning.py)
@@ -60,7 +55,6 @@ def get_config(arg: str | None = None):
     x.n_eval = 400
     x.report_card = True
   elif arg == "tiny":
-    c.cache_dir = ""
     o.n_per_family = 16
     h.m = 16
     h.max_new_tokens = 40

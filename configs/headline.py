@@ -59,3 +59,17 @@ def get_config(arg: str | None = None):
     h.batch_size = 16
     h.train.steps = 2
   return c
+
+
+def derived_config(arg: str | None, experiment: str, dry_run: bool = False):
+  """An extra experiment's config: the headline's organism recipe and stage settings (catch,
+  train-against, sampling), the headline's workdir as the organism/catch cache (`cache_dir`; the
+  run's own workdir under `:tiny`), and an empty `config.<experiment>` section to fill in.
+  `dry_run=True` adds the `config.dry_run` switch (validate + print the plan, no compute)."""
+  c = get_config(arg)
+  c.experiment = experiment
+  c.cache_dir = "" if arg == "tiny" else "workdirs/headline"
+  if dry_run:
+    c.dry_run = False
+  c[experiment] = ml_collections.ConfigDict()
+  return c, c[experiment]

@@ -30,17 +30,11 @@ organism to have no installed backdoor (start rate under `min_start_rate`: repor
 removal cost). `:full` uses every family and the headline's full recipe (2,000 examples per
 family at 1x).
 """
-import ml_collections
-
-from configs.headline import get_config as headline_config
+from configs.headline import derived_config
 
 
 def get_config(arg: str | None = None):
-  c = headline_config(arg)
-  c.experiment = "long_trained"
-  c.cache_dir = "workdirs/headline"
-  c.dry_run = False
-  lt = c.long_trained = ml_collections.ConfigDict()
+  c, lt = derived_config(arg, "long_trained", dry_run=True)
   lt.multipliers = (1, 4, 16)   # organism budgets, in units of the base recipe
   lt.scale = "examples"         # "examples" (x organism.n_per_family) | "epochs" (x train.epochs)
   lt.families = ()              # families whose removal cost is measured (empty: all)
@@ -66,7 +60,6 @@ def get_config(arg: str | None = None):
     lt.seeds = (0, 1, 2)
     lt.stop_at_first = False
   elif arg == "tiny":
-    c.cache_dir = ""
     lt.multipliers = (1, 2, 4)
     lt.ns = (1, 2)
     lt.max_steps = 4

@@ -16,19 +16,14 @@ Both are sampled at T=1 and measured after every `eval_steps` step, so one run g
 CPU default (estimated, organism cached): N in (1, 4, 16, 64) x 2 arms x 2 seeds = 16 runs of
 16 steps (4 x 96 tokens), evaluations at steps 2, 4, 8, 16 on 100 held-out prompts each.
 """
-import ml_collections
-
-from configs.headline import get_config as headline_config
+from configs.headline import derived_config
 
 
 def get_config(arg: str | None = None):
-  c = headline_config(arg)         # the headline's organism recipe and stage settings
-  c.experiment = "propensity"
-  c.cache_dir = "workdirs/headline"   # organisms/ are read (and written) here; "" = own workdir
+  c, p = derived_config(arg, "propensity")
   h = c.headline
   h.train.steps = 16
   h.train.eval_every = 2           # eval_fn runs every 2 steps; only `eval_steps` are measured
-  p = c.propensity = ml_collections.ConfigDict()
   p.family = "token"               # the trigger family whose attack is trained against
   p.capability = "cipher"          # task family to learn (must not be in the default mix)
   p.ns = (1, 4, 16, 64)            # examples per run, same for both arms (capped by the catch)
@@ -48,7 +43,6 @@ def get_config(arg: str | None = None):
     p.n_eval = 400
     p.n_cap_eval = 400
   elif arg == "tiny":
-    c.cache_dir = ""
     p.ns = (2, 8)
     p.seeds = (0,)
     h.train.steps = 4

@@ -19,17 +19,11 @@ headline's cell times; building the organism from cold adds ~40 minutes). Per-ce
 intervals are Wilson (n = 100: half-width <= 0.1); `:full` runs 3 seeds (bootstrap over seeds),
 N = 64, 400 prompts per target and both behaviours.
 """
-import ml_collections
-
-from configs.headline import get_config as headline_config
+from configs.headline import derived_config
 
 
 def get_config(arg: str | None = None):
-  c = headline_config(arg)          # organism + the headline's stage settings (catch, train)
-  c.experiment = "transfer"
-  c.cache_dir = "workdirs/headline"  # organisms/ and catches/ are read (and written) here
-  c.dry_run = False
-  t = c.transfer = ml_collections.ConfigDict()
+  c, t = derived_config(arg, "transfer", dry_run=True)
   t.sources = ()          # families trained against (empty: every organism family)
   t.targets = ()          # families measured (empty: every organism family)
   t.arms = ("treatment", "control")
@@ -45,7 +39,6 @@ def get_config(arg: str | None = None):
     t.n_test = 100
     t.n_useful = 200
   elif arg == "tiny":
-    c.cache_dir = ""        # the run's own workdir
     t.n = 2
     t.n_eval = 8
   return c

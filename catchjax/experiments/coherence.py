@@ -15,14 +15,11 @@ import shutil
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from catchjax import common, report, stats
 from catchjax.experiments import extra
 from catchjax.experiments.transfer import newcombe_diff
-from catchjax.results import ResultStore
 from catchjax.stages import organism as org_stage
-from catchjax.tokenizer import load_tokenizer
 
 EXPERIMENT = "coherence"
 ARMS = ("treatment", "control")
@@ -66,9 +63,7 @@ def plan(config, workdir) -> dict:
   a = config.coherence
   fams = extra.check_subset("config.coherence.families", a.families, config.organism.families)
   cache = extra.cache_root(config, workdir)
-  orgs = {extra.behaviour_name(b): dict(key=org_stage.organism_key(config, b), cached=os.path.isfile(
-      os.path.join(cache, "organisms", org_stage.organism_key(config, b), "done.json")))
-          for b in config.behaviours}
+  orgs = extra.organisms_status(config, cache)
   runs = len(config.behaviours) * len(fams) * len(a.seeds) * len(a.arms) * len(a.aux_ratios)
   return dict(experiment=EXPERIMENT, config_hash=common.config_hash(config), cache_dir=cache,
               organisms=orgs, families=fams, aux_ratios=list(a.aux_ratios), arms=list(a.arms),
@@ -76,30 +71,20 @@ def plan(config, workdir) -> dict:
 
 
 def run(config, workdir: str):
-  validate(config)
-  if config.get("dry_run", False):
-    p = plan(config, workdir)
-    print(f"[coherence] dry run: {p}")
-    return p
-  with common.workdir_lock(workdir):
-    return _run(config, workdir)
+  return extra.entry(EXPERIMENT, config, workdir, validate, _run, plan)
 
 
 def _run(config, workdir):
-  t0 = time.time()
   a, h = config.coherence, config.headline
-  chash, commit = common.config_hash(config), common.git_commit()
-  store = ResultStore(os.path.join(workdir, "results.jsonl"))
-  cache = extra.cache_root(config, workdir)
-  tok = load_tokenizer(config.model.hf_dir)
+  ctx = extra.begin(config, workdir, EXPERIMENT)
+  t0, chash, commit = ctx.t0, ctx.chash, ctx.commit
+  store, cache, tok = ctx.store, ctx.cache, ctx.tok
   names = extra.check_subset("config.coherence.families", a.families, config.organism.families)
   fams = [f for f in org_stage.family_specs(config.organism.families)
           if org_stage.family_name(f) in names]
   p = plan(config, workdir)
-  bar = tqdm(total=p["cells"], desc="coherence cells", unit="cell", dynamic_ncols=True)
-  bar.update(sum(1 for r in store.rows if r.get("experiment") == EXPERIMENT
-                 and r.get("config_hash") == chash and r.get("arm") != "before"))
-  base_fields = dict(experiment=EXPERIMENT, config_hash=chash, commit=commit)
+  bar = ctx.progress(p["cells"], "coherence cells")
+  base_fields = ctx.base_fields
   steps0 = int(h.train.steps)
 
   for bspec in config.behaviours:
@@ -251,11 +236,7 @@ def figure(summ: list[dict], behaviour: str, path: str) -> str | None:
     ax.legend(fontsize=7)
   fig.suptitle(f"Coherence auxiliary data ablation ({behaviour}): train-against with usefulness "
                f"examples mixed in at ratio r (95% CIs)")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  report.savefig(fig, path)
-  plt.close(fig)
-  return path
+  return report.savefig(fig, path)
 
 
 def markdown(summ: list[dict], rows: list[dict], meta: dict) -> str:

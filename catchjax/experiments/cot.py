@@ -24,30 +24,22 @@ import shutil
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from catchjax import common, report, stats
+from catchjax.experiments import extra
 from catchjax.data import build, reasoning
 from catchjax.data.behaviors import make_behavior
-from catchjax.results import ResultStore
 from catchjax.sample import Sampler
 from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
 from catchjax.tokenizer import load_tokenizer, prompt_ids
 
+EXPERIMENT = "cot"
 ARMS = ("scratchpad", "full")
 CATS = (("a", "dangerous_attack", "(a) attack, dangerous reasoning"),
         ("b", "opaque_attack", "(b) attack, benign-looking / no reasoning"),
         ("c", "no_attack", "(c) no attack"))
-
-
-def _bname(spec) -> str:
-  try:
-    from catchjax.data.behaviors import behavior_name
-  except ImportError:  # plain names only
-    return str(spec)
-  return behavior_name(spec)
 
 
 def families(config) -> list:
@@ -92,9 +84,7 @@ def validate(config):
 
 
 def run(config, workdir: str):
-  validate(config)
-  with common.workdir_lock(workdir):
-    return _run(config, workdir)
+  return extra.entry(EXPERIMENT, config, workdir, validate, _run)
 
 
 def measure_abc(sampler, tok, prompts, detect, *, max_new_tokens: int, seed: int) -> dict:
@@ -125,21 +115,16 @@ def measure_abc(sampler, tok, prompts, detect, *, max_new_tokens: int, seed: int
 
 
 def _run(config, workdir):
-  t_start = time.time()
   x, h = config.cot, config.headline
-  chash = common.config_hash(config)
-  commit = common.git_commit()
-  cache = config.get("cache_dir", "") or workdir
-  store = ResultStore(os.path.join(workdir, "results.jsonl"))
-  tok = load_tokenizer(config.model.hf_dir)
+  ctx = extra.begin(config, workdir, EXPERIMENT)
+  t_start, chash, commit = ctx.t0, ctx.chash, ctx.commit
+  store, cache, tok = ctx.store, ctx.cache, ctx.tok
   specs = families(config)
   n_cells = len(config.behaviours) * len(specs) * len(x.seeds) * (len(x.ns) * len(x.arms) + 1)
-  bar = tqdm(total=n_cells, desc="cot cells", unit="cell", dynamic_ncols=True)
-  bar.update(sum(1 for r in store.rows if r.get("config_hash") == chash
-                 and r.get("experiment") == "cot"))
+  bar = ctx.progress(n_cells, "cot cells", done=lambda r: True)
 
   for behaviour in config.behaviours:
-    bname = _bname(behaviour)
+    bname = extra.behaviour_name(behaviour)
     beh = make_behavior(behaviour)
     org = org_stage.get_organism(config, cache, behaviour)
     if x.report_card:
@@ -159,10 +144,10 @@ def _run(config, workdir):
                         catch_lo=c.catch_rate["lo"], catch_hi=c.catch_rate["hi"],
                         caught_dangerous=sum(q["dangerous"] for q in caught_cls),
                         caught_scratchpad=sum(q["has_scratchpad"] for q in caught_cls))
-      base_row = dict(experiment="cot", family=fam, behaviour=bname, config_hash=chash,
+      base_row = dict(experiment=EXPERIMENT, family=fam, behaviour=bname, config_hash=chash,
                       commit=commit, organism=org.key, benign=x.benign, **catch_info)
       for seed in x.seeds:
-        key = ("cot", fam, bname, 0, "before", seed, chash)
+        key = (EXPERIMENT, fam, bname, 0, "before", seed, chash)
         if not store.has(key):
           sampler.update_model(org.model)
           row = dict(base_row, n=0, arm="before", seed=seed, n_train=0)
@@ -172,7 +157,7 @@ def _run(config, workdir):
           bar.update(1)
         for n in x.ns:
           for ai, arm in enumerate(x.arms):
-            key = ("cot", fam, bname, int(n), arm, seed, chash)
+            key = (EXPERIMENT, fam, bname, int(n), arm, seed, chash)
             if store.has(key):
               continue
             t_cell = time.time()
@@ -213,7 +198,7 @@ def _run(config, workdir):
               organism=dict(families=[org_stage.family_name(f) for f in config.organism.families],
                             n_per_family=config.organism.n_per_family, scratchpad=True))
   out = write_report([r for r in store.rows if r.get("config_hash") == chash
-                      and r.get("experiment") == "cot"], workdir, meta)
+                      and r.get("experiment") == EXPERIMENT], workdir, meta)
   print(f"[cot] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
 
@@ -334,11 +319,7 @@ def figure(summary: list[dict], path: str) -> str | None:
   fig.suptitle("Training against the reasoning of caught attacks: deployment responses\n"
                "(error bars: Wilson 95% CI of each category, drawn at its segment's top)",
                fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  report.savefig(fig, path)   # atomic: temp file + rename
-  plt.close(fig)
-  return path
+  return report.savefig(fig, path)
 
 
 def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:

@@ -32,9 +32,70 @@ from catchjax.sample import Sampler
 from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
-from catchjax.tokenizer import prompt_ids
+from catchjax.results import ResultStore
+from catchjax.tokenizer import load_tokenizer, prompt_ids
 
 RATE_FIELDS = ("k", "n", "rate", "lo", "hi")
+
+
+def entry(name: str, config, workdir: str, validate, body, plan=None):
+  """Every experiment's `run`: refuse bad input before any compute, print the plan and stop on
+  `config.dry_run` (when the experiment has a `plan`), else hold the workdir lock and run
+  `body(config, workdir)`."""
+  validate(config)
+  if plan is not None and config.get("dry_run", False):
+    p = plan(config, workdir)
+    print(f"[{name}] dry run: {p}")
+    return p
+  with common.workdir_lock(workdir):
+    return body(config, workdir)
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What every experiment body opens first: start time, config hash and commit (every row
+  carries them), the result store, the organism/catch cache folder and the tokenizer."""
+  experiment: str
+  t0: float
+  chash: str
+  commit: str
+  store: ResultStore
+  cache: str
+  tok: object
+
+  @property
+  def base_fields(self) -> dict:
+    return dict(experiment=self.experiment, config_hash=self.chash, commit=self.commit)
+
+  def progress(self, total: int, desc: str, unit: str = "cell", done=None):
+    """A tqdm bar over `total` that starts at the rows already stored for this config
+    (`done(row)` picks them; default: this experiment's non-"before" rows)."""
+    from tqdm.auto import tqdm
+    done = done or (lambda r: r.get("arm") != "before")
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    bar.update(sum(1 for r in self.store.rows if r.get("experiment") == self.experiment
+                   and r.get("config_hash") == self.chash and done(r)))
+    return bar
+
+  def rows(self) -> list[dict]:
+    return [r for r in self.store.rows if r.get("config_hash") == self.chash]
+
+
+def begin(config, workdir: str, experiment: str) -> RunContext:
+  return RunContext(experiment=experiment, t0=time.time(), chash=common.config_hash(config),
+                    commit=common.git_commit(),
+                    store=ResultStore(os.path.join(workdir, "results.jsonl")),
+                    cache=cache_root(config, workdir), tok=load_tokenizer(config.model.hf_dir))
+
+
+def organisms_status(config, cache: str) -> dict:
+  """Per behaviour: the organism's cache key and whether it is already built (dry-run plans)."""
+  out = {}
+  for b in config.behaviours:
+    key = org_stage.organism_key(config, b)
+    out[behaviour_name(b)] = dict(
+        key=key, cached=os.path.isfile(os.path.join(cache, "organisms", key, "done.json")))
+  return out
 
 
 def cache_root(config, workdir: str) -> str:

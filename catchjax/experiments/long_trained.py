@@ -24,9 +24,7 @@ from tqdm.auto import tqdm
 
 from catchjax import common, report
 from catchjax.experiments import extra
-from catchjax.results import ResultStore
 from catchjax.stages import organism as org_stage
-from catchjax.tokenizer import load_tokenizer
 
 EXPERIMENT = "long_trained"
 SCALES = ("examples", "epochs")
@@ -110,13 +108,7 @@ def plan(config, workdir) -> dict:
 
 
 def run(config, workdir: str):
-  validate(config)
-  if config.get("dry_run", False):
-    p = plan(config, workdir)
-    print(f"[long_trained] dry run: {p}")
-    return p
-  with common.workdir_lock(workdir):
-    return _run(config, workdir)
+  return extra.entry(EXPERIMENT, config, workdir, validate, _run, plan)
 
 
 def _key(fam, bname, n, arm, seed, chash):
@@ -130,12 +122,10 @@ def _get(store, key):
 
 
 def _run(config, workdir):
-  t0 = time.time()
   lt, h = config.long_trained, config.headline
-  chash, commit = common.config_hash(config), common.git_commit()
-  store = ResultStore(os.path.join(workdir, "results.jsonl"))
-  cache = extra.cache_root(config, workdir)
-  tok = load_tokenizer(config.model.hf_dir)
+  ctx = extra.begin(config, workdir, EXPERIMENT)
+  t0, chash, commit = ctx.t0, ctx.chash, ctx.commit
+  store, cache, tok = ctx.store, ctx.cache, ctx.tok
   names = extra.check_subset("config.long_trained.families", lt.families,
                              config.organism.families)
   fams = [f for f in org_stage.family_specs(config.organism.families)
@@ -143,7 +133,7 @@ def _run(config, workdir):
   p = plan(config, workdir)
   bar = tqdm(total=p["max_train_runs"], desc="long-trained runs", unit="run",
              dynamic_ncols=True)
-  base_fields = dict(experiment=EXPERIMENT, config_hash=chash, commit=commit)
+  base_fields = ctx.base_fields
   meas = {}
 
   for mult in lt.multipliers:
@@ -384,11 +374,7 @@ def figure(table: list[dict], behaviour: str, path: str) -> str | None:
       ax.legend(fontsize=7)
   fig.suptitle(f"Long-trained organisms ({behaviour}): cost of training the backdoor away vs "
                f"organism budget")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  report.savefig(fig, path)
-  plt.close(fig)
-  return path
+  return report.savefig(fig, path)
 
 
 def markdown(table: list[dict], meta: dict) -> str:

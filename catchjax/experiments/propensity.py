@@ -24,29 +24,21 @@ import shutil
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from catchjax import common, report, stats
+from catchjax.experiments import extra
 from catchjax.data import build, tasks
 from catchjax.data.behaviors import make_behavior
-from catchjax.results import ResultStore
 from catchjax.sample import Sampler
 from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
-from catchjax.tokenizer import load_tokenizer, prompt_ids
+from catchjax.tokenizer import prompt_ids
 
+EXPERIMENT = "propensity"
 ARMS = ("propensity", "capability")
 LABELS = {"propensity": "propensity: fraction of the attack removed (1 - after/before)",
           "capability": "capability: fraction learned (held-out accuracy)"}
-
-
-def _bname(spec) -> str:
-  try:
-    from catchjax.data.behaviors import behavior_name
-  except ImportError:
-    return str(spec)
-  return behavior_name(spec)
 
 
 def family_spec(config):
@@ -92,9 +84,7 @@ def validate(config):
 
 
 def run(config, workdir: str):
-  validate(config)
-  with common.workdir_lock(workdir):
-    return _run(config, workdir)
+  return extra.entry(EXPERIMENT, config, workdir, validate, _run)
 
 
 def flipped(after: dict, before_rate: float | None) -> dict:
@@ -122,23 +112,18 @@ def _rate(d) -> dict:
 
 def _run(config, workdir):
   from catchjax.train import eval_loss
-  t_start = time.time()
   p, h = config.propensity, config.headline
-  chash = common.config_hash(config)
-  commit = common.git_commit()
-  cache = config.get("cache_dir", "") or workdir
-  store = ResultStore(os.path.join(workdir, "results.jsonl"))
-  tok = load_tokenizer(config.model.hf_dir)
+  ctx = extra.begin(config, workdir, EXPERIMENT)
+  t_start, chash, commit = ctx.t0, ctx.chash, ctx.commit
+  store, cache, tok = ctx.store, ctx.cache, ctx.tok
   spec = family_spec(config)
   fam = org_stage.family_name(spec)
   eval_steps = sorted({int(s) for s in p.eval_steps})
   n_cells = len(config.behaviours) * len(p.seeds) * (len(p.ns) * len(ARMS) + 1)
-  bar = tqdm(total=n_cells, desc="propensity cells", unit="cell", dynamic_ncols=True)
-  bar.update(sum(1 for r in store.rows if r.get("config_hash") == chash
-                 and r.get("experiment") == "propensity"))
+  bar = ctx.progress(n_cells, "propensity cells", done=lambda r: True)
 
   for behaviour in config.behaviours:
-    bname = _bname(behaviour)
+    bname = extra.behaviour_name(behaviour)
     beh = make_behavior(behaviour)
     org = org_stage.get_organism(config, cache, behaviour)
     sampler = Sampler(org.model, batch_size=h.batch_size, progress=False)
@@ -170,13 +155,13 @@ def _run(config, workdir):
     cpath = os.path.join(cache, "catches", f"{org.key}-{fam}-{bname}-m{h.m}-"
                          f"{h.catch_split}-t{h.max_new_tokens}.json")
     c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
-    base_row = dict(experiment="propensity", family=fam, behaviour=bname, config_hash=chash,
+    base_row = dict(experiment=EXPERIMENT, family=fam, behaviour=bname, config_hash=chash,
                     commit=commit, organism=org.key, capability=p.capability, m=c.m,
                     n_caught=len(c.caught), catch_rate=c.catch_rate["rate"],
                     catch_lo=c.catch_rate["lo"], catch_hi=c.catch_rate["hi"])
 
     for seed in p.seeds:
-      bkey = ("propensity", fam, bname, 0, "before", seed, chash)
+      bkey = (EXPERIMENT, fam, bname, 0, "before", seed, chash)
       if not store.has(bkey):
         d = deploy(org.model, 40_000 + seed)
         a = cap_acc(org.model, 41_000 + seed)
@@ -191,7 +176,7 @@ def _run(config, workdir):
       for n in p.ns:
         n_train = min(int(n), len(c.caught))
         for arm in ARMS:
-          key = ("propensity", fam, bname, int(n), arm, seed, chash)
+          key = (EXPERIMENT, fam, bname, int(n), arm, seed, chash)
           if store.has(key):
             continue
           t_cell = time.time()
@@ -256,7 +241,7 @@ def _run(config, workdir):
               n_eval=p.n_eval, n_cap_eval=p.n_cap_eval, m_catch=h.m,
               train=h.train.to_dict())
   out = write_report([r for r in store.rows if r.get("config_hash") == chash
-                      and r.get("experiment") == "propensity"], workdir, meta, p.thresholds)
+                      and r.get("experiment") == EXPERIMENT], workdir, meta, p.thresholds)
   print(f"[propensity] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
 
@@ -431,11 +416,7 @@ def figure(summary, path) -> str | None:
   axes[0][0].legend(fontsize=8, loc="upper left")
   fig.suptitle("Propensity vs capability: same organism, optimiser, steps and N "
                "(Wilson 95% CIs pooled over seeds)", fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  report.savefig(fig, path)   # atomic: temp file + rename
-  plt.close(fig)
-  return path
+  return report.savefig(fig, path)
 
 
 def write_report(rows: list[dict], workdir: str, meta: dict, thresholds=(0.5, 0.9)) -> dict:

@@ -19,13 +19,10 @@ import shutil
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from catchjax import common, report, stats
 from catchjax.experiments import extra
-from catchjax.results import ResultStore
 from catchjax.stages import organism as org_stage
-from catchjax.tokenizer import load_tokenizer
 
 EXPERIMENT = "transfer"
 ARMS = ("treatment", "control")
@@ -73,11 +70,7 @@ def plan(config, workdir) -> dict:
   src = extra.check_subset("config.transfer.sources", t.sources, fams)
   tgt = extra.check_subset("config.transfer.targets", t.targets, fams)
   cache = extra.cache_root(config, workdir)
-  orgs = {}
-  for b in config.behaviours:
-    key = org_stage.organism_key(config, b)
-    orgs[extra.behaviour_name(b)] = dict(
-        key=key, cached=os.path.isfile(os.path.join(cache, "organisms", key, "done.json")))
+  orgs = extra.organisms_status(config, cache)
   return dict(experiment=EXPERIMENT, config_hash=common.config_hash(config), cache_dir=cache,
               organisms=orgs, sources=src, targets=tgt, arms=list(t.arms), n=t.n,
               seeds=list(t.seeds), train_runs=len(config.behaviours) * len(t.seeds) * len(src)
@@ -86,32 +79,22 @@ def plan(config, workdir) -> dict:
 
 
 def run(config, workdir: str):
-  validate(config)
-  if config.get("dry_run", False):
-    p = plan(config, workdir)
-    print(f"[transfer] dry run: {p}")
-    return p
-  with common.workdir_lock(workdir):
-    return _run(config, workdir)
+  return extra.entry(EXPERIMENT, config, workdir, validate, _run, plan)
 
 
 def _run(config, workdir):
-  t0 = time.time()
   t, h = config.transfer, config.headline
-  chash, commit = common.config_hash(config), common.git_commit()
-  store = ResultStore(os.path.join(workdir, "results.jsonl"))
-  cache = extra.cache_root(config, workdir)
-  tok = load_tokenizer(config.model.hf_dir)
+  ctx = extra.begin(config, workdir, EXPERIMENT)
+  t0, chash, commit = ctx.t0, ctx.chash, ctx.commit
+  store, cache, tok = ctx.store, ctx.cache, ctx.tok
   fams = org_stage.family_specs(config.organism.families)
   src_names = extra.check_subset("config.transfer.sources", t.sources, fams)
   tgt_names = extra.check_subset("config.transfer.targets", t.targets, fams)
   sources = [f for f in fams if org_stage.family_name(f) in src_names]
   targets = [f for f in fams if org_stage.family_name(f) in tgt_names]
   p = plan(config, workdir)
-  bar = tqdm(total=p["cells"], desc="transfer cells", unit="cell", dynamic_ncols=True)
-  bar.update(sum(1 for r in store.rows if r.get("experiment") == EXPERIMENT
-                 and r.get("config_hash") == chash and r.get("arm") != "before"))
-  base_fields = dict(experiment=EXPERIMENT, config_hash=chash, commit=commit)
+  bar = ctx.progress(p["cells"], "transfer cells")
+  base_fields = ctx.base_fields
 
   for bspec in config.behaviours:
     bname = extra.behaviour_name(bspec)
@@ -292,11 +275,7 @@ def figure(rows: list[dict], behaviour: str, path: str) -> str | None:
                  "difference in retained")
   fig.suptitle(f"Cross-domain transfer ({behaviour}): retained deployment misalignment, "
                f"95% CIs in brackets")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  report.savefig(fig, path)
-  plt.close(fig)
-  return path
+  return report.savefig(fig, path)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

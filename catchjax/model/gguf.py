@@ -103,19 +103,19 @@ def _walk_gguf(path: str, buf, size: int) -> dict:
       raise GGUFError(f"{path}: truncated or corrupt header: {what} at byte {pos} needs {n} "
                       f"bytes, file/header has {len(buf) - pos} left.")
 
-  def u32(what):
+  def scalar(fmt: str, what):
     nonlocal pos
-    need(4, what)
-    v = struct.unpack_from("<I", buf, pos)[0]
-    pos += 4
+    size = struct.calcsize(fmt)
+    need(size, what)
+    v = struct.unpack_from(fmt, buf, pos)[0]
+    pos += size
     return v
 
+  def u32(what):
+    return scalar("<I", what)
+
   def u64(what):
-    nonlocal pos
-    need(8, what)
-    v = struct.unpack_from("<Q", buf, pos)[0]
-    pos += 8
-    return v
+    return scalar("<Q", what)
 
   def string(what):
     nonlocal pos

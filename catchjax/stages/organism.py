@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -27,6 +28,7 @@ from catchjax.stages import measure
 from catchjax.tokenizer import load_tokenizer, prompt_ids
 from catchjax import train as train_lib
 
+log = logging.getLogger(__name__)
 DATA_VERSION = 1  # bump when the data builders change meaning
 
 
@@ -152,6 +154,8 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
       row[f"{name}/deploy"] = float(pd.mean())
       row[f"{name}/test"] = float(pt.mean())
     curve_by_step[int(step)] = row
+    log.info("organism probe at step %d, P(attack) deployment/testing: %s", step, ", ".join(
+        f"{n} {row[n + '/deploy']:.2f}/{row[n + '/test']:.2f}" for n in sets))
     if main:
       common.atomic_write_text(curve_path, json.dumps(
           [curve_by_step[k] for k in sorted(curve_by_step)]))
