@@ -159,8 +159,9 @@ def savefig(fig, path: str, layout: dict | None = None) -> str:
   import tempfile
   import matplotlib.pyplot as plt
   fig.tight_layout(**(layout or {}))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
                              suffix=os.path.basename(path))
   os.close(fd)
   try:

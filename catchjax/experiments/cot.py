@@ -197,8 +197,8 @@ def _run(config, workdir):
               train_against=h.train.to_dict(),
               organism=dict(families=[org_stage.family_name(f) for f in config.organism.families],
                             n_per_family=config.organism.n_per_family, scratchpad=True))
-  out = write_report([r for r in store.rows if r.get("config_hash") == chash
-                      and r.get("experiment") == EXPERIMENT], workdir, meta)
+  out = write_report([r for r in ctx.rows() if r.get("experiment") == EXPERIMENT], workdir,
+                     meta)
   print(f"[cot] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
 

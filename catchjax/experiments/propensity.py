@@ -240,8 +240,8 @@ def _run(config, workdir):
               seeds=list(p.seeds), ns=list(p.ns), eval_steps=eval_steps,
               n_eval=p.n_eval, n_cap_eval=p.n_cap_eval, m_catch=h.m,
               train=h.train.to_dict())
-  out = write_report([r for r in store.rows if r.get("config_hash") == chash
-                      and r.get("experiment") == EXPERIMENT], workdir, meta, p.thresholds)
+  out = write_report([r for r in ctx.rows() if r.get("experiment") == EXPERIMENT], workdir,
+                     meta, p.thresholds)
   print(f"[propensity] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
 

@@ -153,7 +153,7 @@ def _run(config, workdir):
               n=t.n, seeds=list(t.seeds), n_eval_per_target=t.n_eval, m_catch=h.m,
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens, cache_dir=cache)
-  rows = [r for r in store.rows if r.get("config_hash") == chash]
+  rows = ctx.rows()
   out = write_report(rows, workdir, meta)
   print(f"[transfer] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
