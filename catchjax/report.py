@@ -289,6 +289,43 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   return dict(summary=summary, dist=dist, figures=figs)
 
 
+def pool_rows(groups: list[list[dict]]) -> list[dict]:
+  """Headline rows of several sweeps as one: e.g. seeds 0-2 of one invocation and seeds 3-5 of
+  another on the same organism. Cells (family, behaviour, N, arm, seed) must not repeat across
+  groups, and every cell must come from the same organism and stage settings apart from the
+  seeds / Ns (checked: organism key, catch size M); distinguishability rows are kept once per
+  (family, behaviour, seed), from the first group that has them."""
+  out, seen_cells, seen_dist = [], {}, set()
+  orgs = {}
+  for gi, rows in enumerate(groups):
+    for r in rows:
+      if r.get("experiment", "headline") != "headline":
+        raise ValueError(f"pool: group {gi} has a {r.get('experiment')!r} row; only headline "
+                         f"rows pool.")
+      arm = r.get("arm")
+      if arm == "distinguish":
+        k = (r["family"], r["behaviour"], r["seed"])
+        if k not in seen_dist:
+          seen_dist.add(k)
+          out.append(r)
+        continue
+      if arm not in ("treatment", "control"):
+        out.append(r)
+        continue
+      for field in ("organism", "m"):
+        want = orgs.setdefault((r["behaviour"], field), r.get(field))
+        if r.get(field) != want:
+          raise ValueError(f"pool: {field} differs across groups ({want!r} vs {r.get(field)!r}"
+                           f" for {r['family']}/{r['behaviour']}); these runs do not pool.")
+      k = (r["family"], r["behaviour"], r["n"], arm, r["seed"])
+      if k in seen_cells and seen_cells[k] != gi:
+        raise ValueError(f"pool: cell {k} is in groups {seen_cells[k]} and {gi}; pool "
+                         f"disjoint seeds.")
+      seen_cells[k] = gi
+      out.append(r)
+  return out
+
+
 def main(argv=None):
   """`python -m catchjax.report WORKDIR`: rebuild report.md, summary.csv and figures from
   WORKDIR/results.jsonl (e.g. for a sweep that is still running or was stopped)."""
@@ -297,16 +334,30 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument("workdir")
   ap.add_argument("--config_hash", default=None, help="only rows of this config hash")
+  ap.add_argument("--pool", nargs="+", default=[], metavar="WORKDIR",
+                  help="more workdirs whose headline rows join WORKDIR's (e.g. extra seeds run "
+                       "on the same organism); needs --out")
+  ap.add_argument("--out", default=None, help="write the report here (default: WORKDIR)")
   a = ap.parse_args(argv)
   from catchjax.results import ResultStore
+  if a.pool and not a.out:
+    ap.error("--pool needs --out (the pooled report must not overwrite WORKDIR's own)")
   rows = ResultStore(os.path.join(a.workdir, "results.jsonl")).rows
   if a.config_hash:
     rows = [r for r in rows if r.get("config_hash") == a.config_hash]
+  out_dir = a.out or a.workdir
   meta = {"title": "catchjax report (rebuilt from results.jsonl)", "rows": len(rows)}
   cfg = os.path.join(a.workdir, "config.json")
   if os.path.isfile(cfg):
     with open(cfg) as f:
       meta["config_hash"] = json.load(f).get("config_hash")
+  if a.pool:
+    rows = pool_rows([rows] + [ResultStore(os.path.join(d, "results.jsonl")).rows
+                               for d in a.pool])
+    meta.update(title="catchjax report (pooled over workdirs)", rows=len(rows),
+                pooled=[a.workdir] + list(a.pool),
+                config_hash=sorted({r.get("config_hash") for r in rows}))
+    os.makedirs(out_dir, exist_ok=True)
   exps = {r.get("experiment") for r in rows}
   mod = None
   if len(exps) == 1 and next(iter(exps)) not in (None, "headline"):
@@ -317,10 +368,10 @@ def main(argv=None):
     except ImportError:
       mod = None
   if mod is not None and hasattr(mod, "write_report"):
-    out = mod.write_report(rows, a.workdir, meta)
+    out = mod.write_report(rows, out_dir, meta)
   else:
-    out = write_report(rows, a.workdir, meta)
-  print(f"{len(rows)} rows -> {a.workdir}/report.md, summary.csv, {len(out['figures'])} figures")
+    out = write_report(rows, out_dir, meta)
+  print(f"{len(rows)} rows -> {out_dir}/report.md, summary.csv, {len(out['figures'])} figures")
 
 
 if __name__ == "__main__":

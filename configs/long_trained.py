@@ -19,13 +19,13 @@ was caught) of `max_steps` steps with the headline's optimiser, the deployment a
 sampled (T=1) every `eval_every` steps; the cost is the smallest N that reaches the threshold
 and the first step at which it does. `stop_at_first` skips larger N once one N succeeds.
 
-CPU DEFAULT IS SMALLER THAN THE HEADLINE'S RECIPE: 16x of the headline organism (400 examples x
-5 families) would take many hours on 2 cores. The default therefore trains the `token` family
-only (the one family whose backdoor installs within a small budget) with a base budget of 50
-examples (1x / 4x / 16x = 50 / 200 / 800 examples, ~1,050 in all: ~10-15 minutes on an idle
-2-core CPU), catches on M = 200 testing prompts, ladders N over (4, 16) with 24 steps (evals
-every 6 steps on 50 deployment prompts): ~10 more minutes worst case, so <= 30 minutes in all
-(estimated from measured step and sampling speeds, not yet timed end to end). Expect the 1x
+CPU DEFAULT IS SMALLER THAN THE HEADLINE'S RECIPE: 16x of the headline organism (1,200 examples
+x 5 families, ~45 min at 1x) would take ~12 hours on 2 cores. The default therefore trains the
+`token` family only (the one family whose backdoor installs within a small budget) with a base
+budget of 50 examples (1x / 4x / 16x = 50 / 200 / 800 examples, ~1,050 in all: ~10-15 minutes on
+an idle 2-core CPU), catches on M = 200 testing prompts, ladders N over (4, 16) with 24 steps
+(evals every 6 steps on 50 deployment prompts): ~10 more minutes worst case, so <= 30 minutes in
+all (estimated from measured step and sampling speeds, not yet timed end to end). Expect the 1x
 organism to have no installed backdoor (start rate under `min_start_rate`: reported as such, no
 removal cost). `:full` uses every family and the headline's full recipe (2,000 examples per
 family at 1x).

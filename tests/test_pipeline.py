@@ -123,6 +123,49 @@ def test_summary_bootstraps_over_seeds():
   assert s[0]["deploy_rate_lo"] >= 0.1 and s[0]["deploy_rate_hi"] <= 0.3
 
 
+def test_pool_rows_joins_seed_batches_and_refuses_mismatches():
+  def cell(seed, arm="treatment", org="o1", chash="h1"):
+    return dict(experiment="headline", family="year", behaviour="hate", n=16, arm=arm,
+                seed=seed, config_hash=chash, organism=org, m=400, n_train=16, deploy_n=100,
+                retained=0.1 * (seed + 1), deploy_rate=0.1 * (seed + 1), deploy_rate_before=1.0)
+  dist = dict(experiment="headline", family="year", behaviour="hate", n=0, arm="distinguish",
+              seed=0, config_hash="h1", probe_acc=0.8)
+  a = [cell(0), cell(1), cell(2), dist]
+  b = [cell(3, chash="h2"), cell(4, chash="h2"), cell(5, chash="h2"), dict(dist, config_hash="h2")]
+  rows = report.pool_rows([a, b])
+  assert sum(r["arm"] == "distinguish" for r in rows) == 1     # kept once, from the first group
+  s = report.summarise(rows)
+  assert len(s) == 1 and s[0]["seeds"] == 6
+  assert np.isclose(s[0]["retained"], np.mean([0.1 * k for k in range(1, 7)]))
+  with pytest.raises(ValueError, match="organism differs"):
+    report.pool_rows([a, [cell(3, org="o2")]])
+  with pytest.raises(ValueError, match="disjoint seeds"):
+    report.pool_rows([a, [cell(2, chash="h2")]])
+
+
+def test_report_cli_pools_into_its_own_folder(tmp_path):
+  def write(d, seeds, chash):
+    os.makedirs(d, exist_ok=True)
+    st = results.ResultStore(os.path.join(d, "results.jsonl"))
+    for seed in seeds:
+      for arm in ("treatment", "control"):
+        st.append(dict(experiment="headline", family="tier", behaviour="hate", n=16, arm=arm,
+                       seed=seed, config_hash=chash, organism="o", m=400, n_train=16,
+                       deploy_n=100, retained=0.5, deploy_rate=0.5, deploy_rate_before=1.0))
+  a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "pooled")
+  write(a, (0, 1, 2), "h1")
+  write(b, (3, 4, 5), "h2")
+  with pytest.raises(SystemExit):
+    report.main([a, "--pool", b])                  # would overwrite a's own report
+  report.main([a, "--pool", b, "--out", out])
+  import csv
+  with open(os.path.join(out, "summary.csv")) as f:
+    summ = list(csv.DictReader(f))
+  assert not os.path.exists(os.path.join(a, "summary.csv"))
+  assert sorted(r["arm"] for r in summ) == ["control", "treatment"]
+  assert all(r["seeds"] == "6" for r in summ)      # the two seed batches joined
+
+
 def test_workdir_lock_refuses_a_second_run(tmp_path):
   with common.workdir_lock(str(tmp_path)):
     with pytest.raises(common.WorkdirLocked, match="in use by another run"):

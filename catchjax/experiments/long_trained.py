@@ -304,76 +304,105 @@ def removal_cost(rows: list[dict]) -> list[dict]:
 
 
 def figure(table: list[dict], behaviour: str, path: str) -> str | None:
+  """Three panels vs the organism budget: N needed, steps to threshold per N, start rates.
+  Seeds are separate markers (jittered slightly along x); lines join per-budget medians over
+  the seeds that reached the threshold."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import NullFormatter, ScalarFormatter
   tb = [e for e in table if e["behaviour"] == behaviour]
   if not tb:
     return None
   fams = list(dict.fromkeys(e["family"] for e in tb))
   colors = {f: plt.cm.tab10(i) for i, f in enumerate(fams)}
+  seeds = sorted({e["seed"] for e in tb})
+  jit = {s: 1.0 + 0.04 * (i - (len(seeds) - 1) / 2) for i, s in enumerate(seeds)}
+  markers = ["o", "s", "D", "v", "P", "X"]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
   ax_n, ax_s, ax_r = axes
+
+  def median_line(ax, pts, **kw):
+    by_x: dict = {}
+    for x, y in pts:
+      by_x.setdefault(x, []).append(y)
+    if by_x:
+      xs = sorted(by_x)
+      ax.plot(xs, [float(np.median(by_x[x])) for x in xs], "-", alpha=0.6, **kw)
+
   for fam in fams:
     es = sorted([e for e in tb if e["family"] == fam], key=lambda e: e["organism_examples"])
+    c = colors[fam]
     for e in es:
-      x = e["organism_examples"]
+      x = e["organism_examples"] * jit[e["seed"]]
       if e["no_backdoor"]:
-        ax_n.scatter([x], [0.7], marker="x", color=colors[fam])
+        ax_n.scatter([x], [0.7], marker="x", color=c)
       elif e["censored"]:
-        ax_n.scatter([x], [2 * (e["max_n_tried"] or 1)], marker="^", color=colors[fam])
+        ax_n.scatter([x], [2 * (e["max_n_tried"] or 1)], marker="^", facecolors="none",
+                     edgecolors=c)
       elif e["n_needed"] is not None:
-        ax_n.scatter([x], [e["n_needed"]], marker="o", color=colors[fam])
-    xs = [e["organism_examples"] for e in es if e["n_needed"] is not None]
-    ys = [e["n_needed"] for e in es if e["n_needed"] is not None]
-    if xs:
-      ax_n.plot(xs, ys, "-", color=colors[fam], alpha=0.5, label=fam)
-    # steps to threshold per N (censored at max_steps drawn as open markers above it)
+        ax_n.scatter([x], [e["n_needed"]], marker="o", color=c)
+    median_line(ax_n, [(e["organism_examples"], e["n_needed"]) for e in es
+                       if e["n_needed"] is not None], color=c, label=fam)
+    # steps to threshold per N (not reached within max_steps: open ^ above it)
     all_n = sorted({n for e in es for n in e["steps_by_n"]})
     for j, n in enumerate(all_n):
-      pts = [(e["organism_examples"], e["steps_by_n"].get(n), e["max_steps"]) for e in es
-             if n in e["steps_by_n"]]
-      reached = [(x, s) for x, s, _ in pts if s is not None]
-      cens = [(x, m * 1.15) for x, s, m in pts if s is None]
-      ls = ["-", "--", ":", "-."][j % 4]
+      m = markers[j % len(markers)]
+      shade = tuple(min(1.0, v + 0.35 * j / max(1, len(all_n) - 1)) for v in c[:3])
+      pts = [(e["organism_examples"], e["seed"], e["steps_by_n"].get(n), e["max_steps"])
+             for e in es if n in e["steps_by_n"]]
+      reached = [(x * jit[sd], st) for x, sd, st, _ in pts if st is not None]
+      cens = [(x * jit[sd], mx * 1.1) for x, sd, st, mx in pts if st is None]
       if reached:
-        ax_s.plot(*zip(*reached), ls, marker="o", color=colors[fam], label=f"{fam}, N={n}")
+        ax_s.scatter(*zip(*reached), marker=m, color=shade, label=f"{fam}, N={n}")
+        median_line(ax_s, [(x, st) for x, _, st, _ in pts if st is not None], color=shade)
       if cens:
-        ax_s.scatter(*zip(*cens), marker="^", facecolors="none", edgecolors=colors[fam])
+        ax_s.scatter(*zip(*cens), marker=m, facecolors="none", edgecolors=shade,
+                     label=None if reached else f"{fam}, N={n} (not reached)")
     # start rates with Wilson intervals
-    st = [e for e in es if e.get("start_rate") is not None]
-    if st:
-      x = [e["organism_examples"] for e in st]
-      y = np.array([e["start_rate"] for e in st])
-      ax_r.errorbar(x, y, yerr=[y - np.array([e["start_lo"] for e in st]),
-                                np.array([e["start_hi"] for e in st]) - y], fmt="-o",
-                    color=colors[fam], capsize=3, label=f"{fam}: deployment")
-      tt = [e for e in st if e.get("test_rate_start") is not None]
-      if tt:
-        y2 = np.array([e["test_rate_start"] for e in tt])
-        ax_r.errorbar([e["organism_examples"] for e in tt], y2,
-                      yerr=[y2 - np.array([e["test_lo_start"] for e in tt]),
-                            np.array([e["test_hi_start"] for e in tt]) - y2], fmt="--s",
-                      color=colors[fam], capsize=3, alpha=0.6, label=f"{fam}: testing")
+    for e in es:
+      if e.get("start_rate") is None:
+        continue
+      x = e["organism_examples"] * jit[e["seed"]]
+      first = e is next(q for q in es if q.get("start_rate") is not None)
+      y, lo, hi = e["start_rate"], e["start_lo"], e["start_hi"]
+      ax_r.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=c, capsize=3,
+                    label=f"{fam}: deployment" if first else None)
+      if e.get("test_rate_start") is not None:
+        y2, lo2, hi2 = e["test_rate_start"], e["test_lo_start"], e["test_hi_start"]
+        ax_r.errorbar([x], [y2], yerr=[[y2 - lo2], [hi2 - y2]], fmt="s", color=c, capsize=3,
+                      alpha=0.5, label=f"{fam}: testing" if first else None)
+    median_line(ax_r, [(e["organism_examples"], e["start_rate"]) for e in es
+                       if e.get("start_rate") is not None], color=c)
+  budgets = sorted({e["organism_examples"] for e in tb})
   for ax in axes:
     ax.set_xscale("log")
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([f"{b:,}" for b in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(budgets[0] / 1.5, budgets[-1] * 1.5)
     ax.set_xlabel("organism training examples (budget)")
     ax.grid(alpha=0.3)
   ax_n.set_yscale("log", base=2)
+  top = max([2 * (e.get("max_n_tried") or 1) for e in tb] + [e["n_needed"] or 1 for e in tb])
+  ax_n.set_yticks([2 ** k for k in range(int(np.log2(max(top, 1))) + 1)])
+  ax_n.yaxis.set_major_formatter(ScalarFormatter())
+  ax_n.yaxis.set_minor_formatter(NullFormatter())
   ax_n.set_ylabel("caught examples N needed")
-  ax_n.set_title("Removal cost: N to reach the threshold\n(^ not reached: above the largest N; "
-                 "x: no backdoor)", fontsize=9)
+  ax_n.set_title("Removal cost: N to reach the threshold\n(open ^: not reached, drawn above the "
+                 "largest N; x: no backdoor)", fontsize=9)
   ax_s.set_ylabel("train-against steps to threshold")
-  ax_s.set_title("Steps to threshold per N (open ^: not reached in max steps)", fontsize=9)
+  ax_s.set_title("Steps to threshold per N\n(open marker: not reached in max steps)", fontsize=9)
   ax_r.set_ylabel("attack rate of the organism (95% Wilson CI)")
   ax_r.set_ylim(-0.02, 1.02)
-  ax_r.set_title("Start rates by budget", fontsize=9)
+  ax_r.set_title("Start rates by budget (circles: deployment, squares: testing)", fontsize=9)
   for ax in axes:
     h_, l_ = ax.get_legend_handles_labels()
     if h_:
       ax.legend(fontsize=7)
+  sd = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds, lines: medians"
   fig.suptitle(f"Long-trained organisms ({behaviour}): cost of training the backdoor away vs "
-               f"organism budget")
+               f"organism budget ({sd})")
   return report.savefig(fig, path)
 
 
