@@ -326,6 +326,26 @@ def pool_rows(groups: list[list[dict]]) -> list[dict]:
   return out
 
 
+META_FILE = "report_meta.json"
+
+
+def save_meta(workdir: str, meta: dict) -> None:
+  """Keep a run's report header (its settings, wall time) so a rebuild can restore it."""
+  import json
+  from catchjax.common import is_main_process
+  if is_main_process():
+    atomic_write_text(os.path.join(workdir, META_FILE), json.dumps(meta, indent=1, default=str))
+
+
+def load_meta(workdir: str) -> dict:
+  import json
+  p = os.path.join(workdir, META_FILE)
+  if not os.path.isfile(p):
+    return {}
+  with open(p) as f:
+    return json.load(f)
+
+
 def main(argv=None):
   """`python -m catchjax.report WORKDIR`: rebuild report.md, summary.csv and figures from
   WORKDIR/results.jsonl (e.g. for a sweep that is still running or was stopped)."""
@@ -346,7 +366,10 @@ def main(argv=None):
   if a.config_hash:
     rows = [r for r in rows if r.get("config_hash") == a.config_hash]
   out_dir = a.out or a.workdir
-  meta = {"title": "catchjax report (rebuilt from results.jsonl)", "rows": len(rows)}
+  # The run's own header (settings, wall time of the invocation that wrote it) when it saved
+  # one; the rebuild says so.
+  meta = {**load_meta(a.workdir), "rebuilt_from": "results.jsonl", "rows": len(rows)}
+  meta.setdefault("title", "catchjax report (rebuilt from results.jsonl)")
   cfg = os.path.join(a.workdir, "config.json")
   if os.path.isfile(cfg):
     with open(cfg) as f:

@@ -164,6 +164,11 @@ def test_report_cli_pools_into_its_own_folder(tmp_path):
   assert not os.path.exists(os.path.join(a, "summary.csv"))
   assert sorted(r["arm"] for r in summ) == ["control", "treatment"]
   assert all(r["seeds"] == "6" for r in summ)      # the two seed batches joined
+  # A plain rebuild keeps the header the run saved (settings, wall time).
+  report.save_meta(a, {"title": "my sweep", "wall_seconds_this_invocation": 123})
+  report.main([a])
+  md = open(os.path.join(a, "report.md")).read()
+  assert "my sweep" in md and "wall_seconds_this_invocation**: 123" in md
 
 
 def test_workdir_lock_refuses_a_second_run(tmp_path):

@@ -141,6 +141,7 @@ def _run(config, workdir):
               n=a.n, aux_ratios=list(a.aux_ratios), arms=list(a.arms), seeds=list(a.seeds),
               match_against_passes=a.match_against_passes, n_eval=a.n_eval,
               n_useful=a.n_useful, train_against=h.train.to_dict(), cache_dir=cache)
+  report.save_meta(workdir, meta)
   out = write_report(ctx.rows(), workdir, meta)
   print(f"[coherence] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out

@@ -197,6 +197,7 @@ def _run(config, workdir):
               train_against=h.train.to_dict(),
               organism=dict(families=[org_stage.family_name(f) for f in config.organism.families],
                             n_per_family=config.organism.n_per_family, scratchpad=True))
+  report.save_meta(workdir, meta)
   out = write_report([r for r in ctx.rows() if r.get("experiment") == EXPERIMENT], workdir,
                      meta)
   print(f"[cot] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
@@ -315,11 +316,12 @@ def figure(summary: list[dict], path: str) -> str | None:
     ax.set_ylabel("share of deployment responses")
     ax.set_title(f"{fam} / {beh} (n per bar: {ss[0]['eval_n']})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-  axes[0][0].legend(fontsize=8, loc="lower left")
+  handles, labs = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labs, loc="lower center", ncol=3, fontsize=8, frameon=False)
   fig.suptitle("Training against the reasoning of caught attacks: deployment responses\n"
                "(error bars: Wilson 95% CI of each category, drawn at its segment's top)",
                fontsize=10)
-  return report.savefig(fig, path)
+  return report.savefig(fig, path, layout=dict(rect=(0, 0.06, 1, 1)))
 
 
 def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:

@@ -211,6 +211,7 @@ def _run(config, workdir):
               n_test_per_seed=h.n_test, m_catch=h.m,
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens)
+  report.save_meta(workdir, meta)
   out = report.write_report([r for r in store.rows if r.get("config_hash") == chash], workdir,
                             meta)
   print(f"[headline] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")

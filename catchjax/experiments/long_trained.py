@@ -254,6 +254,7 @@ def _run(config, workdir):
                                  families=[org_stage.family_name(f)
                                            for f in config.organism.families]),
               train_against=h.train.to_dict(), cache_dir=cache)
+  report.save_meta(workdir, meta)
   out = write_report(ctx.rows(), workdir, meta)
   print(f"[long_trained] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out

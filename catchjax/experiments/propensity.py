@@ -240,6 +240,7 @@ def _run(config, workdir):
               seeds=list(p.seeds), ns=list(p.ns), eval_steps=eval_steps,
               n_eval=p.n_eval, n_cap_eval=p.n_cap_eval, m_catch=h.m,
               train=h.train.to_dict())
+  report.save_meta(workdir, meta)
   out = write_report([r for r in ctx.rows() if r.get("experiment") == EXPERIMENT], workdir,
                      meta, p.thresholds)
   print(f"[propensity] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")

@@ -154,6 +154,7 @@ def _run(config, workdir):
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens, cache_dir=cache)
   rows = ctx.rows()
+  report.save_meta(workdir, meta)
   out = write_report(rows, workdir, meta)
   print(f"[transfer] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
