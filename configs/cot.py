@@ -7,7 +7,7 @@ optimiser: `scratchpad` (SFT to a benign scratchpad, loss on the scratchpad toke
 deployment responses are sorted into (a) attack with explicit dangerous reasoning, (b) attack
 with benign-looking or no reasoning (opaque), (c) no attack.
 
-  python -m catchjax.main --config=configs/cot.py          # CPU default (~20 min, estimated)
+  python -m catchjax.main --config=configs/cot.py          # CPU default (12.8 min, measured)
   python -m catchjax.main --config=configs/cot.py:full     # accelerator budget
   python -m catchjax.main --config=configs/cot.py:tiny     # seconds-long pipeline check
 
