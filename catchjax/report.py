@@ -353,18 +353,27 @@ def main(argv=None):
   import json
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument("workdir")
-  ap.add_argument("--config_hash", default=None, help="only rows of this config hash")
+  ap.add_argument("--config_hash", default=None,
+                  help="only rows of this config hash; several, comma-separated, pool those "
+                       "sweeps (e.g. seeds 0-2 and 3-5 run into the same workdir; needs --out)")
   ap.add_argument("--pool", nargs="+", default=[], metavar="WORKDIR",
                   help="more workdirs whose headline rows join WORKDIR's (e.g. extra seeds run "
                        "on the same organism); needs --out")
   ap.add_argument("--out", default=None, help="write the report here (default: WORKDIR)")
   a = ap.parse_args(argv)
   from catchjax.results import ResultStore
-  if a.pool and not a.out:
-    ap.error("--pool needs --out (the pooled report must not overwrite WORKDIR's own)")
+  hashes = [h for h in (a.config_hash or "").split(",") if h]
+  if (a.pool or len(hashes) > 1) and not a.out:
+    ap.error("pooling (--pool, or several --config_hash) needs --out: the pooled report must "
+             "not overwrite WORKDIR's own")
   rows = ResultStore(os.path.join(a.workdir, "results.jsonl")).rows
-  if a.config_hash:
-    rows = [r for r in rows if r.get("config_hash") == a.config_hash]
+  if len(hashes) == 1:
+    rows = [r for r in rows if r.get("config_hash") == hashes[0]]
+  groups = [[r for r in rows if r.get("config_hash") == h] for h in hashes[1:]]
+  if groups:
+    rows = [r for r in rows if r.get("config_hash") == hashes[0]]
+    if not rows or not all(groups):
+      ap.error(f"--config_hash: no rows for some of {hashes} in {a.workdir}")
   out_dir = a.out or a.workdir
   # The run's own header (settings, wall time of the invocation that wrote it) when it saved
   # one; the rebuild says so.
@@ -374,11 +383,11 @@ def main(argv=None):
   if os.path.isfile(cfg):
     with open(cfg) as f:
       meta["config_hash"] = json.load(f).get("config_hash")
-  if a.pool:
-    rows = pool_rows([rows] + [ResultStore(os.path.join(d, "results.jsonl")).rows
-                               for d in a.pool])
+  if a.pool or groups:
+    rows = pool_rows([rows] + groups + [ResultStore(os.path.join(d, "results.jsonl")).rows
+                                        for d in a.pool])
     meta.update(title="catchjax report (pooled over workdirs)", rows=len(rows),
-                pooled=[a.workdir] + list(a.pool),
+                pooled=[a.workdir] + list(a.pool), pooled_hashes=hashes or None,
                 config_hash=sorted({r.get("config_hash") for r in rows}))
     os.makedirs(out_dir, exist_ok=True)
   exps = {r.get("experiment") for r in rows}

@@ -164,6 +164,14 @@ def test_report_cli_pools_into_its_own_folder(tmp_path):
   assert not os.path.exists(os.path.join(a, "summary.csv"))
   assert sorted(r["arm"] for r in summ) == ["control", "treatment"]
   assert all(r["seeds"] == "6" for r in summ)      # the two seed batches joined
+  # Two sweeps in one workdir (seeds 3-5 rerun into a), pooled by their config hashes.
+  write(a, (3, 4, 5), "h2")
+  with pytest.raises(SystemExit):
+    report.main([a, "--config_hash", "h1,h2"])
+  out2 = str(tmp_path / "pooled2")
+  report.main([a, "--config_hash", "h1,h2", "--out", out2])
+  with open(os.path.join(out2, "summary.csv")) as f:
+    assert all(r["seeds"] == "6" for r in csv.DictReader(f))
   # A plain rebuild keeps the header the run saved (settings, wall time).
   report.save_meta(a, {"title": "my sweep", "wall_seconds_this_invocation": 123})
   report.main([a])
