@@ -70,9 +70,10 @@ def _load_jax(args):
   from flax import nnx
   if args.random_init:
     from catchjax.model.llama import Llama
-    cfg = ModelConfig.from_hf_dir(args.model_dir, dtype=args.dtype)
+    cfg = ModelConfig.from_hf_dir(args.model_dir, dtype=args.dtype,
+                                  scan_unroll=args.scan_unroll)
     return Llama(cfg, nnx.Rngs(0))
-  return hf.load_hf(args.model_dir, dtype=args.dtype)
+  return hf.load_hf(args.model_dir, dtype=args.dtype, scan_unroll=args.scan_unroll)
 
 
 def run_jax(args) -> dict:
@@ -234,6 +235,8 @@ def main(argv=None):
   ap.add_argument("--hf_batches", type=int, nargs="+", default=[32, 128])
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--only", choices=["jax", "torch"], default=None)
+  ap.add_argument("--scan_unroll", type=int, default=1,
+                  help="layers per lax.scan iteration in the training / prefill pass")
   ap.add_argument("--smoke", action="store_true", help="seconds-long sizes (CI)")
   ap.add_argument("--out", default="bench.json")
   args = ap.parse_args(argv)

@@ -72,6 +72,14 @@ def test_packed_segments_equal_separate_forwards():
   np.testing.assert_allclose(np.asarray(packed[0, 7:12]), lb[0], atol=1e-5)
 
 
+def test_scan_unroll_changes_speed_not_results():
+  from flax import nnx
+  m1 = llama.Llama(_tiny(num_layers=4), nnx.Rngs(0))
+  m2 = llama.Llama(_tiny(num_layers=4, scan_unroll=4), nnx.Rngs(0))
+  ids = np.random.default_rng(1).integers(0, 300, (2, 9))
+  np.testing.assert_allclose(_jax_logits(m1, ids), _jax_logits(m2, ids), atol=1e-5)
+
+
 def test_export_roundtrip_and_sharded_index(tmp_path):
   cfg = _tiny(num_kv_heads=2, tie_embeddings=False)
   src = str(tmp_path / "src")

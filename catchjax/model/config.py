@@ -56,6 +56,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
   remat: str = "none"            # none | full | dots (see llama.REMAT_POLICIES)
+  scan_unroll: int = 1           # layers per lax.scan iteration in the full-sequence pass
 
   @property
   def compute_dtype(self):
