@@ -94,10 +94,12 @@ def distinguishability(rows: list[dict]) -> dict[str, dict]:
 
 
 def write_csv(summary: list[dict], path: str) -> None:
+  """Rows -> CSV (atomically); the columns are the union of the rows' keys, in first-seen
+  order. No rows, no file."""
   if not summary:
     return
   buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=list(summary[0]))
+  w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in summary for k in r)))
   w.writeheader()
   w.writerows(summary)
   atomic_write_text(path, buf.getvalue())

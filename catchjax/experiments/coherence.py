@@ -10,6 +10,7 @@ figures/coherence_<behaviour>.png (retained and usefulness vs family, one bar pe
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -275,15 +276,10 @@ def markdown(summ: list[dict], rows: list[dict], meta: dict) -> str:
 def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
   rows = [r for r in rows if r.get("experiment") == EXPERIMENT]
   summ = summary_rows(rows)
-  if not common.is_main_process():   # multi-host: process 0 writes
-    return dict(summary=summ, figures=[])
-  extra.write_csv(summ, os.path.join(workdir, "coherence_summary.csv"))
-  common.atomic_write_text(os.path.join(workdir, "report.md"), markdown(summ, rows, meta))
-  figs = []
-  for beh in sorted({s["behaviour"] for s in summ}):
-    p = figure(summ, beh, os.path.join(workdir, "figures", f"coherence_{beh}.png"))
-    if p:
-      figs.append(p)
+  figs = extra.write_outputs(
+      workdir, summ, "coherence_summary.csv", markdown(summ, rows, meta),
+      {f"coherence_{b}.png": functools.partial(figure, summ, b)
+       for b in sorted({s["behaviour"] for s in summ})})
   return dict(summary=summ, figures=figs)
 
 

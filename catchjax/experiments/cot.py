@@ -19,13 +19,14 @@ over seeds).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
 
 import numpy as np
 
-from catchjax import common, report, stats
+from catchjax import report, stats
 from catchjax.experiments import extra
 from catchjax.data import build, reasoning
 from catchjax.data.behaviors import make_behavior
@@ -326,11 +327,9 @@ def figure(summary: list[dict], path: str) -> str | None:
 
 def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
   summary = summarise(rows)
-  from catchjax.report import write_csv
-  write_csv(summary, os.path.join(workdir, "summary.csv"))
-  common.atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, rows, meta))
-  fig = figure(summary, os.path.join(workdir, "figures", "cot_abc.png"))
-  return dict(summary=summary, figures=[fig] if fig else [])
+  figs = extra.write_outputs(workdir, summary, "summary.csv", markdown(summary, rows, meta),
+                             {"cot_abc.png": functools.partial(figure, summary)})
+  return dict(summary=summary, figures=figs)
 
 
 __all__ = ["run", "validate", "measure_abc", "summarise", "write_report"]

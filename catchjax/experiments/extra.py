@@ -24,7 +24,7 @@ import shutil
 
 import numpy as np
 
-from catchjax import common, stats
+from catchjax import common, report, stats
 from catchjax.data import build
 from catchjax.data.behaviors import make_behavior
 from catchjax.data.tasks import check as task_check
@@ -352,18 +352,22 @@ def fmt(a: dict, pct: bool = False) -> str:
   return f"{a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]"
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-  import csv
-  import io
-  if not rows or not common.is_main_process():
-    return
-  fields = list(dict.fromkeys(k for r in rows for k in r))
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=fields)
-  w.writeheader()
-  w.writerows(rows)
-  common.atomic_write_text(path, buf.getvalue())
+def write_outputs(workdir: str, table: list[dict], csv_name: str, md_text: str,
+                  figures: dict) -> list[str]:
+  """An experiment's report files, written by process 0 only: `csv_name` (the summary table),
+  report.md, and figures/NAME for each NAME -> fn(path) in `figures` (fn returns the path, or
+  None when it had nothing to draw). Returns the figure paths written."""
+  if not common.is_main_process():   # multi-host: process 0 writes
+    return []
+  report.write_csv(table, os.path.join(workdir, csv_name))
+  common.atomic_write_text(os.path.join(workdir, "report.md"), md_text)
+  out = []
+  for name, fn in figures.items():
+    p = fn(os.path.join(workdir, "figures", name))
+    if p:
+      out.append(p)
+  return out
 
 
 __all__ = ["behaviour_name", "cache_root", "validate_common", "check_subset", "rate_fields", "retained_fields",
-           "catch_path", "get_catch", "Measurer", "train_on", "seed_agg", "fmt", "write_csv"]
+           "catch_path", "get_catch", "Measurer", "train_on", "seed_agg", "fmt", "write_outputs"]

@@ -15,6 +15,7 @@ Outputs: results.jsonl, removal_cost.csv, report.md and figures/removal_cost_<be
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import time
@@ -444,16 +445,10 @@ def markdown(table: list[dict], meta: dict) -> str:
 def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
   rows = [r for r in rows if r.get("experiment") == EXPERIMENT]
   table = removal_cost(rows)
-  if not common.is_main_process():   # multi-host: process 0 writes
-    return dict(table=table, figures=[])
-  extra.write_csv([{k: v for k, v in e.items()} for e in table],
-                  os.path.join(workdir, "removal_cost.csv"))
-  common.atomic_write_text(os.path.join(workdir, "report.md"), markdown(table, meta))
-  figs = []
-  for beh in sorted({e["behaviour"] for e in table}):
-    p = figure(table, beh, os.path.join(workdir, "figures", f"removal_cost_{beh}.png"))
-    if p:
-      figs.append(p)
+  figs = extra.write_outputs(
+      workdir, table, "removal_cost.csv", markdown(table, meta),
+      {f"removal_cost_{b}.png": functools.partial(figure, table, b)
+       for b in sorted({e["behaviour"] for e in table})})
   return dict(table=table, figures=figs)
 
 

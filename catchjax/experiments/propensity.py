@@ -19,13 +19,14 @@ seeds).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
 
 import numpy as np
 
-from catchjax import common, report, stats
+from catchjax import report, stats
 from catchjax.experiments import extra
 from catchjax.data import build, tasks
 from catchjax.data.behaviors import make_behavior
@@ -422,12 +423,10 @@ def figure(summary, path) -> str | None:
 
 def write_report(rows: list[dict], workdir: str, meta: dict, thresholds=(0.5, 0.9)) -> dict:
   summary = summarise(rows)
-  from catchjax.report import write_csv
-  write_csv(summary, os.path.join(workdir, "summary.csv"))
-  common.atomic_write_text(os.path.join(workdir, "report.md"),
-                           markdown(summary, rows, meta, tuple(thresholds)))
-  fig = figure(summary, os.path.join(workdir, "figures", "propensity_vs_capability.png"))
-  return dict(summary=summary, figures=[fig] if fig else [])
+  figs = extra.write_outputs(
+      workdir, summary, "summary.csv", markdown(summary, rows, meta, tuple(thresholds)),
+      {"propensity_vs_capability.png": functools.partial(figure, summary)})
+  return dict(summary=summary, figures=figs)
 
 
 __all__ = ["run", "validate", "flipped", "summarise", "write_report"]

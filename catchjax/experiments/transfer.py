@@ -14,6 +14,7 @@ figures/transfer_matrix_<behaviour>.png (source x target heatmaps with values an
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -321,15 +322,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
   rows = [r for r in rows if r.get("experiment") == EXPERIMENT]
   summ = summary_rows(rows)
-  if not common.is_main_process():   # multi-host: process 0 writes
-    return dict(summary=summ, figures=[])
-  extra.write_csv(summ, os.path.join(workdir, "transfer_summary.csv"))
-  common.atomic_write_text(os.path.join(workdir, "report.md"), markdown(rows, meta))
-  figs = []
-  for beh in sorted({r["behaviour"] for r in rows}):
-    p = figure(rows, beh, os.path.join(workdir, "figures", f"transfer_matrix_{beh}.png"))
-    if p:
-      figs.append(p)
+  figs = extra.write_outputs(
+      workdir, summ, "transfer_summary.csv", markdown(rows, meta),
+      {f"transfer_matrix_{b}.png": functools.partial(figure, rows, b)
+       for b in sorted({r["behaviour"] for r in rows})})
   return dict(summary=summ, figures=figs)
 
 
