@@ -22,13 +22,13 @@ and the first step at which it does. `stop_at_first` skips larger N once one N s
 CPU DEFAULT IS SMALLER THAN THE HEADLINE'S RECIPE: 16x of the headline organism (1,200 examples
 x 5 families, ~45 min at 1x) would take ~12 hours on 2 cores. The default therefore trains the
 `token` family only (the one family whose backdoor installs within a small budget) with a base
-budget of 50 examples (1x / 4x / 16x = 50 / 200 / 800 examples, ~1,050 in all: ~10-15 minutes on
-an idle 2-core CPU), catches on M = 200 testing prompts, ladders N over (4, 16) with 24 steps
-(evals every 6 steps on 50 deployment prompts): ~10 more minutes worst case, so <= 30 minutes in
-all (estimated from measured step and sampling speeds, not yet timed end to end). Expect the 1x
-organism to have no installed backdoor (start rate under `min_start_rate`: reported as such, no
-removal cost). `:full` uses every family and the headline's full recipe (2,000 examples per
-family at 1x).
+budget of 50 examples (1x / 4x / 16x = 50 / 200 / 800 examples, ~1,050 in all), catches on M =
+200 testing prompts, and ladders N over (4, 16) with up to 24 steps (evals every 6 steps on 50
+deployment prompts) for seeds 0, 1, 2. Measured 2026-11-26 on an idle 2-core CPU: 11.6 min for
+seed 0 from a cold cache (organisms ~6 min), 12.7 min for the three seeds with the organisms
+cached, so ~19 min cold. The 1x organism has no installed backdoor (start rate under
+`min_start_rate`: reported as such, no removal cost). `:full` uses every family and the
+headline's full recipe (2,000 examples per family at 1x).
 """
 from configs.headline import derived_config
 
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
   lt.min_start_rate = 0.2       # below this the organism has no backdoor to remove
   lt.n_eval = 50                # held-out deployment prompts per evaluation
   lt.n_test = 50                # held-out testing prompts (start rate only)
-  lt.seeds = (0,)
+  lt.seeds = (0, 1, 2)
   lt.stop_at_first = True
   if arg is None or arg == "":
     c.organism.families = ("token",)
@@ -66,4 +66,5 @@ def get_config(arg: str | None = None):
     lt.eval_every = 2
     lt.n_eval = 8
     lt.n_test = 8
+    lt.seeds = (0,)
   return c
