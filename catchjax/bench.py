@@ -235,8 +235,8 @@ def main(argv=None):
   ap.add_argument("--hf_batches", type=int, nargs="+", default=[32, 128])
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--only", choices=["jax", "torch"], default=None)
-  ap.add_argument("--scan_unroll", type=int, default=1,
-                  help="layers per lax.scan iteration in the training / prefill pass")
+  ap.add_argument("--scan_unroll", type=int, default=0,
+                  help="layers per lax.scan iteration in the training / scoring pass (0: all)")
   ap.add_argument("--smoke", action="store_true", help="seconds-long sizes (CI)")
   ap.add_argument("--out", default="bench.json")
   args = ap.parse_args(argv)

@@ -203,7 +203,7 @@ class Llama(nnx.Module):
       def body(x, p):
         x, _, _ = block(x, p, None, None)
         return x, (x if return_residuals else None)
-      x, res = jax.lax.scan(body, x, lp, unroll=cfg.scan_unroll)
+      x, res = jax.lax.scan(body, x, lp, unroll=cfg.scan_unroll or True)
       new_cache = None
     else:
       def body(carry, p):
