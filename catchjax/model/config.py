@@ -57,7 +57,7 @@ class ModelConfig:
   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
   remat: str = "none"            # none | full | dots (see llama.REMAT_POLICIES)
   # Layers per lax.scan iteration in the full-sequence (training / scoring) pass; 0 = all of
-  # them (fully unrolled: +11% train tokens/s on the 2-core CPU, lower peak RSS; WORKSPACE.md).
+  # them (fully unrolled: lower peak RSS; the speed gain is within noise, see WORKSPACE.md).
   scan_unroll: int = 0
 
   @property
