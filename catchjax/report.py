@@ -369,13 +369,12 @@ def main(argv=None):
     ap.error("pooling (--pool, or several --config_hash) needs --out: the pooled report must "
              "not overwrite WORKDIR's own")
   rows = ResultStore(os.path.join(a.workdir, "results.jsonl")).rows
-  if len(hashes) == 1:
-    rows = [r for r in rows if r.get("config_hash") == hashes[0]]
-  groups = [[r for r in rows if r.get("config_hash") == h] for h in hashes[1:]]
-  if groups:
-    rows = [r for r in rows if r.get("config_hash") == hashes[0]]
-    if not rows or not all(groups):
+  if hashes:   # one group of rows per hash; the first is WORKDIR's report, the rest pool in
+    rows, *groups = [[r for r in rows if r.get("config_hash") == h] for h in hashes]
+    if groups and not (rows and all(groups)):
       ap.error(f"--config_hash: no rows for some of {hashes} in {a.workdir}")
+  else:
+    groups = []
   out_dir = a.out or a.workdir
   # The run's own header (settings, wall time of the invocation that wrote it) when it saved
   # one; the rebuild says so.
