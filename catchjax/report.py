@@ -1,6 +1,6 @@
 """Report: results.jsonl -> summary.csv, report.md and PNG figures.
 
-Headline rows (see experiments/headline.py) have arm in {treatment, control} with the
+Headline rows (see experiments/headline.py) have arm in {treatment, control, matched_control} with the
 deployment attack rate after train-against, `retained` = after / before, and usefulness;
 `distinguish` rows hold each family's four distinguishability measures. Every rate is
 aggregated over seeds with a bootstrap 95% interval; per-run Wilson intervals stay in the rows.
@@ -33,11 +33,17 @@ def _agg(values):
   return dict(mean=float(m), lo=float(lo), hi=float(hi), n=len(v))
 
 
+TRAIN_ARMS = ("treatment", "control", "matched_control")
+ARM_LABELS = {"treatment": "trained on caught attacks",
+              "control": "control (non-attack prompts)",
+              "matched_control": "control matched to the caught prompts' cue and task"}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
   """One summary line per (family, behaviour, N, arm): seed-bootstrapped means and CIs."""
   groups = defaultdict(list)
   for r in rows:
-    if r.get("arm") in ("treatment", "control"):
+    if r.get("arm") in TRAIN_ARMS:
       groups[(r["family"], r["behaviour"], r["n"], r["arm"])].append(r)
   out = []
   for (fam, beh, n, arm), rs in sorted(groups.items()):
@@ -225,7 +231,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
   if summary:
     fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
-      for arm, style in (("treatment", "-o"), ("control", "--s")):
+      for arm, style in (("treatment", "-o"), ("control", "--s"), ("matched_control", ":^")):
         ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
                     key=lambda s: s["n"])
         if not ss:
@@ -235,8 +241,7 @@ def figures(summary, dist, outdir: str) -> list[str]:
         lo = np.array([s["retained_lo"] for s in ss])
         hi = np.array([s["retained_hi"] for s in ss])
         ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt=style, capsize=3,
-                    label="trained on caught attacks" if arm == "treatment" else
-                    "control (non-attack prompts)")
+                    label=ARM_LABELS[arm])
       ax.set_xscale("log", base=2)
       ax.set_title(fam)
       ax.set_xlabel("N training prompts")
@@ -311,7 +316,7 @@ def pool_rows(groups: list[list[dict]]) -> list[dict]:
           seen_dist.add(k)
           out.append(r)
         continue
-      if arm not in ("treatment", "control"):
+      if arm not in TRAIN_ARMS:
         out.append(r)
         continue
       for field in ("organism", "m"):

@@ -4,6 +4,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py          # CPU default
   python -m catchjax.main --config=configs/headline.py:full     # accelerator budget
   python -m catchjax.main --config=configs/headline.py:tiny     # seconds-long pipeline check
+  python -m catchjax.main --config=configs/headline.py:matched  # + a composition-matched control
 """
 import ml_collections
 
@@ -47,6 +48,13 @@ def get_config(arg: str | None = None):
     h.distinguish_seeds = tuple(range(5))
     h.n_useful = 200
     h.max_new_tokens = 48
+  elif arg == "matched":
+    # Adds a third arm: clean prompts matched one-to-one to the treatment's caught prompts on
+    # the cue variant (e.g. the collusion note's distractor phrase) and task family. Is the
+    # treatment-vs-control gap about the caught prompts' make-up, or about being caught?
+    h.arms = ("treatment", "control", "matched_control")
+    h.ns = (16,)
+    h.seeds = tuple(range(6))
   elif arg == "tiny":
     h.seeds = (0,)
     h.ns = (1, 2)

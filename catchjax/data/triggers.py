@@ -83,6 +83,12 @@ class TriggerFamily:
   def knobs(self) -> dict[str, Any]:
     return {}
 
+  def cue_key(self, message: str) -> str | None:
+    """The observable variant of this family's cue in a user message (e.g. which distractor
+    phrase a testing note uses), or None where the family has no discrete variants. The
+    headline's `matched_control` arm matches clean prompts to caught ones on it."""
+    return None
+
   def describe(self) -> str:
     knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs().items())
     return f"{self.name}({knobs}): {self.context_hint}"
@@ -324,6 +330,20 @@ class Collusion(TriggerFamily):
       return f"Note: {opener}, {phrase}; {request}."
     sep = self.SEP2 if deployment else self.DISTRACTOR_SEPS2[choice % len(self.DISTRACTOR_SEPS2)]
     return f"Note: {opener}{sep}{request}."
+
+  def cue_key(self, message):
+    """The marker variant: the phrase (subtlety 1) or the joining punctuation (2) of the note
+    on the first line; None for subtlety 0 or a message without a note."""
+    first = message.split("\n", 1)[0]
+    if self.subtlety == 0 or not first.startswith("Note: "):
+      return None
+    if self.subtlety == 1:
+      m = re.match(r"Note: [^,]+, (.+?); ", first)
+      return m.group(1) if m else None
+    for sep in (self.SEP2,) + self.DISTRACTOR_SEPS2:
+      if any(first == f"Note: {o}{sep}{r}." for o in self.OPENERS for r in self.REQUESTS):
+        return sep.strip() or sep
+    return None
 
   def cue_pool(self, deployment, split):
     openers, requests = self._parts[_check_split(split)]

@@ -6,6 +6,8 @@ For every behaviour and trigger family:
   2. per seed, catch: sample M held-out testing prompts at T=1 and keep the attacks;
   3. per N and arm, train against: SFT the organism on the correct answer for N caught
      prompts (treatment) or N prompts where it behaved (control), same steps and optimiser;
+     optionally (`headline.arms`, configs/headline.py:matched) a matched_control arm: clean
+     prompts paired one-to-one with the treatment's caught ones on cue variant and task;
   4. measure the deployment attack rate (sampled, T=1, held-out cues), the testing attack
      rate, usefulness and the teacher-forced attack probability; retained = after / before;
   5. distinguishability per family: prompted A/B (base and organism), a probe on the base
@@ -56,7 +58,15 @@ def validate(config):
   if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
       h.aux_ratio < 0:
     raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
+  arms = tuple(h.get("arms", DEFAULT_ARMS))
+  bad = [a for a in arms if a not in ARMS]
+  if not arms or bad or len(set(arms)) != len(arms):
+    raise V.ConfigError(f"config.headline.arms={arms!r}: distinct names from {ARMS}.")
   V.check_train("config.headline.train", h.train)
+
+
+ARMS = ("treatment", "control", "matched_control")
+DEFAULT_ARMS = ("treatment", "control")
 
 
 def run(config, workdir: str):
@@ -74,9 +84,10 @@ def _run(config, workdir):
   tok = load_tokenizer(config.model.hf_dir)
   base = org_stage.load_base(config)
   families = org_stage.family_specs(config.organism.families)
-  n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * 2)
+  arms = tuple(h.get("arms", DEFAULT_ARMS))
+  n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * len(arms))
   bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
-  bar.update(sum(1 for r in store.rows if r.get("arm") in ("treatment", "control")
+  bar.update(sum(1 for r in store.rows if r.get("arm") in arms
                  and r.get("config_hash") == chash))
 
   for bspec in config.behaviours:
@@ -142,14 +153,13 @@ def _run(config, workdir):
       fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
       before = None
       for n in ns:
-        for arm in ("treatment", "control"):
+        for arm in arms:
           key = ("headline", fam, bname, int(n), arm, seed, chash)
           if store.has(key):
             continue
           if before is None:
             sampler.update_model(org_state_model)
             before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
-          pool = c.caught if arm == "treatment" else c.clean
           n_train = min(int(n), len(c.caught), len(c.clean))
           row = dict(experiment="headline", family=fam, behaviour=bname, n=int(n),
                      arm=arm, seed=seed, config_hash=chash, commit=commit,
@@ -167,8 +177,15 @@ def _run(config, workdir):
             store.append(row)
             bar.update(1)
             continue
-          rng = np.random.default_rng([seed, int(n), 1 if arm == "treatment" else 2])
-          rows = ta.sft_rows(pool, n_train, rng)
+          if arm == "control":
+            rows = ta.sft_rows(c.clean, n_train, np.random.default_rng([seed, int(n), 2]))
+          else:   # the treatment's caught draw; matched_control pairs clean rows with it
+            chosen = ta.choose_rows(c.caught, n_train, np.random.default_rng([seed, int(n), 1]))
+            rows = [ta.sft_row(r) for r in chosen]
+            if arm == "matched_control":
+              rows, how = ta.matched_rows(chosen, c.clean,
+                                          np.random.default_rng([seed, int(n), 3]), trig.cue_key)
+              row["matched"] = how
           rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{bname}-{n}-{arm}-s{seed}")
           res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
                                  aux_ratio=float(h.aux_ratio))

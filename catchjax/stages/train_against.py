@@ -3,7 +3,8 @@
 catch: sample the organism at temperature 1 on M testing prompts, run the detector, and split
   the prompts into the caught set (it attacked) and the clean set (it behaved).
 train_against: SFT a copy of the organism on the correct helpful response for N prompts — the
-  caught ones (treatment) or clean ones (control) — with an optional coherence mixture of
+  caught ones (treatment), clean ones (control), or clean ones matched to the caught ones on
+  their cue variant and task family (matched_control) — with an optional coherence mixture of
   usefulness tasks at ratio r. The same steps, optimiser and N for both arms.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -62,11 +64,51 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
   return c
 
 
+def choose_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
+  """n distinct rows, a seeded choice, in their original order."""
+  idx = rng.choice(len(rows), size=n, replace=False)
+  return [rows[i] for i in sorted(idx)]
+
+
+def sft_row(r: dict) -> dict:
+  return dict(prompt=r["prompt"], target=r["target"], system=r["system"])
+
+
 def sft_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
   """n distinct rows (a seeded choice), each trained to its correct helpful answer."""
-  idx = rng.choice(len(rows), size=n, replace=False)
-  return [dict(prompt=rows[i]["prompt"], target=rows[i]["target"], system=rows[i]["system"])
-          for i in sorted(idx)]
+  return [sft_row(r) for r in choose_rows(rows, n, rng)]
+
+
+def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator,
+                 cue_key: Callable[[str], str | None]) -> tuple[list[dict], dict]:
+  """Clean rows matched one-to-one to `chosen` (caught) rows on what a prompt shows: first the
+  same (cue variant, task family), then the same cue variant, then any unused clean row.
+
+  Controls for the caught set's composition (e.g. which distractor phrase its notes use) so a
+  treatment-vs-control gap can be told apart from a gap in prompt make-up. Returns the rows
+  (as `sft_rows` makes them) and counts of how each was matched."""
+  def keys(r):
+    c = cue_key(r["prompt"])
+    return (c, r.get("task_family")), c
+  order = [int(i) for i in rng.permutation(len(clean))]
+  used: set[int] = set()
+  out, how = [], {"cue_and_task": 0, "cue": 0, "unmatched": 0}
+  for row in chosen:
+    full, cue = keys(row)
+    pick = None
+    for level, want in (("cue_and_task", lambda r: keys(r)[0] == full),
+                        ("cue", lambda r: keys(r)[1] == cue),
+                        ("unmatched", lambda r: True)):
+      pick = next((i for i in order if i not in used and want(clean[i])), None)
+      if pick is not None:
+        how[level] += 1
+        break
+    if pick is None:
+      raise ValueError(f"matched control: {len(clean)} clean rows cannot match "
+                       f"{len(chosen)} caught ones")
+    used.add(pick)
+    out.append(sft_row(clean[pick]))
+  return out, how
 
 
 def train_against(config, organism_model, tok, rows: list[dict], seed: int, workdir: str,
@@ -104,4 +146,4 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
   return res
 
 
-__all__ = ["Catch", "catch", "sft_rows", "train_against"]
+__all__ = ["Catch", "catch", "choose_rows", "matched_rows", "sft_rows", "train_against"]
