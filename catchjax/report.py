@@ -119,7 +119,33 @@ def _fmt(m, lo, hi, pct=False):
   return f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def markdown(summary, dist, meta: dict) -> str:
+ARM_PAIRS = (("treatment", "control"), ("treatment", "matched_control"),
+             ("matched_control", "control"))
+
+
+def arm_differences(rows: list[dict]) -> list[dict]:
+  """Paired arm contrasts of the deployment attack rate after training, per (family,
+  behaviour, N): the per-seed difference a - b over seeds both arms ran (the arms of a seed
+  share the organism, the before measurement and the evaluation prompts), with a bootstrap 95%
+  CI over those seeds (one seed: the difference alone, no interval)."""
+  after = defaultdict(dict)
+  for r in rows:
+    if r.get("arm") in TRAIN_ARMS and r.get("deploy_rate") is not None:
+      after[(r["family"], r["behaviour"], r["n"])][(r["arm"], r["seed"])] = r["deploy_rate"]
+  out = []
+  for (fam, beh, n), cell in sorted(after.items()):
+    for a, b in ARM_PAIRS:
+      seeds = sorted(sd for (arm, sd) in cell if arm == a and (b, sd) in cell)
+      if not seeds:
+        continue
+      d = [cell[(a, sd)] - cell[(b, sd)] for sd in seeds]
+      m, lo, hi = stats.bootstrap_mean_ci(d, seed=0) if len(d) > 1 else (d[0], None, None)
+      out.append(dict(family=fam, behaviour=beh, n=n, a=a, b=b, seeds=len(seeds),
+                      diff=float(m), lo=lo, hi=hi))
+  return out
+
+
+def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None) -> str:
   lines = [f"# {meta.get('title', 'catchjax report')}", ""]
   for k, v in meta.items():
     if k != "title":
@@ -143,6 +169,15 @@ def markdown(summary, dist, meta: dict) -> str:
         f"{_fmt(s['useful_acc_before'], s['useful_acc_before_lo'], s['useful_acc_before_hi'], True)}"
         f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} | "
         f"{s['ci']} |")
+  if diffs:
+    lines += ["", "## Paired arm contrasts (deployment attack rate after training)", "",
+              "Per-seed difference between two arms (same organism, before measurement and "
+              "evaluation prompts), mean over seeds with a bootstrap 95% CI over seeds.", "",
+              "| family | behaviour | N | contrast | seeds | difference |", "|---|---|---|---|---|---|"]
+    for d in diffs:
+      ci = f" [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d["lo"] is not None else " (one seed)"
+      lines.append(f"| {d['family']} | {d['behaviour']} | {d['n']} | {d['a']} - {d['b']} | "
+                   f"{d['seeds']} | {d['diff']:+.2f}{ci} |")
   if dist:
     lines += ["", "## Distinguishability of deployment from testing", "",
               "| family | prompted A/B (base) | prompted A/B (organism) | probe | "
@@ -291,7 +326,10 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   if not write:
     return dict(summary=summary, dist=dist, figures=[])
   write_csv(summary, os.path.join(workdir, "summary.csv"))
-  atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, dist, meta))
+  diffs = arm_differences(rows)
+  if diffs:
+    write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
+  atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, dist, meta, diffs))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
 

@@ -121,7 +121,7 @@ def test_result_rows_complete_and_unique_after_rerun(headline_run):
     assert r["config_hash"] == common.config_hash(c) and "commit" in r and "seed" in r
   arms = {(r["n"], r["arm"]) for r in rows}
   assert arms == {(8, "treatment"), (8, "control"), (8, "matched_control"), (0, "distinguish")}
-  for f in ("report.md", "summary.csv", "figures/retained_vs_n.png",
+  for f in ("report.md", "summary.csv", "arm_differences.csv", "figures/retained_vs_n.png",
             "figures/usefulness.png", "figures/headline_retained_vs_distinguishability.png"):
     assert os.path.getsize(os.path.join(wd, f)) > 0, f
 
@@ -150,6 +150,26 @@ def test_summary_bootstraps_over_seeds():
   assert np.isclose(s[0]["deploy_rate"], 0.2)
   assert s[0]["deploy_rate_lo"] <= 0.2 <= s[0]["deploy_rate_hi"]
   assert s[0]["deploy_rate_lo"] >= 0.1 and s[0]["deploy_rate_hi"] <= 0.3
+
+
+def test_arm_differences_are_paired_by_seed():
+  def r(arm, seed, after):
+    return dict(experiment="headline", family="collusion", behaviour="hate", n=16, arm=arm,
+                seed=seed, deploy_rate=after)
+  # Seed 2 has no control: the treatment - control contrast uses seeds 0 and 1 only.
+  rows = [r("treatment", 0, 0.9), r("control", 0, 0.3), r("treatment", 1, 0.7),
+          r("control", 1, 0.3), r("treatment", 2, 0.8), r("matched_control", 2, 0.2),
+          dict(experiment="headline", family="collusion", behaviour="hate", n=0,
+               arm="distinguish", seed=0)]
+  d = {(x["a"], x["b"]): x for x in report.arm_differences(rows)}
+  assert set(d) == {("treatment", "control"), ("treatment", "matched_control")}
+  tc = d[("treatment", "control")]
+  assert tc["seeds"] == 2 and abs(tc["diff"] - 0.5) < 1e-9 and 0.4 - 1e-9 <= tc["lo"] <= tc["hi"] <= 0.6 + 1e-9
+  tm = d[("treatment", "matched_control")]
+  assert tm["seeds"] == 1 and abs(tm["diff"] - 0.6) < 1e-9 and tm["lo"] is None
+  md = report.markdown([], {}, {"title": "t"}, report.arm_differences(rows))
+  assert "| collusion | hate | 16 | treatment - control | 2 | +0.50 [" in md
+  assert "treatment - matched_control | 1 | +0.60 (one seed)" in md
 
 
 def test_pool_rows_joins_seed_batches_and_refuses_mismatches():
