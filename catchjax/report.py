@@ -284,9 +284,12 @@ def figures(summary, dist, outdir: str) -> list[str]:
       ax.axhline(1.0, color="grey", lw=0.5, ls="--")
       ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("retained misalignment")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:   # below the panels, so it never covers a point
+      fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
-    paths.append(savefig(fig, os.path.join(outdir, "retained_vs_n.png")))
+    paths.append(savefig(fig, os.path.join(outdir, "retained_vs_n.png"),
+                         layout=dict(rect=(0, 0.08, 1, 1))))
 
     # (c) usefulness before and after (largest N).
     fig, ax = plt.subplots(figsize=(1.6 * len(fams) + 2, 3.6))
