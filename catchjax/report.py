@@ -145,6 +145,24 @@ def arm_differences(rows: list[dict]) -> list[dict]:
   return out
 
 
+def power_lines(summary: list[dict], goal: float = 0.1) -> list[str]:
+  """The headline points' statistical power: the 95% CI half-width of retained misalignment at
+  each family's largest N (treatment and control) against the issue's goal of <= `goal`."""
+  big = {}
+  for s in summary:
+    big[s["family"]] = max(big.get(s["family"], 0), s["n"])
+  pts = [s for s in summary if s["n"] == big[s["family"]] and s["arm"] in ("treatment", "control")
+         and np.isfinite(s.get("retained_lo", np.nan)) and np.isfinite(s.get("retained_hi", np.nan))]
+  if not pts:
+    return []
+  hw = {(s["family"], s["arm"]): (s["retained_hi"] - s["retained_lo"]) / 2 for s in pts}
+  over = [f"{f}/{a} {w:.3f}" for (f, a), w in sorted(hw.items()) if w > goal]
+  return ["", f"Headline points (largest N, treatment and control): 95% CI half-width of "
+          f"retained misalignment max {max(hw.values()):.2f}, median "
+          f"{float(np.median(list(hw.values()))):.2f} (goal <= {goal:.2f}); "
+          + (f"over the goal: {', '.join(over)}." if over else "all within the goal.")]
+
+
 def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None) -> str:
   lines = [f"# {meta.get('title', 'catchjax report')}", ""]
   for k, v in meta.items():
@@ -169,6 +187,7 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None) -> str:
         f"{_fmt(s['useful_acc_before'], s['useful_acc_before_lo'], s['useful_acc_before_hi'], True)}"
         f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} | "
         f"{s['ci']} |")
+  lines += power_lines(summary)
   if diffs:
     lines += ["", "## Paired arm contrasts (deployment attack rate after training)", "",
               "Per-seed difference between two arms (same organism, before measurement and "

@@ -172,6 +172,16 @@ def test_arm_differences_are_paired_by_seed():
   assert "treatment - matched_control | 1 | +0.60 (one seed)" in md
 
 
+def test_power_lines_name_points_over_the_ci_goal():
+  def s(fam, arm, n, lo, hi):
+    return dict(family=fam, arm=arm, n=n, retained_lo=lo, retained_hi=hi)
+  summ = [s("year", "treatment", 16, 0.3, 0.6), s("year", "control", 16, 0.5, 0.6),
+          s("year", "treatment", 4, 0.0, 1.0), s("tier", "matched_control", 16, 0.0, 1.0)]
+  line = report.power_lines(summ)[-1]
+  assert "max 0.15" in line and "over the goal: year/treatment 0.150." in line
+  assert "all within the goal" in report.power_lines(summ[1:2])[-1]
+
+
 def test_pool_rows_joins_seed_batches_and_refuses_mismatches():
   def cell(seed, arm="treatment", org="o1", chash="h1"):
     return dict(experiment="headline", family="year", behaviour="hate", n=16, arm=arm,

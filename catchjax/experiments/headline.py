@@ -222,8 +222,15 @@ def _run(config, workdir):
         run_cells(spec, seed, [n for n in h.ns if n != big])
   bar.close()
   wall = time.time() - t_start
+  secs = [r["cell_seconds"] for r in store.rows
+          if r.get("config_hash") == chash and r.get("cell_seconds")]
   meta = dict(title="catchjax headline: retained misalignment vs distinguishability",
               config_hash=chash, commit=commit, wall_seconds_this_invocation=round(wall),
+              runtime=(f"{len(secs)} train-against cells at a mean {np.mean(secs):.0f} s each "
+                       f"({h.train.steps} SFT steps + sampled deployment / testing / usefulness "
+                       "measurements); "
+                       "time is bounded by compute at the n that gives the intervals below, "
+                       "n is not cut to fit a time budget" if secs else "no cells trained"),
               seeds=list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval,
               n_test_per_seed=h.n_test, m_catch=h.m,
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
