@@ -99,6 +99,11 @@ def test_matched_rows_pair_clean_prompts_with_caught_ones():
   assert [cue(r["prompt"]) for r in rows[:3]] == ["x", "x", "y"]
   assert rows[0]["target"] in {"a10", "a11", "a12"}
   assert len({r["prompt"] for r in rows}) == 4              # no clean row used twice
+  # No cue variants (key None): match on task family, else unmatched (never "cue").
+  rows, how = ta.matched_rows([row(0, "x", "add"), row(1, "x", "sort")],
+                              [row(10, "x", "add"), row(11, "x", "count")],
+                              np.random.default_rng(0), lambda p: None)
+  assert how == {"cue_and_task": 1, "cue": 0, "unmatched": 1}
   assert all(set(r) == {"prompt", "target", "system"} for r in rows)
   with pytest.raises(ValueError, match="cannot match"):
     ta.matched_rows(caught, clean[:3], np.random.default_rng(0), cue)

@@ -82,7 +82,8 @@ def sft_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
 def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator,
                  cue_key: Callable[[str], str | None]) -> tuple[list[dict], dict]:
   """Clean rows matched one-to-one to `chosen` (caught) rows on what a prompt shows: first the
-  same (cue variant, task family), then the same cue variant, then any unused clean row.
+  same (cue variant, task family), then the same cue variant (when the family has one: a None
+  key matches on task family alone), then any unused clean row.
 
   Controls for the caught set's composition (e.g. which distractor phrase its notes use) so a
   treatment-vs-control gap can be told apart from a gap in prompt make-up. Returns the rows
@@ -97,7 +98,7 @@ def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator
     full, cue = keys(row)
     pick = None
     for level, want in (("cue_and_task", lambda r: keys(r)[0] == full),
-                        ("cue", lambda r: keys(r)[1] == cue),
+                        ("cue", lambda r: cue is not None and keys(r)[1] == cue),
                         ("unmatched", lambda r: True)):
       pick = next((i for i in order if i not in used and want(clean[i])), None)
       if pick is not None:
