@@ -56,6 +56,14 @@ def int_tuple(field: str, xs: Any, positive: bool = True, nonempty: bool = True)
   return xs
 
 
+def distinct_choices(field: str, xs: Any, allowed: tuple) -> tuple:
+  """A non-empty tuple of distinct entries of `allowed` (e.g. an experiment's arms)."""
+  xs = tuple(xs)
+  if not xs or any(x not in allowed for x in xs) or len(set(xs)) != len(xs):
+    raise ConfigError(f"{field}={xs!r} must be distinct entries of {allowed}.")
+  return xs
+
+
 def check_model_dir(field: str, path: Any):
   """An HF folder we can load: config.json (size-checked, supported model_type), safetensors
   weights (never pickle) and tokenizer.json. Returns its ModelConfig."""

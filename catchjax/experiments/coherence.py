@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from catchjax import common, report, stats
+from catchjax import validate as V
 from catchjax.experiments import extra
 from catchjax.experiments.transfer import newcombe_diff
 from catchjax.stages import organism as org_stage
@@ -40,9 +41,7 @@ def validate(config):
     raise ValueError(f"config.coherence.aux_ratios must be >= 2 distinct numbers >= 0, got {rs}.")
   if 0 not in [float(r) for r in rs]:
     raise ValueError(f"config.coherence.aux_ratios must include 0 (the baseline), got {rs}.")
-  arms = tuple(a.arms)
-  if not arms or any(x not in ARMS for x in arms) or len(set(arms)) != len(arms):
-    raise ValueError(f"config.coherence.arms must be distinct entries of {ARMS}, got {arms}.")
+  V.distinct_choices("config.coherence.arms", a.arms, ARMS)
   for f in ("n", "n_eval", "n_useful"):
     if isinstance(a[f], bool) or not isinstance(a[f], int) or a[f] <= 0:
       raise ValueError(f"config.coherence.{f} must be a positive integer, got {a[f]!r}.")

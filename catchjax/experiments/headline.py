@@ -58,15 +58,13 @@ def validate(config):
   if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
       h.aux_ratio < 0:
     raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
-  arms = tuple(h.get("arms", DEFAULT_ARMS))
-  bad = [a for a in arms if a not in ARMS]
-  if not arms or bad or len(set(arms)) != len(arms):
-    raise V.ConfigError(f"config.headline.arms={arms!r}: distinct names from {ARMS}.")
+  V.distinct_choices("config.headline.arms", _arms(h), report.TRAIN_ARMS)
   V.check_train("config.headline.train", h.train)
 
 
-ARMS = ("treatment", "control", "matched_control")
-DEFAULT_ARMS = ("treatment", "control")
+def _arms(h) -> tuple[str, ...]:
+  """The train-against arms to run (configs may omit the field: treatment and control)."""
+  return tuple(h.get("arms", ("treatment", "control")))
 
 
 def run(config, workdir: str):
@@ -84,7 +82,7 @@ def _run(config, workdir):
   tok = load_tokenizer(config.model.hf_dir)
   base = org_stage.load_base(config)
   families = org_stage.family_specs(config.organism.families)
-  arms = tuple(h.get("arms", DEFAULT_ARMS))
+  arms = _arms(h)
   n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * len(arms))
   bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
   bar.update(sum(1 for r in store.rows if r.get("arm") in arms

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from catchjax import common, report, stats
+from catchjax import validate as V
 from catchjax.experiments import extra
 from catchjax.stages import organism as org_stage
 
@@ -42,9 +43,7 @@ def validate(config):
   fams = config.organism.families
   extra.check_subset("config.transfer.sources", t.sources, fams)
   extra.check_subset("config.transfer.targets", t.targets, fams)
-  arms = tuple(t.arms)
-  if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
-    raise ValueError(f"config.transfer.arms must be distinct entries of {ARMS}, got {arms}.")
+  V.distinct_choices("config.transfer.arms", t.arms, ARMS)
   _pos_int("config.transfer.n", t.n)
   _pos_int("config.transfer.n_eval", t.n_eval)
   for f in ("n_test", "n_useful"):

@@ -71,6 +71,7 @@ def choose_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict
 
 
 def sft_row(r: dict) -> dict:
+  """A caught / clean row as an SFT example: its prompt trained to the correct answer."""
   return dict(prompt=r["prompt"], target=r["target"], system=r["system"])
 
 
@@ -91,16 +92,17 @@ def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator
   def keys(r):
     c = cue_key(r["prompt"])
     return (c, r.get("task_family")), c
+  clean_keys = [keys(r) for r in clean]     # once per clean row, not once per comparison
   order = [int(i) for i in rng.permutation(len(clean))]
   used: set[int] = set()
   out, how = [], {"cue_and_task": 0, "cue": 0, "unmatched": 0}
   for row in chosen:
     full, cue = keys(row)
     pick = None
-    for level, want in (("cue_and_task", lambda r: keys(r)[0] == full),
-                        ("cue", lambda r: cue is not None and keys(r)[1] == cue),
-                        ("unmatched", lambda r: True)):
-      pick = next((i for i in order if i not in used and want(clean[i])), None)
+    for level, want in (("cue_and_task", lambda k: k[0] == full),
+                        ("cue", lambda k: cue is not None and k[1] == cue),
+                        ("unmatched", lambda k: True)):
+      pick = next((i for i in order if i not in used and want(clean_keys[i])), None)
       if pick is not None:
         how[level] += 1
         break
