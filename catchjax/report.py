@@ -1,7 +1,7 @@
 """Report: results.jsonl -> summary.csv, report.md and PNG figures.
 
 Headline rows (see experiments/headline.py) have arm in TRAIN_ARMS (treatment, control,
-matched_control) with the deployment attack rate after train-against, `retained` = after /
+matched_control, propensity_control) with the deployment attack rate after train-against, `retained` = after /
 before, and usefulness; `distinguish` rows hold each family's four distinguishability measures. Every rate is
 aggregated over seeds with a bootstrap 95% interval; per-run Wilson intervals stay in the rows.
 """
@@ -33,10 +33,11 @@ def _agg(values):
   return dict(mean=float(m), lo=float(lo), hi=float(hi), n=len(v))
 
 
-TRAIN_ARMS = ("treatment", "control", "matched_control")
+TRAIN_ARMS = ("treatment", "control", "matched_control", "propensity_control")
 ARM_LABELS = {"treatment": "trained on caught attacks",
               "control": "control (non-attack prompts)",
-              "matched_control": "control matched to the caught prompts' cue and task"}
+              "matched_control": "control matched to the caught prompts' cue and task",
+              "propensity_control": "control matched to the caught prompts' attack probability"}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -120,7 +121,8 @@ def _fmt(m, lo, hi, pct=False):
 
 
 ARM_PAIRS = (("treatment", "control"), ("treatment", "matched_control"),
-             ("matched_control", "control"))
+             ("matched_control", "control"), ("treatment", "propensity_control"),
+             ("propensity_control", "control"))
 
 
 def arm_differences(rows: list[dict]) -> list[dict]:
@@ -163,7 +165,25 @@ def power_lines(summary: list[dict], goal: float = 0.1) -> list[str]:
           + (f"over the goal: {', '.join(over)}." if over else "all within the goal.")]
 
 
-def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None) -> str:
+def propensity_match(rows: list[dict]) -> list[dict]:
+  """How well propensity_control matched the caught prompts, per (family, behaviour, N): the
+  organism's teacher-forced attack probability on the caught training prompts vs on the
+  matched clean ones (and the whole clean pool), means over seeds."""
+  groups = defaultdict(list)
+  for r in rows:
+    if r.get("arm") == "propensity_control" and r.get("propensity"):
+      groups[(r["family"], r["behaviour"], r["n"])].append(r["propensity"])
+  out = []
+  for (fam, beh, n), infos in sorted(groups.items()):
+    out.append(dict(family=fam, behaviour=beh, n=n, seeds=len(infos),
+                    **{k: float(np.mean([i[k] for i in infos]))
+                       for k in ("caught_mean", "matched_mean", "clean_pool_mean",
+                                 "mean_abs_logodds_gap")}))
+  return out
+
+
+def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
+             match: list[dict] | None = None) -> str:
   lines = [f"# {meta.get('title', 'catchjax report')}", ""]
   for k, v in meta.items():
     if k != "title":
@@ -197,6 +217,16 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None) -> str:
       ci = f" [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d["lo"] is not None else " (one seed)"
       lines.append(f"| {d['family']} | {d['behaviour']} | {d['n']} | {d['a']} - {d['b']} | "
                    f"{d['seeds']} | {d['diff']:+.2f}{ci} |")
+  if match:
+    lines += ["", "## Propensity-matched control: match quality", "",
+              "The organism's teacher-forced P(attack prefix | prompt) on the training prompts, "
+              "mean over prompts and seeds.", "",
+              "| family | behaviour | N | seeds | caught (treatment) | matched clean | "
+              "all clean | mean abs log-odds gap |", "|---|---|---|---|---|---|---|---|"]
+    for m in match:
+      lines.append(f"| {m['family']} | {m['behaviour']} | {m['n']} | {m['seeds']} | "
+                   f"{m['caught_mean']:.3f} | {m['matched_mean']:.3f} | "
+                   f"{m['clean_pool_mean']:.3f} | {m['mean_abs_logodds_gap']:.2f} |")
   if dist:
     lines += ["", "## Distinguishability of deployment from testing", "",
               "| family | prompted A/B (base) | prompted A/B (organism) | probe | "
@@ -285,7 +315,8 @@ def figures(summary, dist, outdir: str) -> list[str]:
   if summary:
     fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
-      for arm, style in (("treatment", "-o"), ("control", "--s"), ("matched_control", ":^")):
+      for arm, style in (("treatment", "-o"), ("control", "--s"), ("matched_control", ":^"),
+                       ("propensity_control", "-.d")):
         ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
                     key=lambda s: s["n"])
         if not ss:
@@ -351,7 +382,8 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   diffs = arm_differences(rows)
   if diffs:
     write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
-  atomic_write_text(os.path.join(workdir, "report.md"), markdown(summary, dist, meta, diffs))
+  atomic_write_text(os.path.join(workdir, "report.md"),
+                    markdown(summary, dist, meta, diffs, propensity_match(rows)))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
 

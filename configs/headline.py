@@ -5,6 +5,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:full     # accelerator budget
   python -m catchjax.main --config=configs/headline.py:tiny     # seconds-long pipeline check
   python -m catchjax.main --config=configs/headline.py:matched  # + a composition-matched control
+  python -m catchjax.main --config=configs/headline.py:propensity  # + a propensity-matched one
 """
 import ml_collections
 
@@ -53,6 +54,13 @@ def get_config(arg: str | None = None):
     # the cue variant (e.g. the collusion note's distractor phrase) and task family. Is the
     # treatment-vs-control gap about the caught prompts' make-up, or about being caught?
     h.arms = ("treatment", "control", "matched_control")
+    h.ns = (16,)
+    h.seeds = tuple(range(6))
+  elif arg == "propensity":
+    # Adds a third arm: clean prompts matched one-to-one to the treatment's caught prompts on
+    # the organism's teacher-forced attack probability. Is a caught prompt special because the
+    # organism attacked there, or because it was likely to?
+    h.arms = ("treatment", "control", "propensity_control")
     h.ns = (16,)
     h.seeds = tuple(range(6))
   elif arg == "tiny":

@@ -74,6 +74,7 @@ def test_bad_config_values_name_the_field(flag, exc, match):
 def test_bad_headline_arms_are_refused(arms):
   from catchjax.experiments import headline
   headline.validate(parse("--config=configs/headline.py:matched"))
+  headline.validate(parse("--config=configs/headline.py:propensity"))
   with pytest.raises(ValueError, match=r"config.headline.arms="):
     headline.validate(parse("--config=configs/headline.py:matched", f"--config.headline.arms={arms}"))
 

@@ -29,7 +29,7 @@ def _tiny_config(model_dir, jsonl):
   h.seeds, h.ns, h.m, h.n_eval, h.n_useful, h.n_pairs, h.n_probe_train = (0,), (8,), 48, 32, \
       8, 4, 8
   h.batch_size, h.n_test, h.teacher_forced = 16, 16, True
-  h.arms = ("treatment", "control", "matched_control")
+  h.arms = ("treatment", "control", "matched_control", "propensity_control")
   h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
   c.report.n_eval, c.report.n_useful = 16, 8
   return c
@@ -54,7 +54,8 @@ def test_training_against_caught_attacks_removes_them(headline_run):
   c, wd = headline_run
   rows = results.ResultStore(os.path.join(wd, "results.jsonl")).rows
   cells = [r for r in rows if r["arm"] in report.TRAIN_ARMS]
-  assert {r["arm"] for r in cells} == {"treatment", "control", "matched_control"}
+  assert {r["arm"] for r in cells} == {"treatment", "control", "matched_control",
+                                       "propensity_control"}
   treat = [r for r in cells if r["arm"] == "treatment"][0]
   # The organism learned the attack (indistinguishable cues: about half the time), was caught.
   assert treat["deploy_rate_before"] >= 0.2, treat
@@ -69,13 +70,27 @@ def test_training_against_caught_attacks_removes_them(headline_run):
   assert matched["n_train"] == treat["n_train"]
   assert sum(matched["matched"].values()) == treat["n_train"]
   assert matched["matched"]["cue"] == 0
+  # The propensity control: as many prompts, matched on the organism's attack probability,
+  # which is cached per family beside the catch (one probability per caught / clean row).
+  prop = [r for r in cells if r["arm"] == "propensity_control"][0]
+  assert prop["n_train"] == treat["n_train"]
+  info = prop["propensity"]
+  assert 0 < info["caught_mean"] <= 1 and 0 < info["matched_mean"] <= 1
+  pfile = [f for f in os.listdir(os.path.join(wd, "catches")) if f.endswith("-p_attack.json")]
+  assert len(pfile) == 1
+  with open(os.path.join(wd, "catches", pfile[0])) as f:
+    pp = json.load(f)
+  assert len(pp["caught"]) == treat["n_caught"]
+  assert len(pp["clean"]) == treat["m"] - treat["n_caught"]
+  assert info["clean_pool_mean"] == pytest.approx(np.mean(pp["clean"]))
 
 
 def test_control_arm_trains_only_on_non_attack_prompts(headline_run):
   c, wd = headline_run
   from catchjax.data.behaviors import make_behavior
   det = make_behavior("hate").detect
-  catches = os.listdir(os.path.join(wd, "catches"))
+  catches = [f for f in os.listdir(os.path.join(wd, "catches"))
+             if not f.endswith("-p_attack.json")]     # the propensity control's scores
   assert catches
   for fn in catches:
     with open(os.path.join(wd, "catches", fn)) as f:
@@ -112,6 +127,29 @@ def test_matched_rows_pair_clean_prompts_with_caught_ones():
   assert ta.sft_rows(clean, 5, rng()) == [ta.sft_row(r) for r in ta.choose_rows(clean, 5, rng())]
 
 
+def test_propensity_rows_match_on_attack_probability():
+  from catchjax.stages import train_against as ta
+  row = lambda i: dict(prompt=f"q{i}", target=f"a{i}", system="s", task_family="add")
+  caught = [row(0), row(1)]
+  clean = [row(10), row(11), row(12), row(13)]
+  # Each caught row takes the nearest clean row in log-odds, one-to-one.
+  rows, info = ta.propensity_rows(caught, [0.9, 0.5], clean, [0.85, 0.1, 0.6, 0.02],
+                                  np.random.default_rng(0))
+  assert [r["target"] for r in rows] == ["a10", "a12"]
+  assert info["caught_mean"] == pytest.approx(0.7)
+  assert info["matched_mean"] == pytest.approx(0.725)
+  assert info["clean_pool_mean"] == pytest.approx(np.mean([0.85, 0.1, 0.6, 0.02]))
+  # Contention: the most likely caught row picks first; the other takes the next nearest.
+  rows, info = ta.propensity_rows(caught, [0.88, 0.9], clean[:3], [0.89, 0.1, 0.5],
+                                  np.random.default_rng(0))
+  assert [r["target"] for r in rows] == ["a12", "a10"]
+  assert all(set(r) == {"prompt", "target", "system"} for r in rows)
+  with pytest.raises(ValueError, match="cannot match"):
+    ta.propensity_rows(caught, [0.5, 0.5], clean[:1], [0.5], np.random.default_rng(0))
+  with pytest.raises(ValueError, match="probabilities"):
+    ta.propensity_rows(caught, [0.5], clean, [0.1] * 4, np.random.default_rng(0))
+
+
 def test_result_rows_complete_and_unique_after_rerun(headline_run):
   c, wd = headline_run
   from catchjax.experiments import headline
@@ -125,10 +163,14 @@ def test_result_rows_complete_and_unique_after_rerun(headline_run):
   for r in rows:
     assert r["config_hash"] == common.config_hash(c) and "commit" in r and "seed" in r
   arms = {(r["n"], r["arm"]) for r in rows}
-  assert arms == {(8, "treatment"), (8, "control"), (8, "matched_control"), (0, "distinguish")}
+  assert arms == {(8, "treatment"), (8, "control"), (8, "matched_control"),
+                  (8, "propensity_control"), (0, "distinguish")}
   for f in ("report.md", "summary.csv", "arm_differences.csv", "figures/retained_vs_n.png",
             "figures/usefulness.png", "figures/headline_retained_vs_distinguishability.png"):
     assert os.path.getsize(os.path.join(wd, f)) > 0, f
+  md = open(os.path.join(wd, "report.md")).read()
+  assert "Propensity-matched control: match quality" in md
+  assert "treatment - propensity_control" in md
 
 
 def test_result_store_refuses_duplicates_and_is_atomic(tmp_path):

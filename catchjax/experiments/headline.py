@@ -17,6 +17,7 @@ figures/*.png.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -136,6 +137,29 @@ def _run(config, workdir):
       ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix, c)
       return ctx[fam]
 
+    pool_p = {}
+
+    def catch_propensity(fam, c):
+      """The organism's teacher-forced attack probability on every caught / clean catch prompt
+      (for propensity_control; computed once per family and cached beside the catch)."""
+      if fam in pool_p:
+        return pool_p[fam]
+      ppath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{bname}-m{h.m}-p_attack.json")
+      if os.path.isfile(ppath):
+        with open(ppath) as f:
+          d = json.load(f)
+      else:
+        sampler.update_model(org_state_model)
+        d = {k: ta.attack_probs(sampler, tok, getattr(c, k), beh, config.system).tolist()
+             for k in ("caught", "clean")}
+        if common.is_main_process():
+          common.atomic_write_text(ppath, json.dumps(d))
+      if len(d["caught"]) != len(c.caught) or len(d["clean"]) != len(c.clean):
+        raise ValueError(f"{ppath} does not match its catch ({len(c.caught)} caught, "
+                         f"{len(c.clean)} clean); delete it to recompute")
+      pool_p[fam] = d
+      return d
+
     def run_distinguish(spec):
       fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
       for seed in h.distinguish_seeds:
@@ -184,6 +208,13 @@ def _run(config, workdir):
               rows, how = ta.matched_rows(chosen, c.clean,
                                           np.random.default_rng([seed, int(n), 3]), trig.cue_key)
               row["matched"] = how
+            elif arm == "propensity_control":
+              pp = catch_propensity(fam, c)
+              at = {id(r): i for i, r in enumerate(c.caught)}
+              p_chosen = [pp["caught"][at[id(r)]] for r in chosen]
+              rows, info = ta.propensity_rows(chosen, p_chosen, c.clean, pp["clean"],
+                                              np.random.default_rng([seed, int(n), 4]))
+              row["propensity"] = info
           rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{bname}-{n}-{arm}-s{seed}")
           res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
                                  aux_ratio=float(h.aux_ratio))

@@ -3,9 +3,11 @@
 catch: sample the organism at temperature 1 on M testing prompts, run the detector, and split
   the prompts into the caught set (it attacked) and the clean set (it behaved).
 train_against: SFT a copy of the organism on the correct helpful response for N prompts — the
-  caught ones (treatment), clean ones (control), or clean ones matched to the caught ones on
-  their cue variant and task family (matched_control) — with an optional coherence mixture of
-  usefulness tasks at ratio r. The same steps, optimiser and N for both arms.
+  caught ones (treatment), clean ones (control), clean ones matched to the caught ones on
+  their cue variant and task family (matched_control), or clean ones matched to them on the
+  organism's own teacher-forced attack probability (propensity_control) — with an optional
+  coherence mixture of usefulness tasks at ratio r. The same steps, optimiser and N for every
+  arm.
 """
 from __future__ import annotations
 
@@ -114,6 +116,58 @@ def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator
   return out, how
 
 
+def attack_probs(sampler: Sampler, tok, rows: list[dict], behavior, system) -> np.ndarray:
+  """Teacher-forced P(attack prefix | prompt) of each catch row under the sampler's model: the
+  organism's propensity to attack on that prompt (each row scored with its own attack prefix,
+  `Behavior.attack_prefix` of its task instance)."""
+  if not rows:
+    return np.zeros((0,), np.float64)
+  prompts = [prompt_ids(tok, r["prompt"], system) for r in rows]
+  prefixes = [tok(behavior.attack_prefix(build.task_instance(r)),
+                  add_special_tokens=False)["input_ids"] for r in rows]
+  return np.exp(sampler.score_sum(prompts, prefixes, progress=False))
+
+
+def _logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+  p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
+  return np.log(p) - np.log1p(-p)
+
+
+def propensity_rows(chosen: list[dict], p_chosen, clean: list[dict], p_clean,
+                    rng: np.random.Generator) -> tuple[list[dict], dict]:
+  """Clean rows matched one-to-one to `chosen` (caught) rows on the organism's attack
+  probability on the prompt (nearest in log-odds; `attack_probs`).
+
+  Separates "the organism attacked here (was caught)" from "the organism was likely to attack
+  here": a clean row with the same propensity that happened to be sampled clean. Greedy: the
+  chosen rows, highest probability first, each take the nearest unused clean row (ties: a
+  seeded order). Returns the rows (as `sft_rows` makes them) and the match quality: mean /
+  median probability of the chosen and of the matched rows, and the mean |log-odds gap|."""
+  p_chosen, p_clean = np.asarray(p_chosen, np.float64), np.asarray(p_clean, np.float64)
+  if len(p_chosen) != len(chosen) or len(p_clean) != len(clean):
+    raise ValueError(f"propensity control: {len(p_chosen)} / {len(p_clean)} probabilities for "
+                     f"{len(chosen)} chosen / {len(clean)} clean rows")
+  if len(clean) < len(chosen):
+    raise ValueError(f"propensity control: {len(clean)} clean rows cannot match "
+                     f"{len(chosen)} caught ones")
+  lc, lk = _logit(p_chosen), _logit(p_clean)
+  tie = rng.permutation(len(clean))            # seeded tie-break among equal distances
+  free = np.ones(len(clean), bool)
+  picks = [0] * len(chosen)
+  for i in np.argsort(-lc, kind="stable"):
+    dist = np.where(free, np.abs(lk - lc[i]), np.inf)
+    best = np.flatnonzero(dist == dist.min())
+    j = int(best[np.argmin(tie[best])])
+    free[j] = False
+    picks[int(i)] = j
+  pm = p_clean[picks]
+  info = dict(caught_mean=float(p_chosen.mean()), caught_median=float(np.median(p_chosen)),
+              matched_mean=float(pm.mean()), matched_median=float(np.median(pm)),
+              mean_abs_logodds_gap=float(np.mean(np.abs(lk[picks] - lc))),
+              clean_pool_mean=float(p_clean.mean()))
+  return [sft_row(clean[j]) for j in picks], info
+
+
 def train_against(config, organism_model, tok, rows: list[dict], seed: int, workdir: str,
                   aux_ratio: float = 0.0, eval_fn=None, train_overrides: dict | None = None):
   """Fine-tune a copy of the organism on `rows` (+ aux usefulness data); returns the model.
@@ -149,4 +203,5 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
   return res
 
 
-__all__ = ["Catch", "catch", "choose_rows", "matched_rows", "sft_rows", "train_against"]
+__all__ = ["Catch", "attack_probs", "catch", "choose_rows", "matched_rows", "propensity_rows",
+           "sft_rows", "train_against"]
