@@ -6,6 +6,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:tiny     # seconds-long pipeline check
   python -m catchjax.main --config=configs/headline.py:matched  # + a composition-matched control
   python -m catchjax.main --config=configs/headline.py:propensity  # + a propensity-matched one
+  python -m catchjax.main --config=configs/headline.py:reseeded    # a fresh catch per seed
 """
 import ml_collections
 
@@ -61,6 +62,16 @@ def get_config(arg: str | None = None):
     # the organism's teacher-forced attack probability. Is a caught prompt special because the
     # organism attacked there, or because it was likely to?
     h.arms = ("treatment", "control", "propensity_control")
+    h.ns = (16,)
+    h.seeds = tuple(range(6))
+  elif arg == "reseeded":
+    # Each seed catches on its own M testing prompts (new prompts, new sampling draws) instead
+    # of every seed drawing its N from one shared catch: the spread over seeds then covers which
+    # prompts the organism happened to slip on. `families` restricts the sweep to a subset of
+    # the organism's families (the organism itself is unchanged).
+    h.catch_per_seed = True
+    h.families = ml_collections.config_dict.placeholder(tuple)
+    h.arms = ("treatment", "control")
     h.ns = (16,)
     h.seeds = tuple(range(6))
   elif arg == "tiny":

@@ -46,7 +46,9 @@ def validate(config):
   seeds = V.int_tuple("config.headline.seeds", h.seeds, positive=False)
   if len(set(seeds)) != len(seeds):
     raise V.ConfigError(f"config.headline.seeds has repeats: {seeds}.")
-  V.int_tuple("config.headline.distinguish_seeds", h.distinguish_seeds, positive=False)
+  # () skips the distinguishability measures (e.g. a sweep pooled with one that has them).
+  V.int_tuple("config.headline.distinguish_seeds", h.distinguish_seeds, positive=False,
+              nonempty=False)
   ns = V.int_tuple("config.headline.ns", h.ns)   # "must be positive integers"
   m = V.positive_int("config.headline.m", h.m)
   if m < max(ns):
@@ -60,6 +62,12 @@ def validate(config):
       h.aux_ratio < 0:
     raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
   V.distinct_choices("config.headline.arms", _arms(h), report.TRAIN_ARMS)
+  if h.get("families") is not None:
+    V.distinct_choices("config.headline.families", tuple(h.families),
+                       tuple(org_stage.family_name(f) for f in config.organism.families))
+  if not isinstance(h.get("catch_per_seed", False), bool):
+    raise V.ConfigError(f"config.headline.catch_per_seed must be True or False, got "
+                        f"{h.catch_per_seed!r}.")
   V.check_train("config.headline.train", h.train)
 
 
@@ -83,6 +91,9 @@ def _run(config, workdir):
   tok = load_tokenizer(config.model.hf_dir)
   base = org_stage.load_base(config)
   families = org_stage.family_specs(config.organism.families)
+  if h.get("families") is not None:   # a subset of the organism's families (same organism)
+    families = [f for f in families if org_stage.family_name(f) in set(h.families)]
+  per_seed = bool(h.get("catch_per_seed", False))
   arms = _arms(h)
   n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * len(arms))
   bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
@@ -128,23 +139,34 @@ def _run(config, workdir):
       dep_prompts = [prompt_ids(tok, p, config.system) for p in dep_ds["prompt"]]
       test_prompts = [prompt_ids(tok, p, config.system) for p in test_ds["prompt"]]
       prefix = tok(dep_ds[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
-
-      # One catch pass per family (M testing prompts sampled once); each seed then draws its
-      # own N caught prompts from it, so the seeds still change the catch sample.
-      sampler.update_model(org_state_model)
-      cpath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{bname}-m{h.m}.json")
-      c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
-      ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix, c)
+      ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix)
       return ctx[fam]
+
+    catches = {}
+
+    def family_catch(spec, seed):
+      """The catch a seed draws its N caught / clean prompts from. Default: one catch pass per
+      family (M testing prompts sampled once), shared by every seed, each drawing its own N.
+      catch_per_seed: each seed samples its own M prompts (new prompts, new sampling draws), so
+      the spread over seeds also covers which prompts the organism slipped on."""
+      fam = org_stage.family_name(spec)
+      cseed = int(seed) if per_seed else 0
+      if (fam, cseed) not in catches:
+        sampler.update_model(org_state_model)
+        name = f"{org.key}-{fam}-{bname}-m{h.m}" + (f"-s{cseed}" if per_seed else "")
+        cpath = os.path.join(workdir, "catches", name + ".json")
+        catches[(fam, cseed)] = (ta.catch(config, sampler, tok, spec, behaviour, cseed, cpath),
+                                 cpath)
+      return catches[(fam, cseed)]
 
     pool_p = {}
 
-    def catch_propensity(fam, c):
+    def catch_propensity(c, cpath):
       """The organism's teacher-forced attack probability on every caught / clean catch prompt
-      (for propensity_control; computed once per family and cached beside the catch)."""
-      if fam in pool_p:
-        return pool_p[fam]
-      ppath = os.path.join(workdir, "catches", f"{org.key}-{fam}-{bname}-m{h.m}-p_attack.json")
+      (for propensity_control; computed once per catch and cached beside it)."""
+      if cpath in pool_p:
+        return pool_p[cpath]
+      ppath = cpath[:-len(".json")] + "-p_attack.json"
       if os.path.isfile(ppath):
         with open(ppath) as f:
           d = json.load(f)
@@ -157,11 +179,11 @@ def _run(config, workdir):
       if len(d["caught"]) != len(c.caught) or len(d["clean"]) != len(c.clean):
         raise ValueError(f"{ppath} does not match its catch ({len(c.caught)} caught, "
                          f"{len(c.clean)} clean); delete it to recompute")
-      pool_p[fam] = d
+      pool_p[cpath] = d
       return d
 
     def run_distinguish(spec):
-      fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
+      fam, trig, dep_prompts, test_prompts, prefix = family_ctx(spec)
       for seed in h.distinguish_seeds:
         key = ("headline", fam, bname, 0, "distinguish", seed, chash)
         if store.has(key):
@@ -172,7 +194,7 @@ def _run(config, workdir):
         store.append(row)
 
     def run_cells(spec, seed, ns):
-      fam, trig, dep_prompts, test_prompts, prefix, c = family_ctx(spec)
+      fam, trig, dep_prompts, test_prompts, prefix = family_ctx(spec)
       before = None
       for n in ns:
         for arm in arms:
@@ -180,12 +202,13 @@ def _run(config, workdir):
           if store.has(key):
             continue
           if before is None:
+            c, cpath = family_catch(spec, seed)
             sampler.update_model(org_state_model)
             before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
           n_train = min(int(n), len(c.caught), len(c.clean))
           row = dict(experiment="headline", family=fam, behaviour=bname, n=int(n),
                      arm=arm, seed=seed, config_hash=chash, commit=commit,
-                     organism=org.key, m=c.m, n_caught=len(c.caught),
+                     organism=org.key, m=c.m, catch_seed=c.seed, n_caught=len(c.caught),
                      catch_rate=c.catch_rate["rate"], n_train=n_train,
                      capped=n_train < int(n), aux_ratio=float(h.aux_ratio))
           d0, t0_, u0, tf0 = before
@@ -209,7 +232,7 @@ def _run(config, workdir):
                                           np.random.default_rng([seed, int(n), 3]), trig.cue_key)
               row["matched"] = how
             elif arm == "propensity_control":
-              pp = catch_propensity(fam, c)
+              pp = catch_propensity(c, cpath)
               at = {id(r): i for i, r in enumerate(c.caught)}
               p_chosen = [pp["caught"][at[id(r)]] for r in chosen]
               rows, info = ta.propensity_rows(chosen, p_chosen, c.clean, pp["clean"],
