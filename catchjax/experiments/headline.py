@@ -3,11 +3,14 @@ that depend on how hard deployment is to tell from testing?
 
 For every behaviour and trigger family:
   1. restore (or build) the organism;
-  2. per seed, catch: sample M held-out testing prompts at T=1 and keep the attacks;
+  2. catch: sample M held-out testing prompts at T=1 and keep the attacks (one catch per
+     family shared by the seeds, each drawing its own N from it; or, with
+     `headline.catch_per_seed` (configs/headline.py:reseeded), a fresh catch per seed);
   3. per N and arm, train against: SFT the organism on the correct answer for N caught
      prompts (treatment) or N prompts where it behaved (control), same steps and optimiser;
-     optionally (`headline.arms`, configs/headline.py:matched) a matched_control arm: clean
-     prompts paired one-to-one with the treatment's caught ones on cue variant and task;
+     optionally (`headline.arms`) clean prompts paired one-to-one with the treatment's caught
+     ones on cue variant and task (matched_control, configs/headline.py:matched) or on the
+     organism's teacher-forced attack probability (propensity_control, :propensity);
   4. measure the deployment attack rate (sampled, T=1, held-out cues), the testing attack
      rate, usefulness and the teacher-forced attack probability; retained = after / before;
   5. distinguishability per family: prompted A/B (base and organism), a probe on the base
