@@ -315,13 +315,15 @@ def figures(summary, dist, outdir: str) -> list[str]:
   if summary:
     fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.6), squeeze=False)
     for ax, fam in zip(axes[0], fams):
-      for arm, style in (("treatment", "-o"), ("control", "--s"), ("matched_control", ":^"),
-                       ("propensity_control", "-.d")):
+      # Each arm sits a little apart on the log-N axis so equal-N error bars do not overlap.
+      for arm, style, dodge in (("treatment", "-o", 0.93), ("control", "--s", 1.0),
+                                ("matched_control", ":^", 1.07),
+                                ("propensity_control", "-.d", 1.14)):
         ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
                     key=lambda s: s["n"])
         if not ss:
           continue
-        x = [s["n"] for s in ss]
+        x = [s["n"] * dodge for s in ss]
         y = np.array([s["retained"] for s in ss])
         lo = np.array([s["retained_lo"] for s in ss])
         hi = np.array([s["retained_hi"] for s in ss])
