@@ -20,6 +20,12 @@ def get_config(arg: str | None = None):
   h.seeds = (0, 1, 2)            # change the catch sample, the data order and the sampling
   h.ns = (1, 4, 16)              # training prompts per arm (capped by what was caught)
   h.m = 400                      # held-out testing prompts sampled to catch attacks
+  # Each seed samples its own catch (M new prompts, new sampling draws). False: one catch per
+  # family shared by the seeds (each draws its own N from it), which hides the catch-to-catch
+  # spread (WORKSPACE: the collusion "reversal" of 2026-11-26 was one catch's).
+  h.catch_per_seed = True
+  h.arms = ("treatment", "control")   # + matched_control / propensity_control (see below)
+  h.families = ml_collections.config_dict.placeholder(tuple)  # subset of organism families
   h.catch_split = "train"        # catch prompts: train-split tasks and cues (eval is measured)
   h.n_eval = 100                 # held-out deployment prompts per measurement (per seed)
   h.n_test = 50                  # held-out testing prompts per measurement (per seed)
@@ -65,13 +71,8 @@ def get_config(arg: str | None = None):
     h.ns = (16,)
     h.seeds = tuple(range(6))
   elif arg == "reseeded":
-    # Each seed catches on its own M testing prompts (new prompts, new sampling draws) instead
-    # of every seed drawing its N from one shared catch: the spread over seeds then covers which
-    # prompts the organism happened to slip on. `families` restricts the sweep to a subset of
-    # the organism's families (the organism itself is unchanged).
-    h.catch_per_seed = True
-    h.families = ml_collections.config_dict.placeholder(tuple)
-    h.arms = ("treatment", "control")
+    # The N = 16 points over 6 seeds, each seed with its own catch (the default's catch rule;
+    # recorded with --config.headline.families="('collusion','year')").
     h.ns = (16,)
     h.seeds = tuple(range(6))
   elif arg == "tiny":
@@ -94,6 +95,9 @@ def derived_config(arg: str | None, experiment: str, dry_run: bool = False):
   run's own workdir under `:tiny`), and an empty `config.<experiment>` section to fill in.
   `dry_run=True` adds the `config.dry_run` switch (validate + print the plan, no compute)."""
   c = get_config(arg)
+  # The headline sweep's own fields: the extra experiments catch and pick arms their own way.
+  for k in ("catch_per_seed", "arms", "families"):
+    del c.headline[k]
   c.experiment = experiment
   c.cache_dir = "" if arg == "tiny" else "workdirs/headline"
   if dry_run:

@@ -130,31 +130,40 @@ def test_matched_rows_pair_clean_prompts_with_caught_ones():
 def test_catch_per_seed_gives_each_seed_its_own_catch(headline_run, tmp_path):
   from catchjax.experiments import headline
   c, wd = headline_run
-  c2 = c.copy_and_resolve_references()
-  h = c2.headline
-  h.catch_per_seed, h.families, h.arms = True, ("jsonl",), ("treatment",)
-  h.seeds, h.distinguish_seeds = (0, 1), ()
-  headline.validate(c2)
-  wd2 = str(tmp_path / "wd2")
-  os.makedirs(wd2)
-  os.symlink(os.path.join(wd, "organisms"), os.path.join(wd2, "organisms"))  # same organism
-  headline.run(c2, wd2)
-  rows = results.ResultStore(os.path.join(wd2, "results.jsonl")).rows
-  assert sorted((r["arm"], r["seed"], r["catch_seed"]) for r in rows) == [
-      ("treatment", 0, 0), ("treatment", 1, 1)]
+  assert c.headline.catch_per_seed          # the default: the fixture's seed 0 has its own
+
   def load(d, name):
     with open(os.path.join(d, "catches", name)) as f:
       return json.load(f)
-  names = sorted(os.listdir(os.path.join(wd2, "catches")))
-  assert [n[-8:] for n in names] == ["-s0.json", "-s1.json"]
-  s0, s1 = load(wd2, names[0]), load(wd2, names[1])
-  # Seed 0's own catch is the shared catch (same prompts, same sampling draws); seed 1 samples
-  # other prompts.
-  shared = [n for n in os.listdir(os.path.join(wd, "catches")) if n.endswith("m48.json")]
-  assert s0 == load(wd, shared[0])
+
+  def rerun(name, **fields):
+    c2 = c.copy_and_resolve_references()
+    h = c2.headline
+    h.families, h.arms, h.distinguish_seeds = ("jsonl",), ("treatment",), ()
+    for k, v in fields.items():
+      h[k] = v
+    headline.validate(c2)
+    wd2 = str(tmp_path / name)
+    os.makedirs(wd2)
+    os.symlink(os.path.join(wd, "organisms"), os.path.join(wd2, "organisms"))  # same organism
+    headline.run(c2, wd2)
+    rows = results.ResultStore(os.path.join(wd2, "results.jsonl")).rows
+    return wd2, sorted(os.listdir(os.path.join(wd2, "catches"))), rows
+
+  s0 = load(wd, [n for n in os.listdir(os.path.join(wd, "catches")) if n.endswith("-s0.json")][0])
   prompts = lambda cj: {r["prompt"] for r in cj["caught"] + cj["clean"]}
+  # Per seed: seed 1 samples its own M prompts.
+  wd2, names, rows = rerun("per_seed", seeds=(1,))
+  assert [n[-8:] for n in names] == ["-s1.json"]
+  s1 = load(wd2, names[0])
   assert prompts(s0) != prompts(s1)
-  assert {r["seed"]: r["n_caught"] for r in rows} == {0: len(s0["caught"]), 1: len(s1["caught"])}
+  assert [(r["seed"], r["catch_seed"], r["n_caught"]) for r in rows] == [
+      (1, 1, len(s1["caught"]))]
+  # Shared (catch_per_seed=False): one catch, seed 0's, that every seed draws from.
+  wd3, names, rows = rerun("shared", seeds=(0, 1), catch_per_seed=False)
+  assert names == [n for n in names if n.endswith("m48.json")] and len(names) == 1
+  assert load(wd3, names[0]) == s0
+  assert sorted((r["seed"], r["catch_seed"]) for r in rows) == [(0, 0), (1, 0)]
 
 
 def test_propensity_rows_match_on_attack_probability():
