@@ -209,6 +209,7 @@ def test_result_rows_complete_and_unique_after_rerun(headline_run):
     assert os.path.getsize(os.path.join(wd, f)) > 0, f
   md = open(os.path.join(wd, "report.md")).read()
   assert "Propensity-matched control: match quality" in md
+  assert "a fresh catch of M prompts per seed" in md      # the report names its catch rule
   assert "treatment - propensity_control" in md
 
 

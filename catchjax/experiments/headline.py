@@ -288,6 +288,9 @@ def _run(config, workdir):
                        "n is not cut to fit a time budget" if secs else "no cells trained"),
               seeds=list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval,
               n_test_per_seed=h.n_test, m_catch=h.m,
+              catch=("a fresh catch of M prompts per seed" if per_seed else
+                     "one catch of M prompts per family, shared by the seeds (the intervals "
+                     "leave out the catch-to-catch spread)"),
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens)
   report.save_meta(workdir, meta)
