@@ -6,7 +6,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:tiny     # seconds-long pipeline check
   python -m catchjax.main --config=configs/headline.py:matched  # + a composition-matched control
   python -m catchjax.main --config=configs/headline.py:propensity  # + a propensity-matched one
-  python -m catchjax.main --config=configs/headline.py:reseeded    # a fresh catch per seed
+  python -m catchjax.main --config=configs/headline.py:reseeded    # N = 16 over 6 seeds
 """
 import ml_collections
 
