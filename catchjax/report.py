@@ -1,9 +1,10 @@
 """Report: results.jsonl -> summary.csv, report.md and PNG figures.
 
 Headline rows (see experiments/headline.py) have arm in TRAIN_ARMS (treatment, control,
-matched_control, propensity_control) with the deployment attack rate after train-against, `retained` = after /
-before, and usefulness; `distinguish` rows hold each family's four distinguishability measures. Every rate is
-aggregated over seeds with a bootstrap 95% interval; per-run Wilson intervals stay in the rows.
+matched_control, propensity_control) with the deployment attack rate after train-against,
+`retained` = after / before, and usefulness; `distinguish` rows hold each family's four
+distinguishability measures. Every rate is aggregated over seeds with a bootstrap 95% interval;
+per-run Wilson intervals stay in the rows.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@ that depend on how hard deployment is to tell from testing?
 
 For every behaviour and trigger family:
   1. restore (or build) the organism;
-  2. catch: sample M held-out testing prompts at T=1 and keep the attacks (one catch per
-     family shared by the seeds, each drawing its own N from it; or, with
-     `headline.catch_per_seed` (configs/headline.py:reseeded), a fresh catch per seed);
+  2. catch: sample M held-out testing prompts at T=1 and keep the attacks (a fresh catch per
+     seed; with `headline.catch_per_seed=False`, one catch per family shared by the seeds,
+     each drawing its own N from it);
   3. per N and arm, train against: SFT the organism on the correct answer for N caught
      prompts (treatment) or N prompts where it behaved (control), same steps and optimiser;
      optionally (`headline.arms`) clean prompts paired one-to-one with the treatment's caught
@@ -64,19 +64,14 @@ def validate(config):
   if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
       h.aux_ratio < 0:
     raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
-  V.distinct_choices("config.headline.arms", _arms(h), report.TRAIN_ARMS)
-  if h.get("families") is not None:
+  V.distinct_choices("config.headline.arms", h.arms, report.TRAIN_ARMS)
+  if h.families is not None:
     V.distinct_choices("config.headline.families", tuple(h.families),
                        tuple(org_stage.family_name(f) for f in config.organism.families))
-  if not isinstance(h.get("catch_per_seed", False), bool):
+  if not isinstance(h.catch_per_seed, bool):
     raise V.ConfigError(f"config.headline.catch_per_seed must be True or False, got "
                         f"{h.catch_per_seed!r}.")
   V.check_train("config.headline.train", h.train)
-
-
-def _arms(h) -> tuple[str, ...]:
-  """The train-against arms to run (configs may omit the field: treatment and control)."""
-  return tuple(h.get("arms", ("treatment", "control")))
 
 
 def run(config, workdir: str):
@@ -94,10 +89,10 @@ def _run(config, workdir):
   tok = load_tokenizer(config.model.hf_dir)
   base = org_stage.load_base(config)
   families = org_stage.family_specs(config.organism.families)
-  if h.get("families") is not None:   # a subset of the organism's families (same organism)
+  if h.families is not None:   # a subset of the organism's families (same organism)
     families = [f for f in families if org_stage.family_name(f) in set(h.families)]
-  per_seed = bool(h.get("catch_per_seed", False))
-  arms = _arms(h)
+  per_seed = h.catch_per_seed
+  arms = tuple(h.arms)
   n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * len(arms))
   bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
   bar.update(sum(1 for r in store.rows if r.get("arm") in arms
@@ -148,10 +143,10 @@ def _run(config, workdir):
     catches = {}
 
     def family_catch(spec, seed):
-      """The catch a seed draws its N caught / clean prompts from. Default: one catch pass per
-      family (M testing prompts sampled once), shared by every seed, each drawing its own N.
-      catch_per_seed: each seed samples its own M prompts (new prompts, new sampling draws), so
-      the spread over seeds also covers which prompts the organism slipped on."""
+      """The catch a seed draws its N caught / clean prompts from. catch_per_seed (default):
+      each seed samples its own M prompts (new prompts, new sampling draws), so the spread over
+      seeds also covers which prompts the organism slipped on. Otherwise one catch pass per
+      family (seed 0's), shared by every seed, each drawing its own N."""
       fam = org_stage.family_name(spec)
       cseed = int(seed) if per_seed else 0
       if (fam, cseed) not in catches:
