@@ -166,6 +166,39 @@ def power_lines(summary: list[dict], goal: float = 0.1) -> list[str]:
           + (f"over the goal: {', '.join(over)}." if over else "all within the goal.")]
 
 
+def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
+  """Where the headline points' uncertainty comes from, and what would meet the CI goal.
+
+  Per (family, behaviour, arm) at the family's largest N, over seeds: the between-seed SD of
+  retained misalignment, the within-run binomial SD of one seed's retained value (from its
+  deployment count, sqrt(p(1-p)/n) / before), and the seeds a normal-approximation 95%
+  half-width 1.96 * SD / sqrt(S) <= `goal` would need. When the between-seed SD is far above
+  the binomial one, more evaluation prompts per run cannot narrow the interval; only more
+  seeds (independent catches and training runs) can."""
+  big, groups = {}, defaultdict(list)
+  for r in rows:
+    if r.get("arm") in ("treatment", "control") and r.get("retained") is not None:
+      big[r["family"]] = max(big.get(r["family"], 0), r["n"])
+  for r in rows:
+    if (r.get("arm") in ("treatment", "control") and r.get("retained") is not None
+        and r["n"] == big[r["family"]]):
+      groups[(r["family"], r["behaviour"], r["n"], r["arm"])].append(r)
+  out = []
+  for (fam, beh, n, arm), rs in sorted(groups.items()):
+    if len(rs) < 2:
+      continue
+    ret = np.array([r["retained"] for r in rs], np.float64)
+    sd = float(ret.std(ddof=1))
+    binom = [np.sqrt(r["deploy_rate"] * (1 - r["deploy_rate"]) / r["deploy_n"])
+             / r["deploy_rate_before"] for r in rs if r.get("deploy_n")]
+    out.append(dict(family=fam, behaviour=beh, n=n, arm=arm, seeds=len(rs), between_sd=sd,
+                    binomial_sd=float(np.sqrt(np.mean(np.square(binom)))) if binom else
+                    float("nan"),
+                    half_width=float(1.96 * sd / np.sqrt(len(rs))),
+                    seeds_for_goal=max(2, int(np.ceil((1.96 * sd / goal) ** 2)))))
+  return out
+
+
 def propensity_match(rows: list[dict]) -> list[dict]:
   """How well propensity_control matched the caught prompts, per (family, behaviour, N): the
   organism's teacher-forced attack probability on the caught training prompts vs on the
@@ -184,7 +217,7 @@ def propensity_match(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
-             match: list[dict] | None = None) -> str:
+             match: list[dict] | None = None, power: list[dict] | None = None) -> str:
   lines = [f"# {meta.get('title', 'catchjax report')}", ""]
   for k, v in meta.items():
     if k != "title":
@@ -209,6 +242,16 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
         f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} | "
         f"{s['ci']} |")
   lines += power_lines(summary)
+  if power:
+    lines += ["", "Where the uncertainty comes from (largest N): the SD of retained misalignment "
+              "between seeds vs the binomial SD of one seed's evaluation, and the seeds a 95% "
+              "half-width <= 0.10 would need (normal approximation, 1.96 SD / sqrt(S)).", "",
+              "| family | behaviour | N | arm | seeds | between-seed SD (all sources) | binomial SD | "
+              "half-width | seeds for <= 0.10 |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in power:
+      lines.append(f"| {p['family']} | {p['behaviour']} | {p['n']} | {p['arm']} | "
+                   f"{p['seeds']} | {p['between_sd']:.3f} | {p['binomial_sd']:.3f} | "
+                   f"{p['half_width']:.3f} | {p['seeds_for_goal']} |")
   if diffs:
     lines += ["", "## Paired arm contrasts (deployment attack rate after training)", "",
               "Per-seed difference between two arms (same organism, before measurement and "
@@ -386,7 +429,8 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   if diffs:
     write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
   atomic_write_text(os.path.join(workdir, "report.md"),
-                    markdown(summary, dist, meta, diffs, propensity_match(rows)))
+                    markdown(summary, dist, meta, diffs, propensity_match(rows),
+                             seeds_needed(rows)))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
 

@@ -269,6 +269,29 @@ def test_power_lines_name_points_over_the_ci_goal():
   assert "all within the goal" in report.power_lines(summ[1:2])[-1]
 
 
+def test_seeds_needed_separates_between_seed_from_binomial_spread():
+  def row(seed, arm, after, n=16, fam="year"):
+    return dict(family=fam, behaviour="hate", n=n, arm=arm, seed=seed, deploy_n=100,
+                deploy_rate_before=1.0, deploy_rate=after, retained=after)
+  rows = ([row(s, "treatment", a) for s, a in enumerate((0.2, 0.4, 0.6, 0.8))]
+          + [row(s, "control", 0.5) for s in range(4)]
+          + [row(s, "treatment", 0.0, n=4) for s in range(4)]      # not the largest N
+          + [row(0, "treatment", 0.3, fam="tier")])                   # one seed: no estimate
+  p = {x["arm"]: x for x in report.seeds_needed(rows)}
+  assert set(p) == {"treatment", "control"} and all(x["family"] == "year" for x in p.values())
+  t, c = p["treatment"], p["control"]
+  sd = float(np.std([0.2, 0.4, 0.6, 0.8], ddof=1))
+  assert abs(t["between_sd"] - sd) < 1e-12 and t["seeds"] == 4
+  assert abs(t["half_width"] - 1.96 * sd / 2) < 1e-12
+  assert t["seeds_for_goal"] == int(np.ceil((1.96 * sd / 0.1) ** 2))
+  # the binomial SD of one evaluation: sqrt(p (1 - p) / n) / before, root-mean-square over seeds
+  want = np.sqrt(np.mean([a * (1 - a) / 100 for a in (0.2, 0.4, 0.6, 0.8)]))
+  assert abs(t["binomial_sd"] - want) < 1e-12
+  assert c["between_sd"] == 0.0 and c["seeds_for_goal"] == 2 and abs(c["binomial_sd"] - 0.05) < 1e-12
+  md = report.markdown([], {}, {"title": "t"}, power=report.seeds_needed(rows))
+  assert "| year | hate | 16 | treatment | 4 | 0.258 | 0.045 | 0.253 | 26 |" in md
+
+
 def test_pool_rows_joins_seed_batches_and_refuses_mismatches():
   def cell(seed, arm="treatment", org="o1", chash="h1"):
     return dict(experiment="headline", family="year", behaviour="hate", n=16, arm=arm,

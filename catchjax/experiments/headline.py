@@ -223,7 +223,9 @@ def _run(config, workdir):
           if arm == "control":
             rows = ta.sft_rows(c.clean, n_train, np.random.default_rng([seed, int(n), 2]))
           else:   # the treatment's caught draw; matched_control pairs clean rows with it
-            chosen = ta.choose_rows(c.caught, n_train, np.random.default_rng([seed, int(n), 1]))
+            idx = ta.choose_indices(len(c.caught), n_train,
+                                    np.random.default_rng([seed, int(n), 1]))
+            chosen = [c.caught[i] for i in idx]
             rows = [ta.sft_row(r) for r in chosen]
             if arm == "matched_control":
               rows, how = ta.matched_rows(chosen, c.clean,
@@ -231,8 +233,7 @@ def _run(config, workdir):
               row["matched"] = how
             elif arm == "propensity_control":
               pp = catch_propensity(c, cpath)
-              at = {id(r): i for i, r in enumerate(c.caught)}
-              p_chosen = [pp["caught"][at[id(r)]] for r in chosen]
+              p_chosen = [pp["caught"][i] for i in idx]
               rows, info = ta.propensity_rows(chosen, p_chosen, c.clean, pp["clean"],
                                               np.random.default_rng([seed, int(n), 4]))
               row["propensity"] = info

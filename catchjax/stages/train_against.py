@@ -66,10 +66,14 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
   return c
 
 
+def choose_indices(n_rows: int, n: int, rng: np.random.Generator) -> list[int]:
+  """n distinct row indices, a seeded choice, in increasing order."""
+  return sorted(int(i) for i in rng.choice(n_rows, size=n, replace=False))
+
+
 def choose_rows(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
   """n distinct rows, a seeded choice, in their original order."""
-  idx = rng.choice(len(rows), size=n, replace=False)
-  return [rows[i] for i in sorted(idx)]
+  return [rows[i] for i in choose_indices(len(rows), n, rng)]
 
 
 def sft_row(r: dict) -> dict:
