@@ -174,7 +174,9 @@ def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
   deployment count, sqrt(p(1-p)/n) / before), and the seeds a normal-approximation 95%
   half-width 1.96 * SD / sqrt(S) <= `goal` would need. When the between-seed SD is far above
   the binomial one, more evaluation prompts per run cannot narrow the interval; only more
-  seeds (independent catches and training runs) can."""
+  seeds (independent catches and training runs) can. An SD from a few seeds is rough, so its
+  chi-square 95% interval and the seeds its upper end would need are given too."""
+  from scipy.stats import chi2
   big, groups = {}, defaultdict(list)
   for r in rows:
     if r.get("arm") in ("treatment", "control") and r.get("retained") is not None:
@@ -188,14 +190,17 @@ def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
     if len(rs) < 2:
       continue
     ret = np.array([r["retained"] for r in rs], np.float64)
-    sd = float(ret.std(ddof=1))
+    sd, dof = float(ret.std(ddof=1)), len(rs) - 1
+    sd_lo, sd_hi = (sd * float(np.sqrt(dof / chi2.ppf(q, dof))) for q in (0.975, 0.025))
     binom = [np.sqrt(r["deploy_rate"] * (1 - r["deploy_rate"]) / r["deploy_n"])
              / r["deploy_rate_before"] for r in rs if r.get("deploy_n")]
     out.append(dict(family=fam, behaviour=beh, n=n, arm=arm, seeds=len(rs), between_sd=sd,
                     binomial_sd=float(np.sqrt(np.mean(np.square(binom)))) if binom else
                     float("nan"),
+                    between_sd_lo=sd_lo, between_sd_hi=sd_hi,
                     half_width=float(1.96 * sd / np.sqrt(len(rs))),
-                    seeds_for_goal=max(2, int(np.ceil((1.96 * sd / goal) ** 2)))))
+                    seeds_for_goal=max(2, int(np.ceil((1.96 * sd / goal) ** 2))),
+                    seeds_for_goal_hi=max(2, int(np.ceil((1.96 * sd_hi / goal) ** 2)))))
   return out
 
 
@@ -244,14 +249,17 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
   lines += power_lines(summary)
   if power:
     lines += ["", "Where the uncertainty comes from (largest N): the SD of retained misalignment "
-              "between seeds vs the binomial SD of one seed's evaluation, and the seeds a 95% "
-              "half-width <= 0.10 would need (normal approximation, 1.96 SD / sqrt(S)).", "",
-              "| family | behaviour | N | arm | seeds | between-seed SD (all sources) | binomial SD | "
-              "half-width | seeds for <= 0.10 |", "|---|---|---|---|---|---|---|---|---|"]
+              "between seeds (all sources: catch, training draw, evaluation; chi-square 95% "
+              "interval) vs the binomial SD of one seed's evaluation, and the seeds a 95% "
+              "half-width <= 0.10 would need (1.96 SD / sqrt(S) <= 0.10) at the SD and at its "
+              "upper end.", "",
+              "| family | behaviour | N | arm | seeds | between-seed SD | binomial SD | "
+              "seeds for <= 0.10 |", "|---|---|---|---|---|---|---|---|"]
     for p in power:
       lines.append(f"| {p['family']} | {p['behaviour']} | {p['n']} | {p['arm']} | "
-                   f"{p['seeds']} | {p['between_sd']:.3f} | {p['binomial_sd']:.3f} | "
-                   f"{p['half_width']:.3f} | {p['seeds_for_goal']} |")
+                   f"{p['seeds']} | {p['between_sd']:.3f} [{p['between_sd_lo']:.3f}, "
+                   f"{p['between_sd_hi']:.3f}] | {p['binomial_sd']:.3f} | "
+                   f"{p['seeds_for_goal']} (up to {p['seeds_for_goal_hi']}) |")
   if diffs:
     lines += ["", "## Paired arm contrasts (deployment attack rate after training)", "",
               "Per-seed difference between two arms (same organism, before measurement and "

@@ -289,7 +289,10 @@ def test_seeds_needed_separates_between_seed_from_binomial_spread():
   assert abs(t["binomial_sd"] - want) < 1e-12
   assert c["between_sd"] == 0.0 and c["seeds_for_goal"] == 2 and abs(c["binomial_sd"] - 0.05) < 1e-12
   md = report.markdown([], {}, {"title": "t"}, power=report.seeds_needed(rows))
-  assert "| year | hate | 16 | treatment | 4 | 0.258 | 0.045 | 0.253 | 26 |" in md
+  # chi-square interval of an SD from 4 seeds (3 dof): [0.57, 3.73] x the estimate
+  assert abs(t["between_sd_lo"] / sd - 0.5665) < 1e-3 and abs(t["between_sd_hi"] / sd - 3.7285) < 1e-3
+  assert t["seeds_for_goal_hi"] == int(np.ceil((1.96 * t["between_sd_hi"] / 0.1) ** 2))
+  assert "| year | hate | 16 | treatment | 4 | 0.258 [0.146, 0.963] | 0.045 | 26 (up to 357) |" in md
 
 
 def test_pool_rows_joins_seed_batches_and_refuses_mismatches():
