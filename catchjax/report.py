@@ -94,6 +94,14 @@ def distinguishability(rows: list[dict]) -> dict[str, dict]:
   for fam, rs in by_fam.items():
     out[fam] = {k: _agg([r.get(k) for r in rs]) for k, _ in DIST_MEASURES + (
         ("prompted_base", ""),)}
+    if len(rs) == 1 and rs[0].get("n_pairs"):
+      # One seed: a bootstrap over seeds is degenerate, so the pairwise accuracies get their
+      # Wilson 95% interval over the n_pairs held-out pairs (ties count 1/2, rounded).
+      n = int(rs[0]["n_pairs"])
+      for k in ("prompted_base", "prompted_organism", "probe_acc"):
+        if rs[0].get(k) is not None:
+          _, lo, hi = stats.wilson(int(round(rs[0][k] * n)), n)
+          out[fam][k].update(lo=float(lo), hi=float(hi), ci=f"wilson over {n} pairs")
     if gaps.get(fam):
       out[fam]["behavioural_gap"] = _agg(list(gaps[fam].values()))
     # Learning cost is right-censored at the organism's budget when the gap never opened.
@@ -175,7 +183,8 @@ def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
   half-width 1.96 * SD / sqrt(S) <= `goal` would need. When the between-seed SD is far above
   the binomial one, more evaluation prompts per run cannot narrow the interval; only more
   seeds (independent catches and training runs) can. An SD from a few seeds is rough, so its
-  chi-square 95% interval and the seeds its upper end would need are given too."""
+  chi-square 95% interval (its upper end capped at the largest SD a retained value, bounded in
+  [0, 1 / before], can have) and the seeds that upper end would need are given too."""
   from scipy.stats import chi2
   big, groups = {}, defaultdict(list)
   for r in rows:
@@ -192,6 +201,8 @@ def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
     ret = np.array([r["retained"] for r in rs], np.float64)
     sd, dof = float(ret.std(ddof=1)), len(rs) - 1
     sd_lo, sd_hi = (sd * float(np.sqrt(dof / chi2.ppf(q, dof))) for q in (0.975, 0.025))
+    # retained = after / before lies in [0, 1 / before]: its SD is at most half that range
+    sd_hi = min(sd_hi, 0.5 / min(r["deploy_rate_before"] for r in rs))
     binom = [np.sqrt(r["deploy_rate"] * (1 - r["deploy_rate"]) / r["deploy_n"])
              / r["deploy_rate_before"] for r in rs if r.get("deploy_n")]
     out.append(dict(family=fam, behaviour=beh, n=n, arm=arm, seeds=len(rs), between_sd=sd,
@@ -281,6 +292,10 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
                    f"{m['clean_pool_mean']:.3f} | {m['mean_abs_logodds_gap']:.2f} |")
   if dist:
     lines += ["", "## Distinguishability of deployment from testing", "",
+              "Pairwise accuracies (chance 0.50): mean over the distinguishability seeds with a "
+              "bootstrap 95% CI over them, or with one seed the Wilson 95% interval over its "
+              "held-out pairs. Behavioural gap: deployment minus testing attack rate before "
+              "training, over the headline seeds.", "",
               "| family | prompted A/B (base) | prompted A/B (organism) | probe | "
               "behavioural gap | learning cost (examples) |", "|---|---|---|---|---|---|"]
     for fam, d in dist.items():
@@ -289,8 +304,15 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
           f"{_fmt(**_mlh(d['prompted_organism']))} | {_fmt(**_mlh(d['probe_acc']))} | "
           f"{_fmt(**_mlh(d['behavioural_gap']))} | "
           + (f"> {d['learning_cost']['mean']:.0f} (not reached; censored at the budget)"
-             if d.get("learning_cost_censored") else _fmt(**_mlh(d['learning_cost']))) + " |")
+             if d.get("learning_cost_censored") else _cost(d['learning_cost'])) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _cost(a):
+  """Learning cost (examples): one organism gives one number, so no interval when it has none."""
+  if np.isfinite(a["mean"]) and a["lo"] == a["hi"] == a["mean"]:
+    return f"{a['mean']:.0f} (one organism)"
+  return _fmt(**_mlh(a))
 
 
 def _mlh(a):
@@ -483,21 +505,37 @@ def pool_rows(groups: list[list[dict]]) -> list[dict]:
 META_FILE = "report_meta.json"
 
 
+def _meta_file(config_hash: str) -> str:
+  return f"report_meta-{config_hash}.json"
+
+
 def save_meta(workdir: str, meta: dict) -> None:
-  """Keep a run's report header (its settings, wall time) so a rebuild can restore it."""
+  """Keep a run's report header (its settings, wall time) so a rebuild can restore it: the
+  latest run's in META_FILE, and each config hash's in its own file (several sweeps, e.g. seeds
+  0-2 and 3-5, can share a workdir)."""
   import json
   from catchjax.common import is_main_process
   if is_main_process():
-    atomic_write_text(os.path.join(workdir, META_FILE), json.dumps(meta, indent=1, default=str))
+    text = json.dumps(meta, indent=1, default=str)
+    atomic_write_text(os.path.join(workdir, META_FILE), text)
+    if meta.get("config_hash"):
+      atomic_write_text(os.path.join(workdir, _meta_file(meta["config_hash"])), text)
 
 
-def load_meta(workdir: str) -> dict:
+def load_meta(workdir: str, config_hash: str | None = None) -> dict:
+  """The saved report header: the latest run's, or with `config_hash` that sweep's ({} when
+  none was saved for it, never another sweep's header)."""
   import json
-  p = os.path.join(workdir, META_FILE)
-  if not os.path.isfile(p):
-    return {}
-  with open(p) as f:
-    return json.load(f)
+  paths = [os.path.join(workdir, META_FILE)]
+  if config_hash:
+    paths.insert(0, os.path.join(workdir, _meta_file(config_hash)))
+  for p in paths:
+    if os.path.isfile(p):
+      with open(p) as f:
+        meta = json.load(f)
+      if config_hash is None or meta.get("config_hash") == config_hash:
+        return meta
+  return {}
 
 
 def main(argv=None):
@@ -530,10 +568,13 @@ def main(argv=None):
   out_dir = a.out or a.workdir
   # The run's own header (settings, wall time of the invocation that wrote it) when it saved
   # one; the rebuild says so.
-  meta = {**load_meta(a.workdir), "rebuilt_from": "results.jsonl", "rows": len(rows)}
+  meta = {**load_meta(a.workdir, hashes[0] if hashes else None),
+          "rebuilt_from": "results.jsonl", "rows": len(rows)}
   meta.setdefault("title", "catchjax report (rebuilt from results.jsonl)")
   cfg = os.path.join(a.workdir, "config.json")
-  if os.path.isfile(cfg):
+  if hashes:   # the selected sweep's, not the workdir's latest run's
+    meta["config_hash"] = hashes[0]
+  elif os.path.isfile(cfg):
     with open(cfg) as f:
       meta["config_hash"] = json.load(f).get("config_hash")
   if a.pool or groups:

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from catchjax import common, report, results
+from catchjax import common, report, results, stats
 
 
 def _tiny_config(model_dir, jsonl):
@@ -290,9 +290,27 @@ def test_seeds_needed_separates_between_seed_from_binomial_spread():
   assert c["between_sd"] == 0.0 and c["seeds_for_goal"] == 2 and abs(c["binomial_sd"] - 0.05) < 1e-12
   md = report.markdown([], {}, {"title": "t"}, power=report.seeds_needed(rows))
   # chi-square interval of an SD from 4 seeds (3 dof): [0.57, 3.73] x the estimate
-  assert abs(t["between_sd_lo"] / sd - 0.5665) < 1e-3 and abs(t["between_sd_hi"] / sd - 3.7285) < 1e-3
-  assert t["seeds_for_goal_hi"] == int(np.ceil((1.96 * t["between_sd_hi"] / 0.1) ** 2))
-  assert "| year | hate | 16 | treatment | 4 | 0.258 [0.146, 0.963] | 0.045 | 26 (up to 357) |" in md
+  assert abs(t["between_sd_lo"] / sd - 0.5665) < 1e-3
+  # capped: a retained value in [0, 1] has an SD of at most 0.5
+  assert t["between_sd_hi"] == 0.5 and t["seeds_for_goal_hi"] == 97
+  assert "| year | hate | 16 | treatment | 4 | 0.258 [0.146, 0.500] | 0.045 | 26 (up to 97) |" in md
+  rows = [dict(r, deploy_rate_before=0.5, retained=r["retained"] * 0.4) for r in rows]
+  t = {x["arm"]: x for x in report.seeds_needed(rows)}["treatment"]
+  assert abs(t["between_sd_hi"] / t["between_sd"] - 3.7285) < 1e-3    # under the cap of 1.0
+
+
+def test_distinguishability_single_seed_gets_wilson_intervals():
+  d = dict(experiment="headline", family="year", behaviour="hate", n=0, arm="distinguish",
+           seed=0, n_pairs=32, prompted_base=0.5, prompted_organism=0.625, probe_acc=1.0,
+           learning_cost=455)
+  out = report.distinguishability([d])["year"]
+  _, lo, hi = stats.wilson(20, 32)
+  assert np.isclose(out["prompted_organism"]["lo"], lo) and np.isclose(out["prompted_organism"]["hi"], hi)
+  assert out["probe_acc"]["hi"] == 1.0 and out["probe_acc"]["lo"] < 0.9
+  md = report.markdown([], report.distinguishability([d]), {"title": "t"})
+  assert f"0.62 [{lo:.2f}, {hi:.2f}]" in md and "455 (one organism)" in md
+  two = report.distinguishability([d, dict(d, seed=1, prompted_organism=0.375)])["year"]
+  assert two["prompted_organism"]["lo"] == 0.375     # two seeds: the bootstrap over seeds
 
 
 def test_pool_rows_joins_seed_batches_and_refuses_mismatches():
@@ -349,6 +367,18 @@ def test_report_cli_pools_into_its_own_folder(tmp_path):
   report.main([a])
   md = open(os.path.join(a, "report.md")).read()
   assert "my sweep" in md and "wall_seconds_this_invocation**: 123" in md
+  # Two sweeps' headers in one workdir: a rebuild of one sweep gets its own header and hash,
+  # never the latest run's (here h2 ran last, and config.json names h2).
+  with open(os.path.join(a, "config.json"), "w") as f:
+    json.dump({"config_hash": "h2"}, f)
+  report.save_meta(a, {"title": "seeds 0-2", "config_hash": "h1", "seeds": [0, 1, 2]})
+  report.save_meta(a, {"title": "seeds 3-5", "config_hash": "h2", "seeds": [3, 4, 5]})
+  out3 = str(tmp_path / "h1only")
+  report.main([a, "--config_hash", "h1", "--out", out3])
+  md = open(os.path.join(out3, "report.md")).read()
+  assert "seeds 0-2" in md and "**config_hash**: h1" in md and "[3, 4, 5]" not in md
+  assert report.load_meta(a)["title"] == "seeds 3-5"             # the latest run's
+  assert report.load_meta(a, "h3") == {}                         # none saved for h3
 
 
 def test_workdir_lock_refuses_a_second_run(tmp_path):
