@@ -583,6 +583,13 @@ def main(argv=None):
     meta.update(title="catchjax report (pooled over workdirs)", rows=len(rows),
                 pooled=[a.workdir] + list(a.pool), pooled_hashes=hashes or None,
                 config_hash=sorted({r.get("config_hash") for r in rows}))
+    # The header's settings are the first sweep's: seeds and Ns are what the pooled rows hold,
+    # and the first sweep's wall time is labelled as such.
+    cells = [r for r in rows if r.get("arm") in TRAIN_ARMS]
+    meta.update(seeds=sorted({r["seed"] for r in cells}), ns=sorted({r["n"] for r in cells}))
+    for k in ("wall_seconds_this_invocation", "runtime"):
+      if k in meta:
+        meta[f"{k} (first sweep)"] = meta.pop(k)
     os.makedirs(out_dir, exist_ok=True)
   exps = {r.get("experiment") for r in rows}
   mod = None

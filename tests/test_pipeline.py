@@ -362,6 +362,12 @@ def test_report_cli_pools_into_its_own_folder(tmp_path):
   report.main([a, "--config_hash", "h1,h2", "--out", out2])
   with open(os.path.join(out2, "summary.csv")) as f:
     assert all(r["seeds"] == "6" for r in csv.DictReader(f))
+  report.save_meta(a, {"title": "t", "config_hash": "h1", "seeds": [0, 1, 2],
+                       "wall_seconds_this_invocation": 7})
+  report.main([a, "--config_hash", "h1,h2", "--out", out2])
+  md = open(os.path.join(out2, "report.md")).read()
+  assert "**seeds**: [0, 1, 2, 3, 4, 5]" in md
+  assert "**wall_seconds_this_invocation (first sweep)**: 7" in md
   # A plain rebuild keeps the header the run saved (settings, wall time).
   report.save_meta(a, {"title": "my sweep", "wall_seconds_this_invocation": 123})
   report.main([a])
