@@ -101,7 +101,7 @@ def distinguishability(rows: list[dict]) -> dict[str, dict]:
       for k in ("prompted_base", "prompted_organism", "probe_acc"):
         if rs[0].get(k) is not None:
           _, lo, hi = stats.wilson(int(round(rs[0][k] * n)), n)
-          out[fam][k].update(lo=float(lo), hi=float(hi), ci=f"wilson over {n} pairs")
+          out[fam][k].update(lo=float(lo), hi=float(hi))
     if gaps.get(fam):
       out[fam]["behavioural_gap"] = _agg(list(gaps[fam].values()))
     # Learning cost is right-censored at the organism's budget when the gap never opened.
@@ -186,13 +186,13 @@ def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
   chi-square 95% interval (its upper end capped at the largest SD a retained value, bounded in
   [0, 1 / before], can have) and the seeds that upper end would need are given too."""
   from scipy.stats import chi2
+  cells = [r for r in rows
+           if r.get("arm") in ("treatment", "control") and r.get("retained") is not None]
   big, groups = {}, defaultdict(list)
-  for r in rows:
-    if r.get("arm") in ("treatment", "control") and r.get("retained") is not None:
-      big[r["family"]] = max(big.get(r["family"], 0), r["n"])
-  for r in rows:
-    if (r.get("arm") in ("treatment", "control") and r.get("retained") is not None
-        and r["n"] == big[r["family"]]):
+  for r in cells:
+    big[r["family"]] = max(big.get(r["family"], 0), r["n"])
+  for r in cells:
+    if r["n"] == big[r["family"]]:
       groups[(r["family"], r["behaviour"], r["n"], r["arm"])].append(r)
   out = []
   for (fam, beh, n, arm), rs in sorted(groups.items()):
