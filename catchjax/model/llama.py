@@ -113,18 +113,22 @@ class Llama(nnx.Module):
                       w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
 
   def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
-             return_residuals: bool = False):
+             return_residuals: bool = False, layer_list=None):
     """Final-normed hidden states [B, T, D] and the updated KV cache.
 
     cache: None (attend within the T tokens given) or a dict from `init_cache`; then the T new
     keys/values are written at slot `cache_index` and the mask is [B, T, S_cache].
     return_residuals: also return the residual stream after every layer, [L, B, T, D] (probes).
+    layer_list: per-layer weights from `unstack_layers` (they replace the stacked ones); the
+      cache must then be per layer too, {"k": (L arrays), "v": (L arrays)}, and the layers run
+      as a Python loop. Single-token decode uses this: inside a `lax.while_loop`, a layer scan
+      over stacked arrays slices every layer's weights and writes the stacked cache each step.
     """
     cfg = self.cfg
     cd = cfg.compute_dtype
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cd)
     cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
-    lp = _layer_arrays(self.layers)
+    lp = _layer_arrays(self.layers) if layer_list is None else None
     scale_lora = cfg.lora_alpha / max(cfg.lora_rank, 1)
     neg = jnp.finfo(jnp.float32).min
     bias_BxTxS = jnp.where(mask_BxTxS, 0.0, neg).astype(jnp.float32)
@@ -163,10 +167,15 @@ class Llama(nnx.Module):
         # Layout (see init_cache): keys [B, KV, hd, S], values [B, KV, S, hd].
         kt = k.transpose(0, 2, 3, 1).astype(kcs.dtype)
         vt = v.transpose(0, 2, 1, 3).astype(vcs.dtype)
-        kcs = jax.lax.dynamic_update_slice(kcs, kt[None], (i, 0, 0, 0, cache_index))
-        vcs = jax.lax.dynamic_update_slice(vcs, vt[None], (i, 0, 0, cache_index, 0))
-        k_all = jax.lax.dynamic_index_in_dim(kcs, i, keepdims=False).astype(cd)
-        v_all = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False).astype(cd)
+        if i is None:   # one layer's own cache buffers (unstacked decode path)
+          kcs = jax.lax.dynamic_update_slice(kcs, kt, (0, 0, 0, cache_index))
+          vcs = jax.lax.dynamic_update_slice(vcs, vt, (0, 0, cache_index, 0))
+          k_all, v_all = kcs.astype(cd), vcs.astype(cd)
+        else:
+          kcs = jax.lax.dynamic_update_slice(kcs, kt[None], (i, 0, 0, 0, cache_index))
+          vcs = jax.lax.dynamic_update_slice(vcs, vt[None], (i, 0, 0, cache_index, 0))
+          k_all = jax.lax.dynamic_index_in_dim(kcs, i, keepdims=False).astype(cd)
+          v_all = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False).astype(cd)
         if T == 1:
           # Single-token decode: no size-1 query axis in the dots (XLA:CPU then emits plain
           # batched matrix-vector products; ~2x faster per step than the general form).
@@ -199,7 +208,17 @@ class Llama(nnx.Module):
     if cfg.remat != "none":
       block = jax.checkpoint(block, policy=policy)
 
-    if cache is None:
+    if layer_list is not None:
+      # Unstacked path (single-token decode): per-layer weights and per-layer cache buffers,
+      # a Python loop over layers -- no per-step dynamic slices of the stacked weights and no
+      # writes into a stacked cache.
+      ks, vs, res = list(cache["k"]), list(cache["v"]), []
+      for li, p in enumerate(layer_list):
+        x, ks[li], vs[li] = block(x, p, ks[li], vs[li], None)
+        res.append(x)
+      new_cache = {"k": tuple(ks), "v": tuple(vs)}
+      res = jnp.stack(res) if return_residuals else None
+    elif cache is None:
       def body(x, p):
         x, _, _ = block(x, p, None, None)
         return x, (x if return_residuals else None)
@@ -220,6 +239,12 @@ class Llama(nnx.Module):
 
 def _layer_arrays(layers: Layers) -> dict[str, jax.Array]:
   return {k: v[...] for k, v in vars(layers).items() if isinstance(v, nnx.Variable)}
+
+
+def unstack_layers(model: "Llama") -> list[dict[str, jax.Array]]:
+  """The stacked layer weights as one dict per layer (for `hidden(..., layer_list=...)`)."""
+  lp = _layer_arrays(model.layers)
+  return [{k: v[i] for k, v in lp.items()} for i in range(model.cfg.num_layers)]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
