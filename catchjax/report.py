@@ -586,7 +586,8 @@ def main(argv=None):
     # The header's settings are the first sweep's: seeds and Ns are what the pooled rows hold,
     # and the first sweep's wall time is labelled as such.
     cells = [r for r in rows if r.get("arm") in TRAIN_ARMS]
-    meta.update(seeds=sorted({r["seed"] for r in cells}), ns=sorted({r["n"] for r in cells}))
+    meta.update(seeds=sorted({r["seed"] for r in cells}), ns=sorted({r["n"] for r in cells}),
+                commit=sorted({str(r["commit"]) for r in rows if r.get("commit")}) or None)
     for k in ("wall_seconds_this_invocation", "runtime"):
       if k in meta:
         meta[f"{k} (first sweep)"] = meta.pop(k)

@@ -341,6 +341,7 @@ def test_report_cli_pools_into_its_own_folder(tmp_path):
       for arm in ("treatment", "control"):
         st.append(dict(experiment="headline", family="tier", behaviour="hate", n=16, arm=arm,
                        seed=seed, config_hash=chash, organism="o", m=400, n_train=16,
+                       commit=f"c-{chash}",
                        deploy_n=100, retained=0.5, deploy_rate=0.5, deploy_rate_before=1.0))
   a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "pooled")
   write(a, (0, 1, 2), "h1")
@@ -362,11 +363,12 @@ def test_report_cli_pools_into_its_own_folder(tmp_path):
   report.main([a, "--config_hash", "h1,h2", "--out", out2])
   with open(os.path.join(out2, "summary.csv")) as f:
     assert all(r["seeds"] == "6" for r in csv.DictReader(f))
-  report.save_meta(a, {"title": "t", "config_hash": "h1", "seeds": [0, 1, 2],
+  report.save_meta(a, {"title": "t", "config_hash": "h1", "seeds": [0, 1, 2], "commit": "c-h1",
                        "wall_seconds_this_invocation": 7})
   report.main([a, "--config_hash", "h1,h2", "--out", out2])
   md = open(os.path.join(out2, "report.md")).read()
   assert "**seeds**: [0, 1, 2, 3, 4, 5]" in md
+  assert "**commit**: ['c-h1', 'c-h2']" in md        # every pooled sweep's commit, not the first's
   assert "**wall_seconds_this_invocation (first sweep)**: 7" in md
   # A plain rebuild keeps the header the run saved (settings, wall time).
   report.save_meta(a, {"title": "my sweep", "wall_seconds_this_invocation": 123})
