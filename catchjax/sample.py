@@ -15,7 +15,7 @@ records what each compile cost):
   max_new_tokens rounded up to a multiple of 8). The LM head is applied to the last position
   only (left padding puts every row's last prompt token there) and the first new token is
   sampled from it.
-  With `prefill_rows` (default 32 rows when that divides the batch), the batch is prefilled
+  With `prefill_rows` (default: ~32 rows, a divisor of the batch size), the batch is prefilled
   in groups of rows, each at its own longest suffix (rounded up to a multiple of 4), and
   written into the batch's cache at the slots the batch layout gives them: rows come sorted by
   length, so short prompts are not computed at the longest one's padded length (~25% less
@@ -455,6 +455,15 @@ def _signature(tree) -> tuple:
   return (treedef, tuple(one(x) for x in leaves))
 
 
+def _auto_prefill_rows(batch_size: int) -> int:
+  """The divisor of batch_size in [_PREFILL_ROWS / 2, 2 * _PREFILL_ROWS] closest to
+  _PREFILL_ROWS, smaller than the batch (e.g. 128 -> 32, 100 -> 25); 0 (one prefill per
+  batch) when there is none."""
+  lo, hi = _PREFILL_ROWS // 2, 2 * _PREFILL_ROWS
+  ds = [d for d in range(lo, min(hi, batch_size - 1) + 1) if batch_size % d == 0]
+  return min(ds, key=lambda d: (abs(d - _PREFILL_ROWS), d)) if ds else 0
+
+
 def _auto_mesh(mesh: Mesh) -> Mesh:
   """The same mesh with Auto axes (with_sharding_constraint needs Auto axes)."""
   types = getattr(mesh, "axis_types", None)
@@ -486,7 +495,8 @@ class Sampler:
     prefill_rows: prefill a batch in groups of this many rows (must divide batch_size), each
       at the suffix bucket of its own longest prompt, instead of every row at the batch's
       longest (rows are sorted by length, so this removes most padding). 0: one prefill per
-      batch. None (default): 32 when that divides batch_size, else 0. Not used with a mesh
+      batch. None (default): the divisor of batch_size in [16, 64] closest to 32 (128 -> 32,
+      100 -> 25), else 0. Not used with a mesh
       (one sharded prefill per batch there).
 
   Attributes: `compile_seconds` {shape key: seconds} of the programs this Sampler used,
@@ -531,7 +541,7 @@ class Sampler:
     self.progress = progress
     self.share_prefix = share_prefix
     if prefill_rows is None:   # auto
-      prefill_rows = _PREFILL_ROWS if self.batch_size % _PREFILL_ROWS == 0 else 0
+      prefill_rows = _auto_prefill_rows(self.batch_size)
     if prefill_rows and (prefill_rows < 1 or self.batch_size % prefill_rows):
       raise ValueError(f"prefill_rows {prefill_rows} must divide batch_size {self.batch_size}")
     self.prefill_rows = int(prefill_rows or 0)
