@@ -496,8 +496,7 @@ class Sampler:
       at the suffix bucket of its own longest prompt, instead of every row at the batch's
       longest (rows are sorted by length, so this removes most padding). 0: one prefill per
       batch. None (default): the divisor of batch_size in [16, 64] closest to 32 (128 -> 32,
-      100 -> 25), else 0. Not used with a mesh
-      (one sharded prefill per batch there).
+      100 -> 25), else 0. Not used with a mesh (one sharded prefill per batch there).
 
   Attributes: `compile_seconds` {shape key: seconds} of the programs this Sampler used,
   `last_stats` (prefill_s, decode_s, prefill_tokens) and `last_decode_steps` (tokens produced
@@ -676,9 +675,8 @@ class Sampler:
       n = int(slens[rows].max())
       # Finer buckets than prompt_buckets for short groups (a few more compiled shapes, ~10%
       # less padding on chat-length prompts); never longer than the batch's own bucket.
-      T = min(_round_up(n, _ROWS_MULTIPLE), Ts) if n <= _ROWS_FINE_UPTO else Ts
-      if n > _ROWS_FINE_UPTO:
-        T = _pick_bucket(n, self.prompt_buckets, "prompt")
+      T = (min(_round_up(n, _ROWS_MULTIPLE), Ts) if n <= _ROWS_FINE_UPTO
+           else _pick_bucket(n, self.prompt_buckets, "prompt"))
       args = tuple(map(jnp.asarray, (suffix[rows, Ts - T:], lens[rows], active[rows], sd[rows])))
       cache, *out = self._run(
           "prefill_rows", ("prefill_rows", b, Pb, T, Ts, N, mode),
