@@ -33,6 +33,10 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def git_commit() -> str:
+  """Short HEAD sha (+ '-dirty'); a copy without .git (e.g. a tree copied to an accelerator
+  machine) names its commit in the environment variable CATCHJAX_COMMIT."""
+  if os.environ.get("CATCHJAX_COMMIT"):
+    return os.environ["CATCHJAX_COMMIT"]
   try:
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,

@@ -20,12 +20,18 @@ records what each compile cost):
   written into the batch's cache at the slots the batch layout gives them: rows come sorted by
   length, so short prompts are not computed at the longest one's padded length (~25% less
   prefill compute on chat-length eval prompts).
-* **decode** -- a `lax.while_loop` over the KV cache, kept as per-layer buffers with per-layer
-  copies of the weights (both made once per call; a layer scan over stacked arrays would
-  slice weights and write a stacked cache every step): step t feeds the token sampled
-  at step t-1 at slot Pb + Ts + t - 1 and samples token t. It stops when every row has
-  produced an EOS or after max_new_tokens. Tokens after a row's EOS are the pad id (log-prob 0)
-  on device; the host cuts each row right after its first EOS.
+* **decode** -- a `lax.while_loop` over the KV cache, kept as per-layer buffers (prefill
+  writes them) with per-layer copies of the weights (made once per `generate` call; a layer
+  scan over stacked arrays would slice weights and write a stacked cache every step): step t
+  feeds the token sampled at step t-1 at slot Pb + Ts + t - 1 and samples token t. It stops
+  when every row has produced an EOS or after max_new_tokens. Tokens after a row's EOS are the
+  pad id (log-prob 0) on device; the host cuts each row right after its first EOS.
+  With `compact_rows` (opt-in; default 0, off) the loop stops every `decode_chunk` steps; when the rows not yet done fit a smaller multiple of
+  compact_rows, the host gathers those rows (cache, tokens, seeds) into a smaller batch and
+  decoding goes on with it, so rows past their EOS stop costing compute. Each smaller batch
+  size is one more compiled decode (at most batch / compact_rows per prompt shape). Off by
+  default: on the headline's batch shape (batch 100, 12 new tokens) few rows end early and the
+  host check every chunk made decode ~10% slower (WORKSPACE.md, "Performance").
 
 Positions and masks are per row: every real token keeps the position it has in the unpadded
 prompt (the first prompt token is position 0), padding and not-yet-written slots are masked
@@ -338,10 +344,25 @@ class _Fns:
     tok = jnp.where(active_B, tok, pad_id)
     lp = jnp.where(active_B, lp, 0.0)
     done = ~active_B | self._is_eos(tok, eos_E)
-    return cache, tok, lp, done
+    return self._per_layer(cache), tok, lp, done
+
+  def _per_layer(self, cache):
+    """A stacked cache [L, B, ...] as per-layer buffers {k: (L arrays [B, ...])}, the form
+    `decode` carries."""
+    return {k: tuple(self._c(v[i]) for i in range(v.shape[0])) for k, v in cache.items()}
 
   def empty_cache(self, *, batch, cache_len):
-    return self._cache_c(llama.init_cache(self.cfg, batch, cache_len))
+    return self._per_layer(llama.init_cache(self.cfg, batch, cache_len))
+
+  def unstack(self, state):
+    """Per-layer copies of the stacked layer weights (made once per `generate` call)."""
+    return llama.unstack_layers(nnx.merge(self.graphdef, state))
+
+  def compact(self, cache, tok_B, done_B, toks, lps, lens_B, seeds_B, keep_b):
+    """Rows keep_b (b < B) of everything `decode` carries: drops rows that are done."""
+    take = lambda x: self._c(jnp.take(x, keep_b, axis=0))
+    return ({k: tuple(take(x) for x in v) for k, v in cache.items()},
+            *(take(x) for x in (tok_B, done_B, toks, lps, lens_B, seeds_B)))
 
   def prefill_rows(self, state, cache, row0, prefix_P, prefix_len, suffix_bxT, lens_b, active_b,
                    seeds_b, eos_E, pad_id, temperature, top_k, top_p, *, prompt_len, mode):
@@ -353,15 +374,20 @@ class _Fns:
     m = nnx.merge(self.graphdef, state)
     Pb, T, Ts = prefix_P.shape[0], suffix_bxT.shape[1], prompt_len
     h, part = self._prompt_forward(m, prefix_P, prefix_len, suffix_bxT, lens_b, Pb + T)
+    cache = {k: list(v) for k, v in cache.items()}
     for k, ax in llama.CACHE_SEQ_AXIS.items():
-      idx = [0] * cache[k].ndim
-      idx[1] = row0
-      if Pb:
-        cache[k] = jax.lax.dynamic_update_slice(
-            cache[k], jax.lax.slice_in_dim(part[k], 0, Pb, axis=ax), tuple(idx))
-      idx[ax] = Pb + Ts - T
-      cache[k] = jax.lax.dynamic_update_slice(
-          cache[k], jax.lax.slice_in_dim(part[k], Pb, Pb + T, axis=ax), tuple(idx))
+      ax -= 1                                   # per-layer buffers: no layer axis
+      for li in range(len(cache[k])):
+        buf, src = cache[k][li], part[k][li]
+        idx = [0] * buf.ndim
+        idx[0] = row0
+        if Pb:
+          buf = jax.lax.dynamic_update_slice(
+              buf, jax.lax.slice_in_dim(src, 0, Pb, axis=ax), tuple(idx))
+        idx[ax] = Pb + Ts - T
+        cache[k][li] = jax.lax.dynamic_update_slice(
+            buf, jax.lax.slice_in_dim(src, Pb, Pb + T, axis=ax), tuple(idx))
+    cache = {k: tuple(v) for k, v in cache.items()}
     logits = m.logits(h[:, -1])
     keys = jax.vmap(jax.random.key)(seeds_b)
     tok, lp = sample_from_logits(logits, keys, 0, temperature, top_k, top_p, mode)
@@ -369,40 +395,35 @@ class _Fns:
     lp = jnp.where(active_b, lp, 0.0)
     return cache, tok, lp, ~active_b | self._is_eos(tok, eos_E)
 
-  def decode(self, state, cache, tok_B, lp_B, done_B, prefix_len, lens_B, seeds_B, eos_E,
-             pad_id, temperature, top_k, top_p, max_new, *, prefix_block, prompt_len, out_len,
-             mode):
-    """lax.while_loop of single-token steps over the KV cache, from the first token sampled by
-    `prefill`; stops at max_new tokens or when every row is done. Returns tokens [B, N], raw
-    log-probs [B, N] and the number of tokens produced."""
+  def decode(self, state, layers, cache, tok_B, done_B, toks, lps, t, t_end, prefix_len, lens_B,
+             seeds_B, eos_E, pad_id, temperature, top_k, top_p, *, prefix_block, prompt_len,
+             out_len, mode):
+    """lax.while_loop of single-token steps over the (per-layer, donated) KV cache: step t
+    feeds the token sampled at step t-1 and writes token t into toks / lps [B, N]; runs while
+    t < t_end and some row is not done. Returns the carry (cache, last tokens, done, toks, lps,
+    t), so that the host can resume it -- after dropping done rows (`compact`) -- or stop."""
     cfg = self.cfg
     m = nnx.merge(self.graphdef, state)
     Pb, Ts, N = prefix_block, prompt_len, out_len
-    B = tok_B.shape[0]
     S = Pb + Ts + N
     keys = jax.vmap(jax.random.key)(seeds_B)
     k_pos, k_valid = _cache_layout(lens_B, prefix_len, Pb, Ts, S)
     slots = jnp.arange(S, dtype=jnp.int32)[None, :]
-    toks = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok_B)
-    lps = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
 
     def cond(c):
       t, _, _, done, _, _ = c
-      return (t < max_new) & ~jnp.all(done)
+      return (t < t_end) & ~jnp.all(done)
 
-    # The loop runs on per-layer copies of the weights and of the cache (made once, here):
-    # a layer-scan over stacked arrays would slice every layer's weights and write into the
-    # stacked cache on every step (~20% of a step at batch 128 on CPU).
-    layer_list = llama.unstack_layers(m)
-    cache = {k: tuple(self._c(v[i]) for i in range(cfg.num_layers)) for k, v in cache.items()}
-
+    # The loop runs on per-layer weights (`unstack`) and per-layer cache buffers: a layer scan
+    # over stacked arrays would slice every layer's weights and write into the stacked cache
+    # on every step (~20% of a step at batch 128 on CPU).
     def body(c):
       t, cache, tok, done, toks, lps = c
       slot = Pb + Ts + t - 1
       q_pos = (lens_B + t - 1)[:, None]
       mask = llama.make_mask(q_pos, k_pos, k_valid & (slots <= slot), window=cfg.sliding_window)
       h, cache = m.hidden(tok[:, None], q_pos, mask, cache=cache, cache_index=slot,
-                          layer_list=layer_list)
+                          layer_list=layers)
       logits = m.logits(h[:, 0])
       new, lp = sample_from_logits(logits, keys, t, temperature, top_k, top_p, mode)
       new = jnp.where(done, pad_id, new)
@@ -412,9 +433,9 @@ class _Fns:
       cache = {k: tuple(self._c(x) for x in v) for k, v in cache.items()}
       return t + 1, cache, new, done | self._is_eos(new, eos_E), toks, lps
 
-    init = (jnp.asarray(1, jnp.int32), cache, tok_B, done_B, toks, lps)
-    t, _, _, _, toks, lps = jax.lax.while_loop(cond, body, init)
-    return self._c(toks), self._c(lps), t
+    t, cache, tok, done, toks, lps = jax.lax.while_loop(
+        cond, body, (t, cache, tok_B, done_B, toks, lps))
+    return cache, tok, done, self._c(toks), self._c(lps), t
 
   # -- teacher forcing
   def score(self, state, prefix_P, prefix_len, suffix_BxT, lens_B, *, cont_len):
@@ -492,6 +513,11 @@ class Sampler:
     progress: show a tqdm bar over batches (each call can override it).
     share_prefix: prefill the longest prompt prefix common to a batch once (batch 1) and
       broadcast its keys/values into every row (chat prompts share the system turn).
+    compact_rows: drop rows that are done from the decode batch, to a multiple of this many
+      rows, every `decode_chunk` steps (see the module docstring). 0 (default): never; e.g.
+      batch/8 for workloads where many rows end long before max_new_tokens. Not used with a
+      mesh.
+    decode_chunk: decode steps between the host's checks for done rows (with compact_rows).
     prefill_rows: prefill a batch in groups of this many rows (must divide batch_size), each
       at the suffix bucket of its own longest prompt, instead of every row at the batch's
       longest (rows are sorted by length, so this removes most padding). 0: one prefill per
@@ -499,7 +525,8 @@ class Sampler:
       100 -> 25), else 0. Not used with a mesh (one sharded prefill per batch there).
 
   Attributes: `compile_seconds` {shape key: seconds} of the programs this Sampler used,
-  `last_stats` (prefill_s, decode_s, prefill_tokens) and `last_decode_steps` (tokens produced
+  `last_stats` (prefill_s, decode_s, prefill_tokens, decode_row_steps: batch rows x decode
+  steps computed) and `last_decode_steps` (tokens produced
   per batch; fewer than max_new_tokens when every row hit EOS) of the last `generate`.
   """
 
@@ -508,7 +535,8 @@ class Sampler:
                mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
                eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
                tokenizer=None, progress: bool = True, share_prefix: bool = True,
-               prefill_rows: int | None = None):
+               prefill_rows: int | None = None, compact_rows: int = 0,
+               decode_chunk: int = 4):
     self.cfg = model.cfg
     self.prompt_buckets = tuple(sorted(int(b) for b in prompt_buckets))
     if not self.prompt_buckets or self.prompt_buckets[0] < 1:
@@ -544,6 +572,10 @@ class Sampler:
     if prefill_rows and (prefill_rows < 1 or self.batch_size % prefill_rows):
       raise ValueError(f"prefill_rows {prefill_rows} must divide batch_size {self.batch_size}")
     self.prefill_rows = int(prefill_rows or 0)
+    if compact_rows < 0 or decode_chunk < 1:
+      raise ValueError(f"compact_rows must be >= 0 and decode_chunk >= 1, got {compact_rows} "
+                       f"and {decode_chunk}")
+    self.compact_rows, self.decode_chunk = int(compact_rows), int(decode_chunk)
     self.graphdef, state = nnx.split(model)
     self.state = self._place_state(state)
     self.compile_seconds: dict[tuple, float] = {}
@@ -685,6 +717,45 @@ class Sampler:
       outs.append(out)
     return (cache,) + tuple(jnp.concatenate(x) for x in zip(*outs))
 
+  def _decode(self, layers, cache, tok, lp, done, p, lens, sd, dyn, max_new, Pb, Ts, N, mode):
+    """Decode one prefilled batch to max_new tokens; returns host (tokens [B, N], log-probs
+    [B, N], steps). With `compact_rows`, the while_loop stops every `decode_chunk` steps and,
+    when the rows not yet done fit a smaller multiple of compact_rows, carries on with only
+    those rows (plus done ones to fill the multiple): rows past their EOS stop costing
+    compute. Each row's draws depend only on its seed and step, so its tokens do not change."""
+    B, g = self.batch_size, self.compact_rows
+    chunked = bool(g) and g < B and self.mesh is None
+    toks = jnp.full((B, N), self.pad_id, jnp.int32).at[:, 0].set(tok)
+    lps = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)
+    lens_d, sd_d = self._put(lens), self._put(sd)
+    out_toks = np.full((B, N), self.pad_id, np.int32)
+    out_lps = np.zeros((B, N), np.float32)
+    rows, t = np.arange(B), 1
+    static = dict(prefix_block=Pb, prompt_len=Ts, out_len=N, mode=mode)
+    while True:
+      t_end = min(t + self.decode_chunk, max_new) if chunked else max_new
+      cache, tok, done, toks, lps, t_d = self._run(
+          "decode", ("decode", len(rows), Pb, Ts, N, mode),
+          (self.state, layers, cache, tok, done, toks, lps, np.int32(t), np.int32(t_end), p,
+           lens_d, sd_d) + dyn, static, donate=(2, 5, 6))
+      self.last_stats["decode_row_steps"] += len(rows) * (int(t_d) - t)
+      t = int(t_d)
+      if t >= max_new:
+        break
+      done_h = np.asarray(done)
+      if done_h.all():
+        break
+      n = _round_up(int((~done_h).sum()), g)
+      if n < len(rows):
+        keep = np.concatenate([np.flatnonzero(~done_h), np.flatnonzero(done_h)])[:n]
+        out_toks[rows], out_lps[rows] = np.asarray(toks), np.asarray(lps)
+        cache, tok, done, toks, lps, lens_d, sd_d = self._run(
+            "compact", ("compact", len(rows), n, Pb + Ts + N),
+            (cache, tok, done, toks, lps, lens_d, sd_d, jnp.asarray(keep, jnp.int32)), {})
+        rows = rows[keep]
+    out_toks[rows], out_lps[rows] = np.asarray(toks), np.asarray(lps)
+    return out_toks, out_lps, t
+
   # -- generation
   def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
                seeds: Sequence[int] | int = 0, *, progress: bool | None = None) -> SampleOutput:
@@ -704,15 +775,16 @@ class Sampler:
     dyn = (np.asarray(list(self.eos_ids) + [-1] * (_MAX_EOS - len(self.eos_ids)), np.int32),
            np.int32(self.pad_id), np.float32(params.temperature if not params.greedy else 1.0),
            np.int32(params.top_k), np.float32(params.top_p))
-    max_new = np.int32(params.max_new_tokens)
     tokens_out: list = [None] * n
     lps_out: list = [None] * n
     finished: list = [False] * n
     token_array = np.full((n, params.max_new_tokens), self.pad_id, np.int32)
     self.last_decode_steps = []   # tokens produced per batch (< max_new: early exit)
     # Wall time of the last call (compiles included if any happened in it).
-    self.last_stats = stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0}
+    self.last_stats = stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0,
+                               "decode_row_steps": 0}
     B = self.batch_size
+    layers = None      # per-layer weight copies for decode, made once per call
     for idx in self._batches([len(p) for p in ps], progress, "generate"):
       seqs = [ps[i] for i in idx]
       prefix, p, suffix, lens, slens = self._prefix_suffix(
@@ -722,21 +794,17 @@ class Sampler:
       active[:len(idx)] = True
       sd = np.zeros((B,), np.uint32)
       sd[:len(idx)] = [seeds[i] for i in idx]
-      shape_key = (B, Pb, Ts, N, mode)
       t0 = time.perf_counter()
       cache, tok, lp, done = self._prefill(prefix, p, suffix, lens, slens, active, sd, dyn,
                                            Pb, Ts, N, mode)
       tok.block_until_ready()
       t1 = time.perf_counter()
-      toks, lps, steps = self._run(
-          "decode", ("decode",) + shape_key,
-          (self.state, cache, tok, lp, done, p, self._put(lens), self._put(sd)) + dyn
-          + (max_new,),
-          dict(prefix_block=Pb, prompt_len=Ts, out_len=N, mode=mode))
-      del cache
-      toks, lps = np.asarray(toks), np.asarray(lps)
+      if layers is None:
+        layers = self._run("unstack", ("unstack",), (self.state,), {})
+      toks, lps, steps = self._decode(layers, cache, tok, lp, done, p, lens, sd, dyn,
+                                      params.max_new_tokens, Pb, Ts, N, mode)
       t2 = time.perf_counter()
-      self.last_decode_steps.append(int(steps))
+      self.last_decode_steps.append(steps)
       stats["prefill_s"] += t1 - t0
       stats["decode_s"] += t2 - t1
       stats["prefill_tokens"] += int(p) + int(np.sum(slens[:len(idx)]))  # computed, not padded

@@ -91,8 +91,9 @@ def test_shared_prefix_and_plain_paths_agree(tiny, sampler):
   a = sampler.generate(prompts, SamplingParams(max_new_tokens=9))
   b = plain.generate(prompts, SamplingParams(max_new_tokens=9))
   assert a.tokens == b.tokens
-  assert any(k[2] > 0 for k in sampler.compile_seconds)      # the prefix path ran
-  assert all(k[2] == 0 for k in plain.compile_seconds)
+  pre = lambda s: [k for k in s.compile_seconds if k[0] in ("prefill", "decode")]
+  assert any(k[2] > 0 for k in pre(sampler))      # the prefix path ran
+  assert pre(plain) and all(k[2] == 0 for k in pre(plain))
 
 
 def test_prefill_in_row_groups_matches_reference_and_whole_batch(tiny):
@@ -120,6 +121,37 @@ def test_prefill_in_row_groups_matches_reference_and_whole_batch(tiny):
     Sampler(tiny, prefill_rows=3, **kw)
   from catchjax.sample import _auto_prefill_rows
   assert [_auto_prefill_rows(b) for b in (128, 100, 64, 32, 16, 8, 97)] == [32, 25, 32, 16, 0, 0, 0]
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_compacting_done_rows_mid_decode_changes_no_token(tiny, chunk):
+  """compact_rows: decoding stops every `chunk` steps and carries on with only the rows not
+  yet done (to a multiple of compact_rows). Every row's tokens and log-probs equal those of
+  the uncompacted decode, and the smaller batches really ran."""
+  prompts = [make_prompts(s)[i] for s in range(3) for i in range(7)][:20]   # 20 rows -> 2 batches
+  kw = dict(batch_size=16, prompt_buckets=BUCKETS, progress=False)
+  sp = SamplingParams(temperature=1.0, max_new_tokens=14)
+  free = Sampler(tiny, eos_ids=[], **kw).generate(prompts, sp, seeds=3)
+  # EOS: the tokens most often sampled at steps 1-5, so rows end at many different steps.
+  ids, counts = np.unique(np.asarray(free.token_array)[:, 1:6], return_counts=True)
+  eos = [int(x) for x in ids[np.argsort(-counts)[:3]]]
+  plain = Sampler(tiny, eos_ids=eos, compact_rows=0, **kw)
+  comp = Sampler(tiny, eos_ids=eos, compact_rows=4, decode_chunk=chunk, **kw)
+  a, b = plain.generate(prompts, sp, seeds=3), comp.generate(prompts, sp, seeds=3)
+  assert 0 < sum(a.finished) < len(prompts)
+  assert a.tokens == b.tokens and a.finished == b.finished
+  np.testing.assert_array_equal(a.token_array, b.token_array)
+  for x, y in zip(a.logprobs, b.logprobs):
+    np.testing.assert_allclose(x, y, atol=2e-4)
+  sizes = {k[1] for k in comp.compile_seconds if k[0] == "decode"}
+  assert 16 in sizes and min(sizes) < 16                     # compacted batches ran
+  assert any(k[0] == "compact" for k in comp.compile_seconds)
+  assert {k[1] for k in plain.compile_seconds if k[0] == "decode"} == {16}
+  g = comp.generate(prompts, SamplingParams(max_new_tokens=14))     # greedy too
+  assert g.tokens == plain.generate(prompts, SamplingParams(max_new_tokens=14)).tokens
+  assert Sampler(tiny, **kw).compact_rows == 0                      # opt-in
+  with pytest.raises(ValueError, match="compact_rows"):
+    Sampler(tiny, compact_rows=-1, **kw)
 
 
 @pytest.mark.parametrize("params", [
