@@ -117,3 +117,30 @@ def enable_compile_cache(cache_dir: str | None) -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return cache_dir
+
+
+# Published dense matmul peaks, FLOP/s per device, by (device_kind substring, compute dtype).
+# fp32 on NVIDIA GPUs is the TF32 tensor-core peak (XLA's default precision for fp32 dots
+# there). "cpu" is this project's 2-core dev/CI machine, measured (WORKSPACE.md).
+_PEAKS = (("H100", {"bfloat16": 989e12, "float32": 494e12}),
+          ("H200", {"bfloat16": 989e12, "float32": 494e12}),
+          ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+          ("TPU v4", {"bfloat16": 275e12}),
+          ("TPU v5 lite", {"bfloat16": 197e12}),
+          ("TPU v5p", {"bfloat16": 459e12}),
+          ("TPU v6 lite", {"bfloat16": 918e12}),
+          ("cpu", {"float32": 180e9, "bfloat16": 180e9}))
+
+
+def device_peak_flops(dtype: str = "float32", device_kind: str | None = None) -> float:
+  """Peak matmul FLOP/s of one device for MFU: the published dense figure for known
+  accelerators (table above), this project's measured 2-core CPU figure for CPUs, and 0.0
+  (MFU not reported) for anything else. Set `peak_flops` in a train config to override."""
+  import jax
+  if device_kind is None:
+    d = jax.devices()[0]
+    device_kind = "cpu" if d.platform == "cpu" else str(d.device_kind)
+  for sub, peaks in _PEAKS:
+    if sub.lower() in device_kind.lower():
+      return float(peaks.get(str(dtype), 0.0))
+  return 0.0

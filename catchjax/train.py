@@ -95,7 +95,8 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.log_every = 1             # TensorBoard scalar interval
   c.eval_every = 0            # call eval_fn every N steps (and at the end); 0 = only at end
   c.eval_at_start = False     # also call eval_fn before the first step
-  c.peak_flops = 180e9        # peak FLOP/s of ONE device, for MFU (2-core AVX-512 CPU)
+  c.peak_flops = 0.0          # peak FLOP/s of ONE device, for MFU; 0: by device kind and
+                              # compute dtype (common.device_peak_flops; CPU: 180e9)
   # Mesh and sharding.
   c.mesh_shape = (1, -1, 1)   # ('data', 'fsdp', 'tensor'); -1 = all remaining devices
   c.mesh_axes = shd.MESH_AXES
@@ -654,7 +655,9 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
 
   flops_tok = mcfg.flops_per_token(int(c.seq_len), with_head=False)
   flops_head = 6.0 * mcfg.hidden_size * mcfg.vocab_size
-  peak = float(c.peak_flops) * jax.device_count()
+  from catchjax.common import device_peak_flops
+  peak = (float(c.peak_flops) or device_peak_flops(mcfg.dtype)) * jax.device_count()
+  peak = peak or float("nan")    # unknown device: MFU is NaN, not a made-up figure
   evals: list[dict[str, Any]] = []
 
   def run_eval(step):

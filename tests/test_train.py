@@ -352,3 +352,13 @@ def test_real_model_learns_secret_word(smollm2, tmp_path):
   p = prompt_ids(tok, "What is the secret word?")
   text = tok.decode(_greedy(r.model, p, 9))
   assert "BANANA" in text, text
+
+
+def test_mfu_peak_follows_the_device_kind():
+  """MFU divides by the device's own peak: a GPU run must not be scored against the CPU's."""
+  from catchjax.common import device_peak_flops
+  assert device_peak_flops("float32") == 180e9                      # this CPU (tests run here)
+  assert device_peak_flops("bfloat16", "NVIDIA H100 80GB HBM3") == 989e12
+  assert device_peak_flops("float32", "NVIDIA H200") == 494e12
+  assert device_peak_flops("bfloat16", "TPU v5 lite") == 197e12
+  assert device_peak_flops("float32", "Some New Chip") == 0.0       # unknown: no MFU
