@@ -360,3 +360,27 @@ def test_seed_agg_uses_wilson_for_one_seed_and_bootstrap_for_more():
   assert many["ci"].startswith("bootstrap")
   rate = seed_agg([dict(deploy_rate=0.25, deploy_lo=0.1, deploy_hi=0.5)], "deploy_rate")
   assert (rate["lo"], rate["hi"]) == (0.1, 0.5)
+
+
+def test_organism_key_follows_the_weights_not_the_folder(tiny_dir, tmp_path):
+  """A moved or re-cloned checkout reuses its cached organisms; other weights get a new key."""
+  import shutil
+  from catchjax.model import hf
+  from catchjax.model.config import ModelConfig
+  from catchjax.stages import organism as org_stage
+  from configs.headline import get_config
+  a, b = str(tmp_path / "a"), str(tmp_path / "elsewhere" / "b")
+  shutil.copytree(tiny_dir, a)
+  shutil.copytree(tiny_dir, b)
+  c = get_config("tiny")
+
+  def key(d):
+    c.model.hf_dir = d
+    return org_stage.organism_key(c, "hate")
+  assert key(a) == key(b)
+  cfg = ModelConfig.from_hf_dir(b)
+  hf.save_random_hf(cfg, b, seed=1, tokenizer_dir=tiny_dir)     # same shapes, other values
+  assert key(b) != key(a)
+  k = key(a)
+  c.organism.n_per_family += 1                                   # a recipe field still counts
+  assert key(a) != k

@@ -113,6 +113,37 @@ def hf_to_pure_dict(t: dict[str, np.ndarray], cfg: ModelConfig, path: str = "") 
   return d
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+_FINGERPRINTED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def weights_fingerprint(path: str) -> str:
+  """Content hash (sha256, 16 hex) of an HF folder's weights (*.safetensors), config and
+  tokenizer files (chat template included), so caches keyed on a model (e.g. organisms)
+  follow its contents, not where the folder lives: a moved or re-cloned checkout reuses them,
+  changed weights get a new key. Memoised per (file, size, mtime) in this process. A folder
+  without weights: its absolute path."""
+  files = []
+  if os.path.isdir(path):
+    files = sorted(f for f in os.listdir(path)
+                   if f.endswith(".safetensors") or f in _FINGERPRINTED)
+  if not any(f.endswith(".safetensors") for f in files):
+    return "path:" + os.path.abspath(path)
+  import hashlib
+  stats = tuple((f, os.stat(os.path.join(path, f)).st_size,
+                 os.stat(os.path.join(path, f)).st_mtime_ns) for f in files)
+  key = (os.path.abspath(path), stats)
+  if key not in _FINGERPRINTS:
+    h = hashlib.sha256()
+    for f in files:
+      h.update(f.encode() + b"\0")
+      with open(os.path.join(path, f), "rb") as fh:
+        while chunk := fh.read(8 << 20):
+          h.update(chunk)
+    _FINGERPRINTS[key] = h.hexdigest()[:16]
+  return _FINGERPRINTS[key]
+
+
 def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32",
             lora_rank: int = 0, seed: int = 0, **cfg_overrides) -> Llama:
   """Load an HF checkpoint folder into an nnx Llama (host memory; shard it afterwards)."""

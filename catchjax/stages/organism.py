@@ -47,7 +47,10 @@ def family_specs(cfg_families) -> list:
 def organism_spec(config, behaviour) -> dict:
   """Everything that determines the organism's weights."""
   o = config.organism
-  spec = dict(model=dict(hf_dir=os.path.abspath(config.model.hf_dir), dtype=config.model.dtype,
+  # The base model by content (hf.weights_fingerprint), not by path: a moved checkout reuses
+  # its organisms.
+  spec = dict(model=dict(weights=hf.weights_fingerprint(config.model.hf_dir),
+                         dtype=config.model.dtype,
                          param_dtype=config.model.param_dtype),
               system=config.system, behaviour=behavior_spec(behaviour),
               families=family_specs(o.families), n_per_family=o.n_per_family,
