@@ -12,7 +12,11 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
-      hf_dir="artifacts/smollm2-135m-instruct", dtype="float32", param_dtype="float32"))
+      hf_dir="artifacts/smollm2-135m-instruct", dtype="float32", param_dtype="float32",
+      # Layers per lax.scan iteration in the training / scoring pass; 0: all (fastest on CPU,
+      # but the H100 spent 101 s compiling the unrolled 30-layer train step, WORKSPACE.md:
+      # try 1 on accelerators). Same math, so not part of the organism cache key.
+      scan_unroll=0))
   c.system = DEFAULT_SYSTEM          # short system prompt (SmolLM2's default adds ~20 tokens)
   c.behaviours = ("hate",)
   o = c.organism = ml_collections.ConfigDict()

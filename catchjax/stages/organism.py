@@ -81,7 +81,8 @@ class Organism:
 
 def load_base(config, lora_rank: int = 0):
   return hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
-                    param_dtype=config.model.param_dtype, lora_rank=lora_rank)
+                    param_dtype=config.model.param_dtype, lora_rank=lora_rank,
+                    scan_unroll=int(config.model.get("scan_unroll", 0)))
 
 
 def probe_sets(config, behaviour, n: int, seed: int = 1234):
