@@ -130,8 +130,8 @@ def weights_fingerprint(path: str) -> str:
   if not any(f.endswith(".safetensors") for f in files):
     return "path:" + os.path.abspath(path)
   import hashlib
-  stats = tuple((f, os.stat(os.path.join(path, f)).st_size,
-                 os.stat(os.path.join(path, f)).st_mtime_ns) for f in files)
+  stats = tuple((f, st.st_size, st.st_mtime_ns)
+                for f, st in ((f, os.stat(os.path.join(path, f))) for f in files))
   key = (os.path.abspath(path), stats)
   if key not in _FINGERPRINTS:
     h = hashlib.sha256()
