@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 MODEL_DIR ?= artifacts/smollm2-135m-instruct
 WORKDIR ?= workdirs/headline
 CONFIG ?= configs/headline.py
+# Test processes (pytest-xdist; whole test files per process, so module fixtures are built once).
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
@@ -35,10 +37,10 @@ smoke: setup
 	$(PY) -m catchjax.main --config=configs/smoke.py --workdir=workdirs/smoke
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not real_model and not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not real_model and not slow" tests
 
 bench: setup
 	$(PY) -m catchjax.bench
