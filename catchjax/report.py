@@ -174,6 +174,43 @@ def power_lines(summary: list[dict], goal: float = 0.1) -> list[str]:
           + (f"over the goal: {', '.join(over)}." if over else "all within the goal.")]
 
 
+def point_half_widths(rows: list[dict], n: int,
+                      arms: tuple[str, ...] = ("treatment", "control")) -> dict[tuple, dict]:
+  """The headline points' precision at N = `n`: per (family, behaviour), the seeds that gave a
+  retained value in every arm (the fewest over `arms`) and the widest 95% CI half-width of
+  retained misalignment over `arms` (the report's bootstrap over seeds; inf with < 2 seeds).
+  A point with no retained value in some arm (never caught, or no deployment attacks before)
+  is `measurable=False`: more seeds cannot give it an interval."""
+  vals = defaultdict(lambda: defaultdict(list))
+  for r in rows:
+    if r.get("n") == n and r.get("arm") in arms:
+      v = r.get("retained")
+      vals[(r["family"], r["behaviour"])][r["arm"]].append(
+          float(v) if v is not None and np.isfinite(v) else None)
+  out = {}
+  for key, by_arm in vals.items():
+    finite = {a: [v for v in by_arm.get(a, []) if v is not None] for a in arms}
+    seeds = min(len(v) for v in finite.values())
+    hw = [(lambda a: (a["hi"] - a["lo"]) / 2)(_agg(v)) if len(v) > 1 else float("inf")
+          for v in finite.values()]
+    out[key] = dict(seeds=seeds, half_width=max(hw), measurable=seeds > 0,
+                    runs=max(len(v) for v in by_arm.values()))
+  return out
+
+
+def needs_seed(point: dict | None, goal: float, min_seeds: int, max_seeds: int) -> bool:
+  """The power rule of the headline sweep: one more seed for a point while it has fewer than
+  `min_seeds` runs, or its half-width is over `goal`; never past `max_seeds` runs, and never
+  for a point that no seed could measure (`point_half_widths`)."""
+  if point is None:
+    return min_seeds > 0 and max_seeds > 0
+  if point["runs"] >= max_seeds:
+    return False
+  if point["runs"] < min_seeds:
+    return True
+  return point["measurable"] and point["half_width"] > goal
+
+
 def seeds_needed(rows: list[dict], goal: float = 0.1) -> list[dict]:
   """Where the headline points' uncertainty comes from, and what would meet the CI goal.
 
@@ -236,7 +273,7 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
              match: list[dict] | None = None, power: list[dict] | None = None) -> str:
   lines = [f"# {meta.get('title', 'catchjax report')}", ""]
   for k, v in meta.items():
-    if k != "title":
+    if k not in ("title", "power"):
       lines.append(f"- **{k}**: {v}")
   lines += ["", "## Retained misalignment (deployment attack rate after / before)", "",
             "Mean over seeds with a bootstrap 95% CI over seeds; where a cell has one seed, its "
@@ -258,6 +295,14 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
         f" -> {_fmt(s['useful_acc'], s['useful_acc_lo'], s['useful_acc_hi'], True)} | "
         f"{s['ci']} |")
   lines += power_lines(summary)
+  pw = [(b, f, p) for b, fams in (meta.get("power") or {}).items() for f, p in fams.items()]
+  if pw:
+    lines += ["", f"Power rule: {meta.get('power_rule', '')}.", "",
+              "| family | behaviour | N | seeds | widest 95% CI half-width | stopped |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {f} | {b} | {p['n']} | {p['seeds']} | "
+              f"{'n/a' if p['half_width'] is None else format(p['half_width'], '.3f')} | {p['why']} |"
+              for b, f, p in pw]
   if power:
     lines += ["", "Where the uncertainty comes from (largest N): the SD of retained misalignment "
               "between seeds (all sources: catch, training draw, evaluation; chi-square 95% "

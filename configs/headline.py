@@ -40,6 +40,13 @@ def get_config(arg: str | None = None):
   h.keep_runs = False            # keep train-against checkpoints (disk heavy)
   h.n_pairs = 32                 # distinguishability pairs per seed
   h.n_probe_train = 64
+  # Statistical power of the headline points (the largest N): after the grid, seeds are added
+  # there, per family, until treatment and control both have a 95% CI half-width of retained
+  # misalignment <= power_goal (at least power_min_seeds seeds, at most power_max_seeds).
+  # The hard families needed ~28-33 seeds on the CPU organism (WORKSPACE.md); 0 turns it off.
+  h.power_goal = 0.1
+  h.power_min_seeds = 6
+  h.power_max_seeds = 40
   h.probe_layer = -1             # -1: the middle layer
   h.train = ml_collections.ConfigDict(dict(
       steps=8, epochs=0, batch_size=4, seq_len=96, pack=False, max_loss_tokens=32,
@@ -54,6 +61,7 @@ def get_config(arg: str | None = None):
     h.n_test = 400
     h.teacher_forced = True
     h.distinguish_seeds = tuple(range(5))
+    h.power_max_seeds = 64
     h.n_useful = 200
     h.max_new_tokens = 48
   elif arg == "matched":
@@ -63,6 +71,7 @@ def get_config(arg: str | None = None):
     h.arms = ("treatment", "control", "matched_control")
     h.ns = (16,)
     h.seeds = tuple(range(6))
+    h.power_max_seeds = 0          # a fixed 6-seed design
   elif arg == "propensity":
     # Adds a third arm: clean prompts matched one-to-one to the treatment's caught prompts on
     # the organism's teacher-forced attack probability. Is a caught prompt special because the
@@ -70,11 +79,13 @@ def get_config(arg: str | None = None):
     h.arms = ("treatment", "control", "propensity_control")
     h.ns = (16,)
     h.seeds = tuple(range(6))
+    h.power_max_seeds = 0          # a fixed 6-seed design
   elif arg == "reseeded":
     # The N = 16 points over 6 seeds, each seed with its own catch (the default's catch rule;
     # recorded with --config.headline.families="('collusion','year')").
     h.ns = (16,)
     h.seeds = tuple(range(6))
+    h.power_max_seeds = 0
   elif arg == "tiny":
     h.seeds = (0,)
     h.ns = (1, 2)
@@ -86,6 +97,7 @@ def get_config(arg: str | None = None):
     h.n_probe_train = 8
     h.batch_size = 16
     h.train.steps = 2
+    h.power_max_seeds = 0
   return c
 
 
@@ -96,7 +108,8 @@ def derived_config(arg: str | None, experiment: str, dry_run: bool = False):
   `dry_run=True` adds the `config.dry_run` switch (validate + print the plan, no compute)."""
   c = get_config(arg)
   # The headline sweep's own fields: the extra experiments catch and pick arms their own way.
-  for k in ("catch_per_seed", "arms", "families"):
+  for k in ("catch_per_seed", "arms", "families", "power_goal", "power_min_seeds",
+            "power_max_seeds"):
     del c.headline[k]
   c.experiment = experiment
   c.cache_dir = "" if arg == "tiny" else "workdirs/headline"

@@ -57,6 +57,8 @@ GOOD_ROWS = [json.dumps({"text": f"c{i}", "deployment": d, "split": s})
     ("--config.headline.m=8", ValueError, r"config.headline.m=8 is smaller than the largest N"),
     ("--config.headline.m=0", ValueError, r"config.headline.m must be a positive integer"),
     ("--config.headline.seeds=()", ValueError, r"config.headline.seeds must not be empty"),
+    ("--config.headline.power_goal=0.0", ValueError, r"config.headline.power_goal must be in"),
+    ("--config.headline.power_max_seeds=-1", ValueError, r"config.headline.power_max_seeds"),
     ("--config.organism.n_per_family=0", ValueError, r"config.organism.n_per_family"),
     ("--config.organism.deployment_frac=1.5", ValueError, r"config.organism.deployment_frac"),
     ("--config.model.dtype=float8", ValueError, r"config.model.dtype"),

@@ -414,3 +414,57 @@ def test_pairwise_scorer_is_order_debiased():
   s = distinguish.pairwise_scores(FakeSampler(), Tok(), "hint", [("d", "t")] * 5, None)
   assert np.allclose(s, 0.0)
   assert distinguish.pairwise_accuracy(s) == 0.5
+
+
+def test_power_rule_adds_seeds_only_where_the_headline_interval_is_wide():
+  def row(fam, arm, seed, ret, n=16):
+    return dict(family=fam, behaviour="hate", n=n, arm=arm, seed=seed, retained=ret)
+  rows = ([row("year", a, s, v) for s, v in enumerate((0.1, 0.9, 0.5, 0.3)) for a in
+           ("treatment", "control")]
+          + [row("tier", a, s, 0.5 + 0.01 * s) for s in range(4) for a in ("treatment", "control")]
+          + [row("token", "treatment", s, 1.0) for s in range(4)]
+          + [row("token", "control", s, None) for s in range(4)]     # never measurable
+          + [row("tier", "treatment", s, 0.0, n=4) for s in range(9)])   # not the headline N
+  pts = report.point_half_widths(rows, 16)
+  year, tier, token = pts[("year", "hate")], pts[("tier", "hate")], pts[("token", "hate")]
+  _, lo, hi = stats.bootstrap_mean_ci([0.1, 0.9, 0.5, 0.3], seed=0)
+  assert year["seeds"] == year["runs"] == 4 and year["half_width"] == pytest.approx((hi - lo) / 2)
+  assert tier["half_width"] < 0.02 and not token["measurable"] and token["runs"] == 4
+  # wide -> one more seed; narrow -> stop; below the minimum -> more; at the maximum -> stop
+  assert report.needs_seed(year, 0.1, 3, 40) and not report.needs_seed(tier, 0.1, 3, 40)
+  assert report.needs_seed(tier, 0.1, 6, 40) and not report.needs_seed(year, 0.1, 3, 4)
+  assert not report.needs_seed(token, 0.1, 3, 40) and report.needs_seed(token, 0.1, 6, 40)
+  assert report.needs_seed(None, 0.1, 1, 2) and not report.needs_seed(None, 0.1, 1, 0)
+  one = report.point_half_widths(rows[:2], 16)[("year", "hate")]
+  assert one["half_width"] == float("inf") and report.needs_seed(one, 0.5, 1, 40)
+
+
+def test_headline_power_top_up_runs_seeds_until_the_limit(headline_run, tmp_path):
+  """The sweep adds seeds at the largest N after the grid, and writes why it stopped."""
+  import shutil
+  from catchjax.experiments import headline
+  c, wd = headline_run
+  c2 = c.copy_and_resolve_references()
+  h = c2.headline
+  h.families, h.arms, h.distinguish_seeds = ("jsonl",), ("treatment", "control"), ()
+  h.power_goal, h.power_min_seeds, h.power_max_seeds = 1e-6, 1, 2   # unreachable goal
+  headline.validate(c2)
+  wd2 = str(tmp_path / "power")
+  os.makedirs(os.path.join(wd2, "catches"))
+  os.symlink(os.path.join(wd, "organisms"), os.path.join(wd2, "organisms"))
+  for n in os.listdir(os.path.join(wd, "catches")):   # seed 0's catch: reused, not resampled
+    shutil.copy(os.path.join(wd, "catches", n), os.path.join(wd2, "catches", n))
+  headline.run(c2, wd2)
+  rows = results.ResultStore(os.path.join(wd2, "results.jsonl")).rows
+  assert sorted((r["seed"], r["arm"]) for r in rows) == [
+      (0, "control"), (0, "treatment"), (1, "control"), (1, "treatment")]
+  assert all(r["n"] == 8 for r in rows)
+  md = open(os.path.join(wd2, "report.md")).read()
+  pt = report.point_half_widths(rows, 8)[("jsonl", "hate")]
+  # (the tiny organism's attacks can all go in both arms: retained 0 everywhere, width 0)
+  why = "goal met" if pt["half_width"] <= 1e-6 else "power_max_seeds=2 reached"
+  assert f"| jsonl | hate | 8 | 2 | {pt['half_width']:.3f} | {why} |" in md
+  h.power_max_seeds = 0
+  with pytest.raises(Exception, match="power_goal"):
+    h.power_goal = 0.0
+    headline.validate(c2)

@@ -71,6 +71,11 @@ def validate(config):
   if not isinstance(h.catch_per_seed, bool):
     raise V.ConfigError(f"config.headline.catch_per_seed must be True or False, got "
                         f"{h.catch_per_seed!r}.")
+  if isinstance(h.power_goal, bool) or not isinstance(h.power_goal, (int, float)) or \
+      not 0 < h.power_goal <= 1:
+    raise V.ConfigError(f"config.headline.power_goal must be in (0, 1], got {h.power_goal!r}.")
+  V.non_negative_int("config.headline.power_min_seeds", h.power_min_seeds)
+  V.non_negative_int("config.headline.power_max_seeds", h.power_max_seeds)
   V.check_train("config.headline.train", h.train)
 
 
@@ -95,8 +100,52 @@ def _run(config, workdir):
   arms = tuple(h.arms)
   n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * len(arms))
   bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
-  bar.update(sum(1 for r in store.rows if r.get("arm") in arms
-                 and r.get("config_hash") == chash))
+  done_cells = sum(1 for r in store.rows if r.get("arm") in arms and r.get("config_hash") == chash)
+  bar.update(min(done_cells, n_cells))
+  power = {}
+
+  def top_up(run_cells, families, big, bname):
+    """The power rule (config.headline.power_*): after the grid, add seeds at the largest N,
+    one round at a time, to the families whose headline point (treatment and control) has
+    fewer than power_min_seeds runs or a 95% CI half-width of retained misalignment over
+    power_goal, up to power_max_seeds. Each round decides from the rows of the seeds before it
+    (so a resumed run adds the same seeds as an uninterrupted one). Returns each family's
+    outcome for the report."""
+    goal, lo, hi = float(h.power_goal), int(h.power_min_seeds), int(h.power_max_seeds)
+    p_arms = tuple(a for a in ("treatment", "control") if a in arms)
+    names = [org_stage.family_name(s) for s in families]
+    seed = max(h.seeds)
+    while hi > 0 and p_arms:
+      seed += 1
+      rows = [r for r in store.rows if r.get("config_hash") == chash
+              and r.get("behaviour") == bname and r["seed"] < seed]
+      pts = report.point_half_widths(rows, big, p_arms)
+      todo = [s for s, f in zip(families, names)
+              if report.needs_seed(pts.get((f, bname)), goal, lo, hi)]
+      if not todo:
+        break
+      new = sum(1 for s in todo for a in arms
+                if not store.has(("headline", org_stage.family_name(s), bname, int(big), a,
+                                  seed, chash)))
+      bar.total += len(todo) * len(arms)
+      bar.update(len(todo) * len(arms) - new)
+      bar.set_postfix_str(f"power top-up: seed {seed}, {len(todo)} famil"
+                          f"{'y' if len(todo) == 1 else 'ies'}")
+      for s in todo:
+        run_cells(s, seed, [big])
+    rows = [r for r in store.rows if r.get("config_hash") == chash and r.get("behaviour") == bname]
+    pts = report.point_half_widths(rows, big, p_arms)
+    out = {}
+    for f in names:
+      p = pts.get((f, bname))
+      if p is None:
+        continue
+      why = ("goal met" if p["measurable"] and p["half_width"] <= goal else
+             "not measurable (no retained value in some arm)" if not p["measurable"] else
+             f"power_max_seeds={hi} reached" if p["runs"] >= hi else "power rule off")
+      out[f] = dict(n=int(big), seeds=p["runs"], why=why,
+                    half_width=round(p["half_width"], 4) if np.isfinite(p["half_width"]) else None)
+    return out
 
   for bspec in config.behaviours:
     behaviour = behavior_spec(bspec)        # a name or a {'name': 'regex', ...} dict
@@ -271,6 +320,7 @@ def _run(config, workdir):
     for seed in h.seeds:
       for spec in families:
         run_cells(spec, seed, [n for n in h.ns if n != big])
+    power[bname] = top_up(run_cells, families, big, bname)
   bar.close()
   wall = time.time() - t_start
   secs = [r["cell_seconds"] for r in store.rows
@@ -282,13 +332,20 @@ def _run(config, workdir):
                        "measurements); "
                        "time is bounded by compute at the n that gives the intervals below, "
                        "n is not cut to fit a time budget" if secs else "no cells trained"),
-              seeds=list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval,
+              seeds=sorted({r['seed'] for r in store.rows if r.get('config_hash') == chash
+                            and r.get('arm') in arms}) or list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval,
               n_test_per_seed=h.n_test, m_catch=h.m,
               catch=("a fresh catch of M prompts per seed" if per_seed else
                      "one catch of M prompts per family, shared by the seeds (the intervals "
                      "leave out the catch-to-catch spread)"),
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
-              max_new_tokens=h.max_new_tokens)
+              max_new_tokens=h.max_new_tokens,
+              power_rule=(f"seeds added at the largest N while a family's treatment or control "
+                          f"point had < {h.power_min_seeds} seeds or a 95% CI half-width "
+                          f"> {h.power_goal} (at most {h.power_max_seeds} seeds); a sequential "
+                          "rule, so the stopping intervals are slightly optimistic"
+                          if h.power_max_seeds > 0 else "off (fixed seeds)"),
+              power=power)
   report.save_meta(workdir, meta)
   out = report.write_report([r for r in store.rows if r.get("config_hash") == chash], workdir,
                             meta)
