@@ -300,9 +300,9 @@ def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
     lines += ["", f"Power rule: {meta.get('power_rule', '')}.", "",
               "| family | behaviour | N | seeds | widest 95% CI half-width | stopped |",
               "|---|---|---|---|---|---|"]
-    lines += [f"| {f} | {b} | {p['n']} | {p['seeds']} | "
-              f"{'n/a' if p['half_width'] is None else format(p['half_width'], '.3f')} | {p['why']} |"
-              for b, f, p in pw]
+    for b, f, p in pw:
+      hw = "n/a" if p["half_width"] is None else f"{p['half_width']:.3f}"
+      lines.append(f"| {f} | {b} | {p['n']} | {p['seeds']} | {hw} | {p['why']} |")
   if power:
     lines += ["", "Where the uncertainty comes from (largest N): the SD of retained misalignment "
               "between seeds (all sources: catch, training draw, evaluation; chi-square 95% "

@@ -332,8 +332,9 @@ def _run(config, workdir):
                        "measurements); "
                        "time is bounded by compute at the n that gives the intervals below, "
                        "n is not cut to fit a time budget" if secs else "no cells trained"),
-              seeds=sorted({r['seed'] for r in store.rows if r.get('config_hash') == chash
-                            and r.get('arm') in arms}) or list(h.seeds), ns=list(h.ns), n_eval_per_seed=h.n_eval,
+              seeds=sorted({r["seed"] for r in store.rows if r.get("config_hash") == chash
+                            and r.get("arm") in arms}) or list(h.seeds),
+              ns=list(h.ns), n_eval_per_seed=h.n_eval,
               n_test_per_seed=h.n_test, m_catch=h.m,
               catch=("a fresh catch of M prompts per seed" if per_seed else
                      "one catch of M prompts per family, shared by the seeds (the intervals "
