@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   # Statistical power of the headline points (the largest N): after the grid, seeds are added
   # there, per family, until treatment and control both have a 95% CI half-width of retained
   # misalignment <= power_goal (at least power_min_seeds seeds, at most power_max_seeds).
-  # The hard families needed ~28-33 seeds on the CPU organism (WORKSPACE.md); 0 turns it off.
+  # The hard families needed 23-31 seeds on the CPU organism (WORKSPACE.md); 0 turns it off.
   h.power_goal = 0.1
   h.power_min_seeds = 6
   h.power_max_seeds = 40
