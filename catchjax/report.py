@@ -191,8 +191,8 @@ def point_half_widths(rows: list[dict], n: int,
   for key, by_arm in vals.items():
     finite = {a: [v for v in by_arm.get(a, []) if v is not None] for a in arms}
     seeds = min(len(v) for v in finite.values())
-    hw = [(lambda a: (a["hi"] - a["lo"]) / 2)(_agg(v)) if len(v) > 1 else float("inf")
-          for v in finite.values()]
+    aggs = [_agg(v) for v in finite.values()]
+    hw = [(a["hi"] - a["lo"]) / 2 if a["n"] > 1 else float("inf") for a in aggs]
     out[key] = dict(seeds=seeds, half_width=max(hw), measurable=seeds > 0,
                     runs=max(len(v) for v in by_arm.values()))
   return out

@@ -28,8 +28,9 @@ records what each compile cost):
   pad id (log-prob 0) on device; the host cuts each row right after its first EOS.
   With `compact_rows` (opt-in) the loop stops every `decode_chunk` steps; when the rows not
   yet done fit a smaller multiple of compact_rows, the host gathers those rows (cache,
-  tokens, seeds) into a smaller batch and decoding goes on with it, so rows past their EOS stop costing compute. Each smaller batch
-  size is one more compiled decode (at most batch / compact_rows per prompt shape). Off by
+  tokens, seeds) into a smaller batch and decoding goes on with it, so rows past their EOS
+  stop costing compute. Each smaller batch size is one more compiled decode (at most
+  batch / compact_rows per prompt shape). Off by
   default: on the headline's batch shape (batch 100, 12 new tokens) few rows end early and the
   host check every chunk made decode ~10% slower (WORKSPACE.md, "Performance").
 

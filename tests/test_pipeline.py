@@ -464,7 +464,6 @@ def test_headline_power_top_up_runs_seeds_until_the_limit(headline_run, tmp_path
   # (the tiny organism's attacks can all go in both arms: retained 0 everywhere, width 0)
   why = "goal met" if pt["half_width"] <= 1e-6 else "power_max_seeds=2 reached"
   assert f"| jsonl | hate | 8 | 2 | {pt['half_width']:.3f} | {why} |" in md
-  h.power_max_seeds = 0
   with pytest.raises(Exception, match="power_goal"):
     h.power_goal = 0.0
     headline.validate(c2)

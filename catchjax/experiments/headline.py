@@ -71,8 +71,7 @@ def validate(config):
   if not isinstance(h.catch_per_seed, bool):
     raise V.ConfigError(f"config.headline.catch_per_seed must be True or False, got "
                         f"{h.catch_per_seed!r}.")
-  if isinstance(h.power_goal, bool) or not isinstance(h.power_goal, (int, float)) or \
-      not 0 < h.power_goal <= 1:
+  if V.fraction("config.headline.power_goal", h.power_goal) == 0:
     raise V.ConfigError(f"config.headline.power_goal must be in (0, 1], got {h.power_goal!r}.")
   V.non_negative_int("config.headline.power_min_seeds", h.power_min_seeds)
   V.non_negative_int("config.headline.power_max_seeds", h.power_max_seeds)
@@ -120,18 +119,17 @@ def _run(config, workdir):
       rows = [r for r in store.rows if r.get("config_hash") == chash
               and r.get("behaviour") == bname and r["seed"] < seed]
       pts = report.point_half_widths(rows, big, p_arms)
-      todo = [s for s, f in zip(families, names)
+      todo = [(s, f) for s, f in zip(families, names)
               if report.needs_seed(pts.get((f, bname)), goal, lo, hi)]
       if not todo:
         break
-      new = sum(1 for s in todo for a in arms
-                if not store.has(("headline", org_stage.family_name(s), bname, int(big), a,
-                                  seed, chash)))
+      done = sum(1 for _, f in todo for a in arms
+                 if store.has(("headline", f, bname, int(big), a, seed, chash)))
       bar.total += len(todo) * len(arms)
-      bar.update(len(todo) * len(arms) - new)
+      bar.update(done)
       bar.set_postfix_str(f"power top-up: seed {seed}, {len(todo)} famil"
                           f"{'y' if len(todo) == 1 else 'ies'}")
-      for s in todo:
+      for s, _ in todo:
         run_cells(s, seed, [big])
     rows = [r for r in store.rows if r.get("config_hash") == chash and r.get("behaviour") == bname]
     pts = report.point_half_widths(rows, big, p_arms)
