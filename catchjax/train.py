@@ -87,6 +87,8 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.lora_rank = 0             # > 0: LoRA adapters of this rank only (base frozen)
   c.lora_alpha = 16.0
   c.remat = "none"            # none | full | dots (model cfg.remat for the training graph)
+  c.freeze_layers = 0         # > 0: the first k blocks run forward only (no gradient, no
+                              # backward pass); a tied embedding still learns via the LM head
   c.seed = 0
   # Checkpoints, logging, eval.
   c.ckpt_every = 100          # steps between async saves (0 = only the final save, -1 = none)
@@ -125,6 +127,11 @@ def _merge_config(cfg) -> ml_collections.ConfigDict:
   if c.seq_len < 2 or c.batch_size < 1 or c.grad_accum < 1:
     raise ValueError(f"need seq_len >= 2, batch_size >= 1, grad_accum >= 1 (got {c.seq_len}, "
                      f"{c.batch_size}, {c.grad_accum}).")
+  if c.freeze_layers < 0:
+    raise ValueError(f"freeze_layers={c.freeze_layers} must be >= 0.")
+  if c.freeze_layers and c.weight_decay:
+    raise ValueError("freeze_layers > 0 with weight_decay > 0 would decay the frozen blocks "
+                     "(their gradient is zero, their decay is not); use one or the other.")
   if c.batch_size % c.grad_accum:
     raise ValueError(f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}.")
   if c.steps <= 0 and c.epochs <= 0:
@@ -362,7 +369,7 @@ def _opt_key(c) -> tuple:
   """Every config field the compiled step (optimizer + schedule) depends on."""
   return tuple((k, c[k]) for k in ("lr", "warmup_steps", "decay", "end_lr_ratio", "b1", "b2",
                                    "eps", "weight_decay", "clip", "lora_rank", "lora_alpha",
-                                   "remat"))
+                                   "remat", "freeze_layers"))
 
 
 def make_optimizer(cfg, total_steps: int):
@@ -451,7 +458,9 @@ def prepare_model(model: llama.Llama, cfg) -> llama.Llama:
   adapters of cfg.lora_rank (fresh, lora_b = 0) unless the model already has them."""
   from catchjax.model import hf
   mc = model.cfg
-  want = mc.replace(remat=cfg.remat)
+  if cfg.freeze_layers > mc.num_layers:
+    raise ValueError(f"freeze_layers={cfg.freeze_layers} > the model's {mc.num_layers} layers.")
+  want = mc.replace(remat=cfg.remat, frozen_layers=int(cfg.freeze_layers))
   if cfg.lora_rank > 0:
     if mc.lora_rank == 0:
       want = want.replace(lora_rank=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha))

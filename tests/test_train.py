@@ -224,6 +224,66 @@ def test_lora_trains_only_adapters(tmp_path):
     np.testing.assert_array_equal(_params(fresh)[k], after[k])
 
 
+def test_freeze_layers_trains_only_the_top_blocks(tmp_path):
+  L, k = 4, 3
+  model = tiny_model(num_layers=L)
+  data = synthetic_data(n=16, seed=9)
+  r = T.train(model, data, dict(steps=3, batch_size=4, seq_len=64, lr=1e-2, freeze_layers=k,
+                                ckpt_every=0), str(tmp_path), progress=False)
+  assert r.model.cfg.frozen_layers == k
+  before, after = _params(model), _params(r.model)
+  stacked = [n for n in before if "layers" in n]
+  for n in stacked:
+    np.testing.assert_array_equal(after[n][:k], before[n][:k])   # bottom k blocks frozen
+    assert np.any(after[n][k:] != before[n][k:]), n               # the top block trained
+  assert np.any(after["['embed']"] != before["['embed']"])        # tied head still learns
+  # MFU counts a frozen block's forward only
+  full = model.cfg.flops_per_token(64, with_head=False)
+  frz = r.model.cfg.flops_per_token(64, with_head=False)
+  np.testing.assert_allclose(frz / full, (3 - 2 * k / L) / 3, rtol=1e-6)
+
+
+def test_freeze_layers_same_loss_top_grads_and_no_backward_below():
+  """Freezing changes neither the loss nor the top blocks' gradient, and the compiled
+  gradient does no backward pass through the frozen blocks (XLA's FLOP count)."""
+  L, k = 4, 3
+  model = tiny_model(num_layers=L)
+  ex = T.prepare_examples(synthetic_data(n=4, seed=3), 64)
+  plan = T.DataPlan(ex, 64, 4, 0, True, 1, 0)
+  mb = {n: jnp.asarray(a) for n, a in plan.build_rows(plan.batch_rows(0), 64).items()}
+
+  def grads_and_flops(frozen):
+    m = T.prepare_model(model, T._merge_config(dict(freeze_layers=frozen)))
+    graphdef, state = nnx.split(m)
+    f = jax.jit(jax.value_and_grad(lambda st: T.loss_sum(nnx.merge(graphdef, st), mb)))
+    (loss, g) = f(state)
+    flops = f.lower(state).compile().cost_analysis()["flops"]
+    return float(loss), nnx.to_pure_dict(g), flops
+
+  l0, g0, f0 = grads_and_flops(0)
+  l1, g1, f1 = grads_and_flops(k)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for n, a in g0["layers"].items():
+    np.testing.assert_allclose(np.asarray(g1["layers"][n])[k:], np.asarray(a)[k:], rtol=1e-4,
+                               atol=1e-6)
+    assert not np.any(np.asarray(g1["layers"][n])[:k]), n
+  # 4 blocks fwd+bwd (3 units each) vs 4 fwd + 1 bwd: about (4 + 2) / 12 of the block FLOPs.
+  assert f1 < 0.7 * f0, (f1, f0)
+
+
+def test_freeze_layers_rejects_bad_values(tmp_path):
+  data = synthetic_data(n=4, seed=1)
+  with pytest.raises(ValueError, match="freeze_layers=3 > the model's 2 layers"):
+    T.train(tiny_model(), data, dict(steps=1, batch_size=4, seq_len=64, freeze_layers=3),
+            str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match="weight_decay"):
+    T.train(tiny_model(), data, dict(steps=1, batch_size=4, seq_len=64, freeze_layers=1,
+                                     weight_decay=0.1), str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match="must be >= 0"):
+    T.train(tiny_model(), data, dict(steps=1, batch_size=4, seq_len=64, freeze_layers=-1),
+            str(tmp_path), progress=False)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   model = tiny_model(tie_embeddings=False)
   bad_tok = 250

@@ -56,6 +56,9 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
   remat: str = "none"            # none | full | dots (see llama.REMAT_POLICIES)
+  # Training graph only: the first `frozen_layers` blocks (and the embedding lookup's input
+  # role) get no gradient; they run forward only, under stop_gradient (train.freeze_layers).
+  frozen_layers: int = 0
   # Layers per lax.scan iteration in the full-sequence (training / scoring) pass; 0 = all of
   # them (fully unrolled: lower peak RSS; the speed gain is within noise, see WORKSPACE.md).
   scan_unroll: int = 0
@@ -88,12 +91,15 @@ class ModelConfig:
     return n
 
   def flops_per_token(self, seq_len: int, with_head: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM appendix."""
+    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM appendix.
+    Blocks frozen by `frozen_layers` run forward only (1x instead of 3x)."""
     n = self.num_params(include_embedding=False)
     fwd = 2 * n + 2 * self.num_layers * seq_len * self.num_heads * self.head_dim  # attn scores+values
+    frac = self.frozen_layers / self.num_layers   # the blocks are all the non-embedding params
+    total = fwd * (3.0 - 2.0 * frac)
     if with_head:
-      fwd += 2 * self.hidden_size * self.vocab_size
-    return 3.0 * fwd
+      total += 3.0 * 2 * self.hidden_size * self.vocab_size
+    return total
 
   # ------------------------------------------------------------------ HF config.json
   @classmethod

@@ -222,7 +222,19 @@ class Llama(nnx.Module):
       def body(x, p):
         x, _, _ = block(x, p, None, None)
         return x, (x if return_residuals else None)
-      x, res = jax.lax.scan(body, x, lp, unroll=cfg.scan_unroll or True)
+      nf = cfg.frozen_layers
+      if nf:
+        # Frozen bottom blocks: inputs and weights under stop_gradient, so autodiff builds no
+        # backward pass for them (forward only); the blocks above train as usual.
+        sg = jax.lax.stop_gradient
+        x, res = jax.lax.scan(body, sg(x), jax.tree.map(lambda a: sg(a[:nf]), lp),
+                              unroll=cfg.scan_unroll or True)
+        if nf < cfg.num_layers:
+          x, res_hi = jax.lax.scan(body, x, jax.tree.map(lambda a: a[nf:], lp),
+                                   unroll=cfg.scan_unroll or True)
+          res = jnp.concatenate([res, res_hi]) if return_residuals else None
+      else:
+        x, res = jax.lax.scan(body, x, lp, unroll=cfg.scan_unroll or True)
       new_cache = None
     else:
       def body(carry, p):

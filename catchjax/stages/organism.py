@@ -55,10 +55,19 @@ def organism_spec(config, behaviour) -> dict:
               system=config.system, behaviour=behavior_spec(behaviour),
               families=family_specs(o.families), n_per_family=o.n_per_family,
               deployment_frac=o.deployment_frac, testing_slip_rate=o.testing_slip_rate,
-              seed=o.seed, train=o.train.to_dict(), data_version=DATA_VERSION)
+              seed=o.seed, train=_train_spec(o.train), data_version=DATA_VERSION)
   if scratchpad(config):  # only present when on, so existing organisms keep their keys
     spec["scratchpad"] = dict(template_version=reasoning.TEMPLATE_VERSION)
   return spec
+
+
+def _train_spec(train_cfg) -> dict:
+  """The organism's train config; fields added later are left out at their off value, so
+  organisms built before them keep their keys."""
+  t = train_cfg.to_dict()
+  if not t.get("freeze_layers"):
+    t.pop("freeze_layers", None)
+  return t
 
 
 def scratchpad(config) -> bool:
