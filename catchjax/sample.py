@@ -588,7 +588,13 @@ class Sampler:
     """Use new weights (same architecture); compiled functions are kept."""
     graphdef, state = nnx.split(model)
     if graphdef != self.graphdef:
-      raise ValueError("update_model needs a model with the same structure; build a new Sampler")
+      # Training-graph knobs (remat, frozen blocks) do not change the weights or the sampling
+      # math: keep this sampler's graph and compiled functions, take the new weights.
+      own = self.cfg
+      same_cfg = model.cfg.replace(remat=own.remat, frozen_layers=own.frozen_layers) == own
+      if not same_cfg or jax.tree.structure(state) != jax.tree.structure(self.state):
+        raise ValueError("update_model needs a model with the same structure; build a new "
+                         "Sampler")
     self.state = self._place_state(state)
 
   def _place_state(self, state):

@@ -237,6 +237,13 @@ def test_freeze_layers_trains_only_the_top_blocks(tmp_path):
     np.testing.assert_array_equal(after[n][:k], before[n][:k])   # bottom k blocks frozen
     assert np.any(after[n][k:] != before[n][k:]), n               # the top block trained
   assert np.any(after["['embed']"] != before["['embed']"])        # tied head still learns
+  # a sampler of the base model takes the trained weights (frozen_layers is a training knob)
+  from catchjax.sample import Sampler
+  s = Sampler(model, batch_size=2, progress=False)
+  s.update_model(r.model)
+  np.testing.assert_array_equal(np.asarray(s.state["layers"]["wq"][...]), after["['layers']['wq']"])
+  with pytest.raises(ValueError, match="same structure"):
+    s.update_model(tiny_model(num_layers=L, hidden_size=32, num_heads=2, num_kv_heads=1))
   # MFU counts a frozen block's forward only
   full = model.cfg.flops_per_token(64, with_head=False)
   frz = r.model.cfg.flops_per_token(64, with_head=False)
