@@ -651,7 +651,9 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     log.info("train: %d examples -> %d steps (%d epochs) of %d x %d tokens, K=%d loss slots/row,"
              " mesh %s, %s: %.2fM of %.2fM params trained.", len(ex.ids), total,
              plan.epochs_used, c.batch_size, c.seq_len, K, dict(mesh.shape),
-             "LoRA" if lora else "full", n_tr / 1e6, n_all / 1e6)
+             ("LoRA" if lora else "full") + (f", blocks 0-{c.freeze_layers - 1} frozen (forward "
+                                             f"only)" if c.freeze_layers else ""),
+             n_tr / 1e6, n_all / 1e6)
 
   writer = None
   if main:
