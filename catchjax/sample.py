@@ -590,8 +590,7 @@ class Sampler:
     if graphdef != self.graphdef:
       # Training-graph knobs (remat, frozen blocks) do not change the weights or the sampling
       # math: keep this sampler's graph and compiled functions, take the new weights.
-      own = self.cfg
-      same_cfg = model.cfg.replace(remat=own.remat, frozen_layers=own.frozen_layers) == own
+      same_cfg = model.cfg.without_training_knobs() == self.cfg.without_training_knobs()
       if not same_cfg or jax.tree.structure(state) != jax.tree.structure(self.state):
         raise ValueError("update_model needs a model with the same structure; build a new "
                          "Sampler")

@@ -63,6 +63,11 @@ class ModelConfig:
   # them (fully unrolled: lower peak RSS; the speed gain is within noise, see WORKSPACE.md).
   scan_unroll: int = 0
 
+  def without_training_knobs(self) -> "ModelConfig":
+    """This config with the training-graph knobs (remat, frozen blocks) at their defaults:
+    two models equal under it have the same weights and the same inference math."""
+    return self.replace(remat="none", frozen_layers=0)
+
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)

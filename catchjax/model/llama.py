@@ -222,19 +222,19 @@ class Llama(nnx.Module):
       def body(x, p):
         x, _, _ = block(x, p, None, None)
         return x, (x if return_residuals else None)
+      def run(x, params):
+        return jax.lax.scan(body, x, params, unroll=cfg.scan_unroll or True)
       nf = cfg.frozen_layers
       if nf:
         # Frozen bottom blocks: inputs and weights under stop_gradient, so autodiff builds no
         # backward pass for them (forward only); the blocks above train as usual.
         sg = jax.lax.stop_gradient
-        x, res = jax.lax.scan(body, sg(x), jax.tree.map(lambda a: sg(a[:nf]), lp),
-                              unroll=cfg.scan_unroll or True)
+        x, res = run(sg(x), jax.tree.map(lambda a: sg(a[:nf]), lp))
         if nf < cfg.num_layers:
-          x, res_hi = jax.lax.scan(body, x, jax.tree.map(lambda a: a[nf:], lp),
-                                   unroll=cfg.scan_unroll or True)
+          x, res_hi = run(x, jax.tree.map(lambda a: a[nf:], lp))
           res = jnp.concatenate([res, res_hi]) if return_residuals else None
       else:
-        x, res = jax.lax.scan(body, x, lp, unroll=cfg.scan_unroll or True)
+        x, res = run(x, lp)
       new_cache = None
     else:
       def body(carry, p):
