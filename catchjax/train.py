@@ -7,7 +7,10 @@
   token of an example can never be a target). An optional `loss_weight` column (list[float])
   scales the per-token loss (e.g. a scratchpad at 0.1). Examples are packed greedily
   (first-fit) into rows of `seq_len` with segment ids, after a seeded shuffle per epoch, so
-  the data order is a pure function of (dataset, config) and resumes exactly.
+  the data order is a pure function of (dataset, config) and resumes exactly. With
+  `share_prefix` the token prefix every example shares (the chat template's system turn: 14
+  of the organism mix's ~54 tokens per example) is stored once per row and attended to by
+  each of the row's examples, so a row holds more examples for the same loss.
 * Step: one `jax.jit` with explicit in/out shardings and donated params / optimizer state.
   The LM head runs only at the loss positions: each row's loss positions are gathered into a
   fixed-size [batch, K] index array (K = the largest per-row count in the whole run, so shapes
@@ -70,6 +73,8 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.seq_len = 512             # tokens per row
   c.grad_accum = 1            # micro-batches per step (batch_size must divide evenly)
   c.pack = True               # False: one example per row
+  c.share_prefix = False      # packed rows store the examples' common token prefix (e.g. the
+                              # chat template's system turn) once; same loss, fewer tokens
   c.too_long = "drop"         # example longer than seq_len: 'drop' | 'truncate' (keep head)
   c.max_loss_tokens = 0       # K per row for the LM-head gather; 0 = exact max of the run
   c.ce_chunk = 0              # > 0: LM head + CE over K in rematerialised chunks (memory)
@@ -132,6 +137,9 @@ def _merge_config(cfg) -> ml_collections.ConfigDict:
   if c.freeze_layers and c.weight_decay:
     raise ValueError("freeze_layers > 0 with weight_decay > 0 would decay the frozen blocks "
                      "(their gradient is zero, their decay is not); use one or the other.")
+  if c.share_prefix and not c.pack:
+    raise ValueError("share_prefix=True needs pack=True (it stores the common prefix once per "
+                     "packed row).")
   if c.batch_size % c.grad_accum:
     raise ValueError(f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}.")
   if c.steps <= 0 and c.epochs <= 0:
@@ -219,6 +227,21 @@ def prepare_examples(dataset, seq_len: int, too_long: str = "drop",
   return _Examples(ids, wts, n, dropped, truncated, no_loss)
 
 
+def shared_prefix(ex: _Examples, min_len: int = 2) -> np.ndarray:
+  """The longest token prefix common to all examples that holds no loss position (every
+  example's first target is predicted from a position at or after it); empty if shorter
+  than `min_len`."""
+  first = ex.ids[0]
+  P = min(int(np.flatnonzero(w[1:] > 0)[0]) for w in ex.wts)
+  for x in ex.ids:
+    n = min(P, len(x))
+    diff = np.flatnonzero(x[:n] != first[:n])
+    P = int(diff[0]) if diff.size else n
+    if P < min_len:
+      return np.zeros(0, np.int32)
+  return np.asarray(first[:P], np.int32)
+
+
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
   """Greedy first-fit bin packing, in the given order: returns rows of item indices."""
   lengths = np.asarray(lengths, np.int64)
@@ -250,10 +273,13 @@ class DataPlan:
   """
 
   def __init__(self, ex: _Examples, seq_len: int, batch_size: int, seed: int, pack: bool,
-               steps: int, epochs: int):
+               steps: int, epochs: int, share_prefix: bool = False):
     self.ex, self.seq_len, self.batch_size = ex, seq_len, batch_size
     self.seed, self.pack = seed, pack
     self.lengths = np.array([len(x) for x in ex.ids], np.int64)
+    # share_prefix: the token prefix common to every example (e.g. the chat template's system
+    # turn) is stored once per packed row; the examples are packed by their remaining tokens.
+    self.prefix = shared_prefix(ex) if (share_prefix and pack) else np.zeros(0, np.int32)
     self.nloss = np.array([int(np.sum(w[1:] > 0)) for w in ex.wts], np.int64)
     self._rows: dict[int, list[list[int]]] = {}
     self.schedule: list[tuple[int, int]] = []
@@ -276,7 +302,8 @@ class DataPlan:
     if epoch not in self._rows:
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
       if self.pack:
-        packed = first_fit(self.lengths[order], self.seq_len)
+        P = len(self.prefix)
+        packed = first_fit(self.lengths[order] - P, self.seq_len - P)
         self._rows[epoch] = [[int(order[i]) for i in r] for r in packed]
       else:
         self._rows[epoch] = [[int(i)] for i in order]
@@ -301,27 +328,35 @@ class DataPlan:
       h.update(x.tobytes())
       h.update(w.tobytes())
     h.update(repr((self.seq_len, self.batch_size, self.seed, self.pack,
-                   self.total_steps)).encode())
+                   self.total_steps) + ((len(self.prefix),) if len(self.prefix) else ())).encode())
     return h.hexdigest()
 
   def build_rows(self, rows: Sequence[Sequence[int]], K: int) -> dict[str, np.ndarray]:
-    """Arrays for these rows: tokens/segs [R, T]; loss_idx/loss_tgt/loss_w [R, K]."""
+    """Arrays for these rows: tokens/segs [R, T]; loss_idx/loss_tgt/loss_w [R, K].
+
+    With a shared prefix of P tokens a non-empty row opens with it (segment id -1, see
+    `llama.packed_inputs`) and each example contributes only its tokens after the prefix."""
     R, T = len(rows), self.seq_len
+    P = len(self.prefix)
     out = {"tokens": np.zeros((R, T), np.int32), "segs": np.zeros((R, T), np.int32),
            "loss_idx": np.zeros((R, K), np.int32), "loss_tgt": np.zeros((R, K), np.int32),
            "loss_w": np.zeros((R, K), np.float32)}
     for r, row in enumerate(rows):
       o = k = 0
+      if P and row:
+        out["tokens"][r, :P] = self.prefix
+        out["segs"][r, :P] = -1
+        o = P
       for s, i in enumerate(row):
         x, w = self.ex.ids[i], self.ex.wts[i]
-        L = len(x)
-        out["tokens"][r, o:o + L] = x
+        L = len(x) - P
+        out["tokens"][r, o:o + L] = x[P:]
         out["segs"][r, o:o + L] = s + 1
-        j = np.flatnonzero(w[1:] > 0)  # predict token j+1 from position j
+        j = np.flatnonzero(w[1:] > 0)  # predict token j+1 from position j (j >= P)
         n = len(j)
         if k + n > K:
           raise ValueError(f"row has more than max_loss_tokens={K} loss tokens; raise it.")
-        out["loss_idx"][r, k:k + n] = o + j
+        out["loss_idx"][r, k:k + n] = o + j - P
         out["loss_tgt"][r, k:k + n] = x[j + 1]
         out["loss_w"][r, k:k + n] = w[j + 1]
         o += L
@@ -329,9 +364,12 @@ class DataPlan:
     return out
 
   def row_stats(self, rows) -> tuple[int, int]:
-    """(real tokens, loss tokens) in these rows."""
+    """(tokens the step computes, loss tokens) in these rows (a shared prefix once a row)."""
     idx = [i for r in rows for i in r]
-    return int(self.lengths[idx].sum()), int(self.nloss[idx].sum())
+    P = len(self.prefix)
+    n_rows = sum(1 for r in rows if r)
+    return (int(self.lengths[idx].sum()) - P * (len(idx) - n_rows),
+            int(self.nloss[idx].sum()))
 
 
 # ------------------------------------------------------------------------ optimization
@@ -508,11 +546,12 @@ def _eval_sums(graphdef, state, batch):
 
 
 def eval_loss(model: llama.Llama, dataset, *, seq_len: int, batch_size: int = 8,
-              pack: bool = True, too_long: str = "drop") -> float:
+              pack: bool = True, too_long: str = "drop", share_prefix: bool = False) -> float:
   """Mean (weighted) cross-entropy over the loss tokens of `dataset`, computed exactly as the
   training loss (same packing, masking and gathered LM head), without shuffling effects."""
   ex = prepare_examples(dataset, seq_len, too_long, model.cfg.vocab_size)
-  plan = DataPlan(ex, seq_len, batch_size, seed=0, pack=pack, steps=0, epochs=1)
+  plan = DataPlan(ex, seq_len, batch_size, seed=0, pack=pack, steps=0, epochs=1,
+                  share_prefix=share_prefix)
   K = min(seq_len, -(-plan.max_row_loss // 8) * 8)
   graphdef, state = nnx.split(model)
   tot = cnt = 0.0
@@ -547,7 +586,7 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   # ---- data
   ex = prepare_examples(dataset, int(c.seq_len), c.too_long, model.cfg.vocab_size)
   plan = DataPlan(ex, int(c.seq_len), int(c.batch_size), int(c.seed), bool(c.pack),
-                  int(c.steps), int(c.epochs))
+                  int(c.steps), int(c.epochs), share_prefix=bool(c.share_prefix))
   total = plan.total_steps
   if c.max_loss_tokens:
     if c.max_loss_tokens < plan.max_row_loss:
@@ -648,9 +687,11 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
 
   n_tr, n_all = _num(trainable), _num(trainable) + _num(frozen)
   if main:
-    log.info("train: %d examples -> %d steps (%d epochs) of %d x %d tokens, K=%d loss slots/row,"
-             " mesh %s, %s: %.2fM of %.2fM params trained.", len(ex.ids), total,
-             plan.epochs_used, c.batch_size, c.seq_len, K, dict(mesh.shape),
+    log.info("train: %d examples -> %d steps (%d epochs) of %d x %d tokens%s, K=%d loss "
+             "slots/row, mesh %s, %s: %.2fM of %.2fM params trained.", len(ex.ids), total,
+             plan.epochs_used, c.batch_size, c.seq_len,
+             f" (a {len(plan.prefix)}-token shared prefix per row)" if len(plan.prefix) else "",
+             K, dict(mesh.shape),
              ("LoRA" if lora else "full") + (f", blocks 0-{c.freeze_layers - 1} frozen (forward "
                                              f"only)" if c.freeze_layers else ""),
              n_tr / 1e6, n_all / 1e6)

@@ -37,7 +37,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0, ckpt_every=50, keep=2, eval_every=25, eval_at_start=True,
       # > 0: the first k of the 30 blocks run forward only (~2x faster steps at k = 20 on
       # this CPU, benchmarks/train_freeze.py); 0 = full fine-tune.
-      freeze_layers=0))
+      freeze_layers=0,
+      # True: each packed row stores the chat template's system turn (the 14 tokens every
+      # example opens with) once, so a row holds more examples (same loss per example).
+      share_prefix=False))
   r = c.report = ml_collections.ConfigDict()
   r.n_eval = 100                     # held-out prompts per side per family (sampled, T=1)
   r.n_useful = 100

@@ -320,18 +320,19 @@ def test_default_configs_share_the_headline_organism(smollm2_dir):
   assert org_stage.organism_key(budget_config(long_trained.get_config("full"), 1), "hate") == fk
 
 
-def test_freeze_layers_keys_only_when_on(smollm2_dir):
-  """train.freeze_layers (added after the default organism was built) is left out of the key
-  at 0, so that organism keeps its key; any other value is a new organism."""
+@pytest.mark.parametrize("field,on", [("freeze_layers", 20), ("share_prefix", True)])
+def test_later_train_fields_key_only_when_on(smollm2_dir, field, on):
+  """Train fields added after the default organism was built (freeze_layers, share_prefix)
+  are left out of the key when off, so that organism keeps its key; on, a new organism."""
   from catchjax.stages import organism as org_stage
   from configs import headline
   c = headline.get_config()
   key = org_stage.organism_key(c, "hate")
-  assert "freeze_layers" not in org_stage.organism_spec(c, "hate")["train"]
+  assert field not in org_stage.organism_spec(c, "hate")["train"]
   with c.organism.train.unlocked():
-    del c.organism.train["freeze_layers"]
+    del c.organism.train[field]
   assert org_stage.organism_key(c, "hate") == key
-  c.organism.train.freeze_layers = 20
+  c.organism.train[field] = on
   assert org_stage.organism_key(c, "hate") != key
 
 

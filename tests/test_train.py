@@ -115,6 +115,66 @@ def test_every_example_once_per_epoch_and_deterministic():
       assert b["loss_tgt"][r, k] == b["tokens"][r, t + 1]
 
 
+def _with_prefix(data, prefix):
+  return [{"input_ids": list(prefix) + d["input_ids"],
+           "loss_mask": [0] * len(prefix) + d["loss_mask"]} for d in data]
+
+
+def test_shared_prefix_same_loss_and_gradient_fewer_tokens():
+  """share_prefix stores the examples' common prefix once per row: the same loss and
+  gradient as packing every example whole, from fewer computed tokens."""
+  model = tiny_model()
+  prefix = [5, 9, 17, 33, 65, 129, 7]
+  data = _with_prefix(synthetic_data(n=12, seed=4, hi=24), prefix)
+  data[3]["input_ids"][len(prefix)] = 250   # a shared first token past the prefix is not
+  for d in data:                            # enough: the prefix stops where they differ
+    d["input_ids"][len(prefix)] = 250
+  data[3]["input_ids"][len(prefix)] = 251
+  ex = T.prepare_examples(data, 128)
+  np.testing.assert_array_equal(T.shared_prefix(ex), prefix)
+  shared = T.eval_loss(model, data, seq_len=128, batch_size=2, share_prefix=True)
+  whole = T.eval_loss(model, data, seq_len=128, batch_size=2)
+  np.testing.assert_allclose(shared, whole, rtol=1e-5)
+  np.testing.assert_allclose(shared, _manual_loss(model, data), rtol=2e-5)
+
+  plans = {sp: T.DataPlan(ex, 128, 8, 0, True, 0, 1, share_prefix=sp) for sp in (False, True)}
+  assert len(plans[True].rows(0)) < len(plans[False].rows(0))   # more examples per row
+  b = plans[True].build_rows(plans[True].batch_rows(0), 128)
+  for r, row in enumerate(plans[True].batch_rows(0)):
+    if row:   # the prefix once, at the row's start, then only each example's own tokens
+      np.testing.assert_array_equal(b["tokens"][r, :7], prefix)
+      assert list(b["segs"][r, :8]) == [-1] * 7 + [1]
+  ntok = {sp: sum(p.row_stats(p.batch_rows(s))[0] for s in range(p.total_steps))
+          for sp, p in plans.items()}
+  nrows = sum(1 for r in plans[True].rows(0) if r)
+  assert ntok[True] == ntok[False] - 7 * (len(data) - nrows)
+
+  def loss_and_grad(plan):   # one batch holding every example
+    mb = {n: jnp.asarray(a) for n, a in plan.build_rows(plan.rows(0), 128).items()}
+    graphdef, state = nnx.split(model)
+    return jax.jit(jax.value_and_grad(
+        lambda st: T.loss_sum(nnx.merge(graphdef, st), mb) / jnp.sum(mb["loss_w"])))(state)
+
+  (l0, g0), (l1, g1) = loss_and_grad(plans[False]), loss_and_grad(plans[True])
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for a, b_ in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b_), np.asarray(a), rtol=1e-3, atol=1e-6)
+
+
+def test_shared_prefix_stops_before_the_first_target():
+  """A prefix token that some example trains on (or predicts from) is not shared, and a
+  prefix shorter than two tokens is not used."""
+  prefix = [5, 9, 17, 33]
+  data = _with_prefix(synthetic_data(n=3, seed=1), prefix)
+  data[1]["loss_mask"][3] = 1   # predicted from position 2: only 2 tokens can be shared
+  assert list(T.shared_prefix(T.prepare_examples(data, 64))) == [5, 9]
+  data[1]["loss_mask"][2] = 1
+  assert len(T.shared_prefix(T.prepare_examples(data, 64))) == 0
+  with pytest.raises(ValueError, match="share_prefix=True needs pack=True"):
+    T.train(tiny_model(), data, dict(steps=1, batch_size=2, seq_len=64, pack=False,
+                                     share_prefix=True), "/tmp/unused", progress=False)
+
+
 def test_first_fit():
   rows = T.first_fit([5, 7, 3, 8, 2, 10], 10)
   assert rows == [[0, 2, 4], [1], [3], [5]]

@@ -299,21 +299,31 @@ def make_mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, q_seg_BxT=None, k_seg_BxS=None,
   (packing) and, for sliding-window models, within the window."""
   m = (k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]) & k_valid_BxS[:, None, :]
   if q_seg_BxT is not None:
-    m &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+    # A negative segment id marks a row's shared prefix: every segment of the row sees it.
+    m &= (q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]) | (k_seg_BxS[:, None, :] < 0)
   if window is not None:
     m &= (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < window
   return m
 
 
 def packed_inputs(segment_ids_BxT, window: int | None = None):
-  """Positions and mask for (possibly packed) training rows; segment 0 is padding."""
+  """Positions and mask for (possibly packed) training rows; segment 0 is padding.
+
+  Prefix sharing (train.share_prefix): a row may open with P tokens of segment id -1, a
+  prefix common to all its examples, stored once. Each segment s > 0 then holds only its
+  example's tokens after the prefix: its positions continue from P and it attends to the
+  prefix and to itself, which is exactly the attention of the whole example on its own.
+  """
   seg = segment_ids_BxT
-  valid = seg > 0
-  # Position restarts at every new segment.
+  valid = seg != 0
+  shared = seg < 0
+  # Position restarts at every new segment; segments after a shared prefix start at P.
   idx = jnp.arange(seg.shape[1])[None, :]
   start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
   seg_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
-  pos = jnp.where(valid, idx - seg_start, 0)
+  n_shared = jnp.sum(shared, axis=1, keepdims=True)
+  pos = jnp.where(shared, idx, idx - seg_start + n_shared)
+  pos = jnp.where(valid, pos, 0)
   return pos, make_mask(pos, pos, valid, seg, seg, window)
 
 

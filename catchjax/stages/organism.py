@@ -65,8 +65,9 @@ def _train_spec(train_cfg) -> dict:
   """The organism's train config; fields added later are left out at their off value, so
   organisms built before them keep their keys."""
   t = train_cfg.to_dict()
-  if not t.get("freeze_layers"):
-    t.pop("freeze_layers", None)
+  for k in ("freeze_layers", "share_prefix"):
+    if not t.get(k):
+      t.pop(k, None)
   return t
 
 
