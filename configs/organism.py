@@ -1,5 +1,7 @@
 """Build, cache and report the model organisms (all trigger families, one organism per
-behaviour). `--config=configs/organism.py` (CPU default) or `:full` (accelerator budget)."""
+behaviour). `--config=configs/organism.py` (CPU default) or `:full` (accelerator budget).
+`--config.organism.train.share_prefix=True` packs the same examples into ~23% fewer steps
+(same loss per example; a different organism key), WORKSPACE.md "Organism"."""
 from configs.common import base_config
 
 
