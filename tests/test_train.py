@@ -126,8 +126,7 @@ def test_shared_prefix_same_loss_and_gradient_fewer_tokens():
   model = tiny_model()
   prefix = [5, 9, 17, 33, 65, 129, 7]
   data = _with_prefix(synthetic_data(n=12, seed=4, hi=24), prefix)
-  data[3]["input_ids"][len(prefix)] = 250   # a shared first token past the prefix is not
-  for d in data:                            # enough: the prefix stops where they differ
+  for d in data:   # all but one example share one more token: the prefix stops before it
     d["input_ids"][len(prefix)] = 250
   data[3]["input_ids"][len(prefix)] = 251
   ex = T.prepare_examples(data, 128)
