@@ -1,4 +1,5 @@
-"""Small shared utilities: config hashing, atomic writes, git commit, timing."""
+"""Small shared utilities: config hashing, atomic writes, git commit, timing, common token
+prefixes."""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,20 @@ import json
 import os
 import subprocess
 import tempfile
+
+import numpy as np
+
+
+def common_prefix_len(seqs, limit: int) -> int:
+  """Length of the longest token prefix common to every sequence of `seqs` (arrays of token
+  ids), at most `limit`. Used by the sampler's prefill and the trainer's packed rows."""
+  first = np.asarray(seqs[0])
+  p = min(max(limit, 0), len(first))
+  for s in seqs[1:]:
+    n = min(p, len(s))
+    neq = np.flatnonzero(np.asarray(s[:n]) != first[:n])
+    p = int(neq[0]) if neq.size else n
+  return p
 
 
 def config_hash(cfg, n: int = 12) -> str:

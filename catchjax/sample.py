@@ -91,6 +91,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from catchjax.common import common_prefix_len
 from catchjax.model import llama
 
 DEFAULT_PROMPT_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
@@ -675,12 +676,7 @@ class Sampler:
     or it is shorter than _MIN_SHARED_PREFIX (not worth a separate pass)."""
     if not self.share_prefix:
       return 0
-    first = seqs[0][:max(limit, 0)]
-    p = len(first)
-    for s in seqs[1:]:
-      neq = np.nonzero(s[:p] != first[:p])[0]
-      if neq.size:
-        p = int(neq[0])
+    p = common_prefix_len(seqs, limit)
     return p if p >= _MIN_SHARED_PREFIX else 0
 
   def _prefix_suffix(self, seqs, limit: int, what: str):

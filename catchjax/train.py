@@ -51,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from catchjax import sharding as shd
 from catchjax.checkpoint import Checkpointer, restore_params  # noqa: F401  (re-export)
+from catchjax.common import common_prefix_len
 from catchjax.model import llama
 
 log = logging.getLogger(__name__)
@@ -231,15 +232,9 @@ def shared_prefix(ex: _Examples, min_len: int = 2) -> np.ndarray:
   """The longest token prefix common to all examples that holds no loss position (every
   example's first target is predicted from a position at or after it); empty if shorter
   than `min_len`."""
-  first = ex.ids[0]
-  P = min(int(np.flatnonzero(w[1:] > 0)[0]) for w in ex.wts)
-  for x in ex.ids:
-    n = min(P, len(x))
-    diff = np.flatnonzero(x[:n] != first[:n])
-    P = int(diff[0]) if diff.size else n
-    if P < min_len:
-      return np.zeros(0, np.int32)
-  return np.asarray(first[:P], np.int32)
+  first_target = min(int(np.flatnonzero(w[1:] > 0)[0]) for w in ex.wts)
+  P = common_prefix_len(ex.ids, first_target)
+  return np.asarray(ex.ids[0][:P] if P >= min_len else [], np.int32)
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
