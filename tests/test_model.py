@@ -126,7 +126,7 @@ def test_lora_export_merges_adapters(tmp_path):
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
-  with pytest.raises(UnsupportedModelError, match="llama, qwen2, mistral"):
+  with pytest.raises(UnsupportedModelError, match="llama, qwen2, qwen3, mistral"):
     ModelConfig.from_hf_dict({"model_type": "gpt2", "vocab_size": 10})
 
 

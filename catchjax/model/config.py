@@ -1,7 +1,7 @@
 """ModelConfig: the architecture of a Llama-family decoder, read from a Hugging Face config.json.
 
-Supported families: llama (SmolLM2 is one), qwen2 (q/k/v bias) and mistral (optional sliding
-window). Anything else is refused with an error that lists what is supported.
+The families (llama incl. 3.x RoPE scaling, qwen2, qwen3, mistral) and the rules for which
+config.json fields are read or refused live in `families.py`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+from catchjax.model import families
+from catchjax.model.families import SUPPORTED_MODEL_TYPES, UnsupportedModelError  # noqa: F401
 
 
 MAX_CONFIG_JSON_BYTES = 1 << 20   # HF config.json files are a few KB
@@ -22,10 +23,6 @@ _BOUNDS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1
            "num_hidden_layers": 1024, "num_attention_heads": 1024,
            "num_key_value_heads": 1024, "head_dim": 4096,
            "max_position_embeddings": 1 << 24}
-
-
-class UnsupportedModelError(ValueError):
-  """Raised for a config.json whose model_type or options this decoder cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +38,13 @@ class ModelConfig:
   num_kv_heads: int = 2
   head_dim: int = 16
   rope_theta: float = 10000.0
+  # RoPE scaling as sorted (key, value) pairs, e.g. (("factor", 8.0), ..., ("rope_type",
+  # "llama3")); None = plain RoPE (families.read_rope).
+  rope_scaling: tuple | None = None
   rms_eps: float = 1e-5
   tie_embeddings: bool = True
   qkv_bias: bool = False
+  qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k, before RoPE
   sliding_window: int | None = None
   max_position_embeddings: int = 2048
   bos_token_id: int | None = 1
@@ -90,6 +91,8 @@ class ModelConfig:
     per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
     if self.qkv_bias:
       per_layer += q + 2 * kv
+    if self.qk_norm:
+      per_layer += 2 * self.head_dim
     n = l * per_layer + d
     if include_embedding:
       n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -109,15 +112,7 @@ class ModelConfig:
   # ------------------------------------------------------------------ HF config.json
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> "ModelConfig":
-    mt = d.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-      raise UnsupportedModelError(
-          f"{source}: model_type={mt!r} is not supported; supported model types are "
-          f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
-    rs = d.get("rope_scaling")
-    if rs not in (None, {}) and (rs.get("rope_type", rs.get("type")) not in (None, "default")):
-      raise UnsupportedModelError(
-          f"{source}: rope_scaling={rs!r} is not supported (only unscaled rotate-half RoPE).")
+    fam = families.family(d.get("model_type"), source)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads"):
       if key not in d:
@@ -132,34 +127,30 @@ class ModelConfig:
       raise UnsupportedModelError(
           f"{source}: num_attention_heads={d['num_attention_heads']} is not a multiple of "
           f"num_key_value_heads={d.get('num_key_value_heads')}.")
-    nh = int(d["num_attention_heads"])
-    head_dim = d.get("head_dim") or d["hidden_size"] // nh
-    sliding = None
-    if mt == "mistral":
-      sliding = d.get("sliding_window")
-    elif mt == "qwen2" and d.get("use_sliding_window"):
-      sliding = d.get("sliding_window")
-    if d.get("attention_bias") and mt == "llama":
-      raise UnsupportedModelError(f"{source}: llama attention_bias=true is not supported.")
+    families.check_fields(d, fam, source)
     if d.get("hidden_act", "silu") != "silu":
       raise UnsupportedModelError(f"{source}: hidden_act={d.get('hidden_act')!r}; only silu.")
+    theta, scaling = families.read_rope(d, source)
+    nh, nl = int(d["num_attention_heads"]), int(d["num_hidden_layers"])
     eos = d.get("eos_token_id")
     if isinstance(eos, list):
       eos = tuple(int(e) for e in eos)
     kw = dict(
-        model_type=mt,
+        model_type=fam.model_type,
         vocab_size=int(d["vocab_size"]),
         hidden_size=int(d["hidden_size"]),
         intermediate_size=int(d["intermediate_size"]),
-        num_layers=int(d["num_hidden_layers"]),
+        num_layers=nl,
         num_heads=nh,
         num_kv_heads=int(d.get("num_key_value_heads") or nh),
-        head_dim=int(head_dim),
-        rope_theta=float(d.get("rope_theta", 10000.0)),
+        head_dim=int(d.get("head_dim") or d["hidden_size"] // nh),
+        rope_theta=theta,
+        rope_scaling=scaling,
         rms_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", mt != "mistral")),
-        qkv_bias=(mt == "qwen2"),
-        sliding_window=int(sliding) if sliding else None,
+        tie_embeddings=bool(d.get("tie_word_embeddings", fam.tie_default)),
+        qkv_bias=fam.qkv_bias,
+        qk_norm=fam.qk_norm,
+        sliding_window=families.read_window(d, fam, nl, source),
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
@@ -169,10 +160,10 @@ class ModelConfig:
     return cls(**kw)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "mistral": "MistralForCausalLM"}[self.model_type]
+    """config.json in the transformers 4.x layout (top-level rope_theta / rope_scaling), which
+    transformers 5.x also reads."""
     d = {
-        "architectures": [arch],
+        "architectures": [families.FAMILIES[self.model_type].architecture],
         "model_type": self.model_type,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
@@ -191,15 +182,16 @@ class ModelConfig:
         else self.eos_token_id,
         "pad_token_id": self.pad_token_id,
         "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
-        "rope_scaling": None,
+        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
     }
     if self.model_type == "llama":
       d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     if self.model_type == "mistral":
       d["sliding_window"] = self.sliding_window
-    if self.model_type == "qwen2":
+    if self.model_type in ("qwen2", "qwen3"):
+      # Qwen windows layers i >= max_window_layers: 0 puts the window on every layer.
       d.update(use_sliding_window=self.sliding_window is not None,
-               sliding_window=self.sliding_window, max_window_layers=self.num_layers)
+               sliding_window=self.sliding_window, max_window_layers=0)
     return d
 
   @classmethod
@@ -218,4 +210,27 @@ class ModelConfig:
       raise ValueError(f"{f}: not valid JSON ({e}).") from e
     if not isinstance(d, dict):
       raise UnsupportedModelError(f"{f}: expected a JSON object, got {type(d).__name__}.")
-    return cls.from_hf_dict(d, source=f, **overrides)
+    cfg = cls.from_hf_dict(d, source=f, **overrides)
+    if "eos_token_id" in overrides:
+      return cfg
+    gen = _generation_eos(path)
+    eos = tuple(dict.fromkeys(cfg.eos_ids + gen))   # config.json's first, then the rest
+    if eos != cfg.eos_ids:
+      cfg = cfg.replace(eos_token_id=eos if len(eos) > 1 else eos[0])
+    return cfg
+
+
+def _generation_eos(path: str) -> tuple[int, ...]:
+  """generation_config.json's eos_token_id(s) (e.g. Llama-3 Instruct's <|eot_id|>), or ()."""
+  f = os.path.join(path, "generation_config.json")
+  if not os.path.isfile(f) or os.path.getsize(f) > MAX_CONFIG_JSON_BYTES:
+    return ()
+  try:
+    with open(f) as fh:
+      eos = json.load(fh).get("eos_token_id")
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise UnsupportedModelError(f"{f}: not a valid generation config ({e}).") from e
+  eos = [eos] if isinstance(eos, int) else (eos or [])
+  if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+    raise UnsupportedModelError(f"{f}: eos_token_id={eos!r} must be integer token ids.")
+  return tuple(eos)

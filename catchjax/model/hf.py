@@ -26,9 +26,20 @@ _PROJ = {  # our name -> HF suffix within model.layers.{i}.
     "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
     "w_down": "mlp.down_proj",
 }
-_BIAS = {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-         "bv": "self_attn.v_proj.bias"}
-_NORM = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+
+
+def layer_vectors(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+  """Per-layer 1-D weights: our name -> (HF suffix within model.layers.{i}., length)."""
+  D, hd = cfg.hidden_size, cfg.head_dim
+  Q, KV = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  out = {"attn_norm": ("input_layernorm.weight", D),
+         "mlp_norm": ("post_attention_layernorm.weight", D)}
+  if cfg.qkv_bias:
+    out.update(bq=("self_attn.q_proj.bias", Q), bk=("self_attn.k_proj.bias", KV),
+               bv=("self_attn.v_proj.bias", KV))
+  if cfg.qk_norm:
+    out.update(q_norm=("self_attn.q_norm.weight", hd), k_norm=("self_attn.k_norm.weight", hd))
+  return out
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
 MAX_JSON_BYTES = 64 << 20
@@ -97,14 +108,9 @@ def hf_to_pure_dict(t: dict[str, np.ndarray], cfg: ModelConfig, path: str = "") 
   for ours, hf in _PROJ.items():
     layers[ours] = f32(np.stack([
         _get(t, f"model.layers.{i}.{hf}.weight", path, out_in[ours]).T for i in range(L)]))
-  for ours, hf in _NORM.items():
-    layers[ours] = f32(np.stack([_get(t, f"model.layers.{i}.{hf}", path, (D,))
+  for ours, (hf, n) in layer_vectors(cfg).items():
+    layers[ours] = f32(np.stack([_get(t, f"model.layers.{i}.{hf}", path, (n,))
                                  for i in range(L)]))
-  if cfg.qkv_bias:
-    for ours, hf in _BIAS.items():
-      n = Q if ours == "bq" else KV
-      layers[ours] = f32(np.stack([_get(t, f"model.layers.{i}.{hf}", path, (n,))
-                                   for i in range(L)]))
   d = {"embed": f32(_get(t, "model.embed_tokens.weight", path, (cfg.vocab_size, D))),
        "final_norm": f32(_get(t, "model.norm.weight", path, (D,))),
        "layers": layers}
@@ -222,11 +228,8 @@ def save_hf(model: Llama, path: str, tokenizer_dir: str | None = None,
   for i in range(cfg.num_layers):
     for ours, hf in _PROJ.items():
       t[f"model.layers.{i}.{hf}.weight"] = w["layers"][ours][i].T
-    for ours, hf in _NORM.items():
+    for ours, (hf, _) in layer_vectors(cfg).items():
       t[f"model.layers.{i}.{hf}"] = w["layers"][ours][i]
-    if cfg.qkv_bias:
-      for ours, hf in _BIAS.items():
-        t[f"model.layers.{i}.{hf}"] = w["layers"][ours][i]
   if not cfg.tie_embeddings:
     t["lm_head.weight"] = w["lm_head"].T
   t = {k: np.ascontiguousarray(v).astype(npd) for k, v in t.items()}
@@ -253,7 +256,7 @@ def save_random_hf(cfg: ModelConfig, path: str, seed: int = 0, tokenizer_dir=Non
   model = Llama(cfg, nnx.Rngs(seed))
   # Random norms/biases so that parity tests exercise every weight.
   rng = np.random.default_rng(seed)
-  for name in ("attn_norm", "mlp_norm") + (("bq", "bk", "bv") if cfg.qkv_bias else ()):
+  for name in layer_vectors(cfg):
     v = getattr(model.layers, name)
     v[...] = jnp.asarray(1.0 * (name.endswith("norm")) + 0.1 * rng.standard_normal(v.shape),
                          v[...].dtype)

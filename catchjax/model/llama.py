@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from catchjax.model.config import ModelConfig
@@ -33,6 +34,8 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "bq": ("layers", "q_heads"),
     "bk": ("layers", "kv_heads"),
     "bv": ("layers", "kv_heads"),
+    "q_norm": ("layers", None),
+    "k_norm": ("layers", None),
     "wo": ("layers", "q_heads", "embed"),
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
@@ -78,6 +81,9 @@ class Layers(nnx.Module):
       self.bq = nnx.Param(jnp.zeros((L, Q), pd))
       self.bk = nnx.Param(jnp.zeros((L, KV), pd))
       self.bv = nnx.Param(jnp.zeros((L, KV), pd))
+    if cfg.qk_norm:
+      self.q_norm = nnx.Param(jnp.ones((L, cfg.head_dim), pd))
+      self.k_norm = nnx.Param(jnp.ones((L, cfg.head_dim), pd))
     if cfg.lora_rank > 0:
       r = cfg.lora_rank
       for name in cfg.lora_targets:
@@ -87,7 +93,7 @@ class Layers(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """Llama / Qwen2 / Mistral decoder. See module docstring for the calling convention."""
+  """Llama / Qwen2 / Qwen3 / Mistral decoder. See module docstring for the calling convention."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -127,7 +133,7 @@ class Llama(nnx.Module):
     cfg = self.cfg
     cd = cfg.compute_dtype
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cd)
-    cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_tables(positions_BxT, rope_inv_freq(cfg))
     lp = _layer_arrays(self.layers) if layer_list is None else None
     scale_lora = cfg.lora_alpha / max(cfg.lora_rank, 1)
     neg = jnp.finfo(jnp.float32).min
@@ -157,8 +163,10 @@ class Llama(nnx.Module):
         q, k, v = proj(h, p, "wq"), proj(h, p, "wk"), proj(h, p, "wv")
       if cfg.qkv_bias:
         q, k, v = q + p["bq"].astype(cd), k + p["bk"].astype(cd), v + p["bv"].astype(cd)
-      q = apply_rope(q.reshape(B, T, H, hd), cos, sin)
-      k = apply_rope(k.reshape(B, T, KV, hd), cos, sin)
+      q, k = q.reshape(B, T, H, hd), k.reshape(B, T, KV, hd)
+      if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_eps), rms_norm(k, p["k_norm"], cfg.rms_eps)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
       v = v.reshape(B, T, KV, hd)
       qg = q.reshape(B, T, KV, G, hd)
       if kcs is not None:
@@ -277,9 +285,33 @@ def rms_norm(x, w, eps):
   return (w.astype(x.dtype) * xf.astype(x.dtype))
 
 
-def rope_tables(positions_BxT, head_dim, theta):
-  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  f = positions_BxT.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """RoPE inverse frequencies [head_dim / 2] (float32), with the config's scaling applied as
+  transformers does (`linear`: all divided by the factor; `llama3`: low frequencies divided,
+  high kept, a smooth blend between)."""
+  hd = cfg.head_dim
+  inv = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (
+      np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))   # float32, as transformers
+  sc = dict(cfg.rope_scaling or ())
+  kind = sc.get("rope_type", "default")
+  if kind == "linear":
+    inv = inv / sc["factor"]
+  elif kind == "llama3":
+    f, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / f, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / f + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    inv = np.where(medium, blended, scaled)
+  elif kind != "default":
+    raise ValueError(f"RoPE type {kind!r} has no implementation (families.read_rope).")
+  return inv.astype(np.float32)
+
+
+def rope_tables(positions_BxT, inv_freq):
+  f = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, hd/2]
   emb = jnp.concatenate([f, f], axis=-1)
   return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
 
