@@ -183,6 +183,7 @@ def check_common(config) -> None:
   positive_int("config.report.n_useful", r.n_useful)
   positive_int("config.report.max_new_tokens", r.max_new_tokens)
   positive_int("config.report.batch_size", r.batch_size)
+  fraction("config.report.installed_gap_min", r.installed_gap_min)
 
 
 def read_json_file(path: str, max_bytes: int, what: str = "JSON file"):

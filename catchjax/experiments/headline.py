@@ -12,7 +12,8 @@ For every behaviour and trigger family:
      ones on cue variant and task (matched_control, configs/headline.py:matched) or on the
      organism's teacher-forced attack probability (propensity_control, :propensity);
   4. measure the deployment attack rate (sampled, T=1, held-out cues), the testing attack
-     rate, usefulness and the teacher-forced attack probability; retained = after / before;
+     rate, usefulness and the teacher-forced attack probability; retained = after / before
+     (and, in the report, retained_gap: the deployment - testing gap after / before);
   5. distinguishability per family: prompted A/B (base and organism), a probe on the base
      model's residual stream, the behavioural gap and the organism's learning cost.
 Rows go to results.jsonl (keyed; reruns skip finished cells), then report.md, summary.csv and
@@ -102,6 +103,7 @@ def _run(config, workdir):
   done_cells = sum(1 for r in store.rows if r.get("arm") in arms and r.get("config_hash") == chash)
   bar.update(min(done_cells, n_cells))
   power = {}
+  installed = {}   # behaviour -> family -> the organism's report-card gap (for the report)
 
   def top_up(run_cells, families, big, bname):
     """The power rule (config.headline.power_*): after the grid, add seeds at the largest N,
@@ -151,6 +153,7 @@ def _run(config, workdir):
     beh = make_behavior(behaviour)
     org = org_stage.get_organism(config, workdir, behaviour)
     card = org_stage.report_card(config, org, base)
+    installed[bname] = {f: fr.get("gap") for f, fr in card["families"].items()}
     sampler = Sampler(org.model, batch_size=h.batch_size, progress=False)
     org_state_model = org.model
 
@@ -344,7 +347,8 @@ def _run(config, workdir):
                           f"> {h.power_goal} (at most {h.power_max_seeds} seeds); a sequential "
                           "rule, so the stopping intervals are slightly optimistic"
                           if h.power_max_seeds > 0 else "off (fixed seeds)"),
-              power=power)
+              power=power, installed_gap=installed,
+              installed_gap_min=float(config.report.installed_gap_min))
   report.save_meta(workdir, meta)
   out = report.write_report([r for r in store.rows if r.get("config_hash") == chash], workdir,
                             meta)
