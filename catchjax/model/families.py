@@ -45,7 +45,7 @@ INERT = frozenset({
     "initializer_range", "use_cache", "_name_or_path", "output_attentions",
     "output_hidden_states", "return_dict", "pretraining_tp", "tokenizer_class",
     "is_llama_config", "transformers.js_config", "_attn_implementation", "auto_map",
-    "_from_model_config", "name_or_path"})
+    "_from_model_config", "name_or_path", "_converted_from"})
 # Training-only: catchjax applies no dropout, so a non-zero value is refused.
 _NO_DROPOUT = (("attention_dropout", 0.0),)
 _SLIDING = frozenset({"use_sliding_window", "sliding_window", "max_window_layers"})
