@@ -72,6 +72,73 @@ def test_bootstrap_mean_ci():
   assert lo < m < hi and hi - lo < 6  # a 50% interval is narrow
 
 
+# The hand-written formulas stats.py used before it called scipy / statsmodels, kept as references.
+
+def _old_wilson(k, n, z=1.96):
+  p = k / n
+  z2 = z * z
+  denom = 1.0 + z2 / n
+  center = (p + z2 / (2 * n)) / denom
+  half = (z / denom) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+  lo = 0.0 if k == 0 else max(0.0, center - half)
+  hi = 1.0 if k == n else min(1.0, center + half)
+  return p, lo, hi
+
+
+def _old_bootstrap(values, n_boot=2000, seed=0, alpha=0.05):
+  x = np.asarray(values, dtype=np.float64)
+  idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+  lo, hi = np.quantile(x[idx].mean(axis=1), [alpha / 2, 1 - alpha / 2])
+  return float(x.mean()), float(lo), float(hi)
+
+
+def _old_newcombe(k1, n1, k2, n2, z):
+  p1, l1, u1 = _old_wilson(k1, n1, z)
+  p2, l2, u2 = _old_wilson(k2, n2, z)
+  d = p1 - p2
+  return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2
+                                                                          + (p2 - l2) ** 2)
+
+
+def test_wilson_matches_the_closed_form():
+  for n in (1, 2, 3, 7, 10, 50, 263, 1000):
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+      for z in (1.0, 1.96, 2.576):
+        got, want = stats.wilson(k, n, z), _old_wilson(k, n, z)
+        assert got == pytest.approx(want, abs=1e-12, rel=0), (k, n, z)
+        assert (got[1] == 0.0) == (k == 0) and (got[2] == 1.0) == (k == n), (k, n, z)
+
+
+def test_bootstrap_matches_the_numpy_percentile_bootstrap():
+  vals = np.random.default_rng(7).uniform(0.0, 1.0, size=30).tolist()  # standard error ~0.05
+  m, lo, hi = stats.bootstrap_mean_ci(vals, n_boot=4000, seed=0)
+  for ref_seed in (0, 1, 2):  # other seeds: independent resamples, so a Monte-Carlo comparison
+    m0, lo0, hi0 = _old_bootstrap(vals, n_boot=4000, seed=ref_seed)
+    assert m == m0 and abs(lo - lo0) < 0.02 and abs(hi - hi0) < 0.02, ref_seed
+  assert lo < m < hi and hi - lo == pytest.approx(2 * 1.96 * np.std(vals) / math.sqrt(30), rel=0.1)
+  assert stats.bootstrap_mean_ci([0.25]) == (0.25, 0.25, 0.25)
+  with pytest.raises(ValueError):
+    stats.bootstrap_mean_ci(vals, alpha=1.0)
+  with pytest.raises(ValueError):
+    stats.bootstrap_mean_ci([[1.0, 2.0]])
+
+
+def test_newcombe_diff_matches_the_hybrid_score_formula():
+  from scipy.stats import norm
+  from catchjax.experiments import transfer
+  assert transfer.newcombe_diff is stats.newcombe_diff
+  cases = [(30, 100, 10, 100), (5, 10, 5, 10), (0, 50, 0, 50), (0, 20, 20, 20), (20, 20, 3, 40),
+           (1, 3, 2, 7), (81, 263, 40, 250)]
+  for alpha in (0.05, 0.1):
+    z = float(norm.isf(alpha / 2))
+    for k1, n1, k2, n2 in cases:
+      got = stats.newcombe_diff(k1, n1, k2, n2, alpha=alpha)
+      assert got == pytest.approx(_old_newcombe(k1, n1, k2, n2, z), abs=1e-9, rel=0), (k1, n1, k2, n2)
+  assert all(math.isnan(x) for x in stats.newcombe_diff(0, 0, 1, 2))
+  with pytest.raises(ValueError):
+    stats.newcombe_diff(3, 2, 1, 2)
+
+
 # --------------------------------------------------------------------------------------------
 # tasks
 

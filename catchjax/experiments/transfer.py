@@ -25,6 +25,7 @@ from catchjax import common, report, stats
 from catchjax import validate as V
 from catchjax.experiments import extra
 from catchjax.stages import organism as org_stage
+from catchjax.stats import newcombe_diff  # re-exported: coherence and the tests import it here
 
 EXPERIMENT = "transfer"
 ARMS = ("treatment", "control")
@@ -180,15 +181,6 @@ def _diff_ci(rows_t, rows_c):
     return dict(mean=d / s, lo=lo / s, hi=hi / s)
   m, lo, hi = stats.bootstrap_mean_ci([a["retained"] - b["retained"] for a, b in pairs], seed=0)
   return dict(mean=m, lo=lo, hi=hi)
-
-
-def newcombe_diff(k1, n1, k2, n2):
-  """p1 - p2 with Newcombe's (1998) hybrid score 95% interval built from Wilson intervals."""
-  p1, l1, u1 = stats.wilson(k1, n1)
-  p2, l2, u2 = stats.wilson(k2, n2)
-  d = p1 - p2
-  return d, d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + np.sqrt((u1 - p1) ** 2
-                                                                      + (p2 - l2) ** 2)
 
 
 def matrix(rows: list[dict], behaviour: str):
