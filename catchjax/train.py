@@ -167,6 +167,7 @@ class _Examples:
   dropped: int                   # longer than seq_len and too_long='drop'
   truncated: int
   no_loss: int                   # nothing to train on (after truncation); skipped
+  src: list[int] = dataclasses.field(default_factory=list)   # dataset row of each example
 
 
 def _columns(dataset) -> tuple[Iterable, Iterable, Iterable | None]:
@@ -193,7 +194,7 @@ def prepare_examples(dataset, seq_len: int, too_long: str = "drop",
     raise ValueError("train: the dataset is empty (no examples to train on).")
   ids_col, mask_col, lw_col = _columns(dataset)
   lw_iter = iter(lw_col) if lw_col is not None else None
-  ids, wts = [], []
+  ids, wts, src = [], [], []
   n = dropped = truncated = no_loss = 0
   for i, (x, m) in enumerate(zip(ids_col, mask_col)):
     n += 1
@@ -219,13 +220,14 @@ def prepare_examples(dataset, seq_len: int, too_long: str = "drop",
       continue
     ids.append(x.astype(np.int32))
     wts.append(w)
+    src.append(i)
   if n == 0:
     raise ValueError("train: the dataset is empty (no examples to train on).")
   if not ids:
     raise ValueError(f"train: no usable example out of {n}: {dropped} longer than "
                      f"seq_len={seq_len} were dropped (too_long='drop'), {no_loss} have no "
                      f"loss token.")
-  return _Examples(ids, wts, n, dropped, truncated, no_loss)
+  return _Examples(ids, wts, n, dropped, truncated, no_loss, src)
 
 
 def shared_prefix(ex: _Examples, min_len: int = 2) -> np.ndarray:
@@ -312,6 +314,10 @@ class DataPlan:
   def position(self, step: int) -> tuple[int, int]:
     return self.schedule[step]
 
+  def has(self, step: int) -> bool:
+    """Whether the run has a step `step` (0-based)."""
+    return step < self.total_steps
+
   def batch_rows(self, step: int) -> list[list[int]]:
     e, b = self.schedule[step]
     rows = self.rows(e)[b * self.batch_size:(b + 1) * self.batch_size]
@@ -365,6 +371,86 @@ class DataPlan:
     n_rows = sum(1 for r in rows if r)
     return (int(self.lengths[idx].sum()) - P * (len(idx) - n_rows),
             int(self.nloss[idx].sum()))
+
+
+class RetiringPlan(DataPlan):
+  """A DataPlan whose example groups (e.g. trigger families) can leave the data mix.
+
+  `retire(group, step)` drops the group's examples from batch `step` on: the examples not yet
+  seen in the current epoch are packed again without it, so later steps are full rows of the
+  groups still in the mix. The run ends when every group has left, when its epochs run out,
+  or at the step cap (`total_steps`, the run without retirement, which also sets the LR
+  schedule). Batches are a pure function of (data, config, retirements), so a resumed run
+  that re-applies the same retirements sees the same batches. Steps are asked in order.
+  """
+
+  def __init__(self, ex: _Examples, groups: Sequence[str], seq_len: int, batch_size: int,
+               seed: int, pack: bool, steps: int, epochs: int, share_prefix: bool = False):
+    super().__init__(ex, seq_len, batch_size, seed, pack, steps, epochs, share_prefix)
+    if len(groups) != ex.n:
+      raise ValueError(f"RetiringPlan: {len(groups)} group labels for {ex.n} examples.")
+    self.groups = np.asarray([str(groups[i]) for i in ex.src])
+    self.retired: dict[str, int] = {}
+    self._applied: set[str] = set()
+    self._epoch_cap = epochs if steps <= 0 else 1 << 30   # a step cap: epochs as needed
+    self._seg = (0, 0, super().rows(0))   # (first step, epoch, rows) of the current segment
+    # A repacked row may hold more loss tokens than any row of the first packing: bound K by
+    # the densest example filling a whole row.
+    P = len(self.prefix)
+    dens = max(n / max(L - P, 1) for n, L in zip(self.nloss, self.lengths))
+    self.max_row_loss = min(seq_len, max(self.max_row_loss, math.ceil(dens * (seq_len - P))))
+
+  def retire(self, group: str, step: int) -> None:
+    if group not in self.retired:
+      self.retired[str(group)] = int(step)
+
+  def _active(self, idx) -> list[int]:
+    return [int(i) for i in idx if self.groups[i] not in self._applied]
+
+  def _pack(self, idx) -> list[list[int]]:
+    if not idx:
+      return []
+    if not self.pack:
+      return [[i] for i in idx]
+    P = len(self.prefix)
+    return [[idx[j] for j in r] for r in first_fit(self.lengths[idx] - P, self.seq_len - P)]
+
+  def _advance(self, step: int) -> None:
+    start, epoch, rows = self._seg
+    if step < start:
+      raise ValueError(f"RetiringPlan: step {step} asked after step {start} (steps go in order).")
+    due = sorted((s, g) for g, s in self.retired.items() if g not in self._applied and s <= step)
+    for s, g in due:   # repack what the current segment has not yet fed, without g
+      left = [i for r in rows[(s - start) * self.batch_size:] for i in r]
+      self._applied.add(g)
+      start, rows = s, self._pack(self._active(left))
+    n_groups = len(set(self.groups.tolist()))
+    while ((step - start) * self.batch_size >= len(rows) and epoch + 1 < self._epoch_cap
+           and len(self._applied) < n_groups):
+      start += -(-len(rows) // self.batch_size)
+      epoch += 1
+      order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+      rows = self._pack(self._active(order))
+    self._seg = (start, epoch, rows)
+
+  def has(self, step: int) -> bool:
+    if step >= self.total_steps:
+      return False
+    self._advance(step)
+    start, _, rows = self._seg
+    return (step - start) * self.batch_size < len(rows)
+
+  def batch_rows(self, step: int) -> list[list[int]]:
+    if not self.has(step):
+      raise IndexError(f"RetiringPlan: no step {step}.")
+    start, _, rows = self._seg
+    b = step - start
+    out = rows[b * self.batch_size:(b + 1) * self.batch_size]
+    return out + [[] for _ in range(self.batch_size - len(out))]
+
+  def position(self, step: int) -> tuple[int, int]:
+    self._advance(step)
+    return self._seg[1], step - self._seg[0]
 
 
 # ------------------------------------------------------------------------ optimization
@@ -560,7 +646,8 @@ def eval_loss(model: llama.Llama, dataset, *, seq_len: int, batch_size: int = 8,
 # ------------------------------------------------------------------------------ train
 def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
           eval_fn: Callable[[llama.Llama, int], dict | None] | None = None, mesh=None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, groups: Sequence[str] | None = None,
+          retire_fn: Callable[[int, dict], dict[str, int]] | None = None) -> TrainResult:
   """Supervised fine-tuning of `model` on `dataset` (see module docstring).
 
   cfg: fields of `default_train_config()` (a ConfigDict or dict; unknown keys raise).
@@ -569,6 +656,9 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   eval_fn(model, step) -> optional dict of floats, called every cfg.eval_every steps and at the
     end; `model` shares the live training buffers, valid only during the call.
   mesh: a jax Mesh with axes ('data', 'fsdp', 'tensor'); default from cfg.mesh_shape.
+  groups, retire_fn: a group label per dataset row, and a rule called after every eval with
+    (step, eval dict) that returns {group: step it leaves the data}: see `RetiringPlan`. The
+    retirements are checkpointed, so a resumed run replays them.
   The input `model` is not modified; the trained one is `TrainResult.model`.
   """
   t_start = time.perf_counter()
@@ -580,8 +670,10 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
 
   # ---- data
   ex = prepare_examples(dataset, int(c.seq_len), c.too_long, model.cfg.vocab_size)
-  plan = DataPlan(ex, int(c.seq_len), int(c.batch_size), int(c.seed), bool(c.pack),
-                  int(c.steps), int(c.epochs), share_prefix=bool(c.share_prefix))
+  plan_args = (int(c.seq_len), int(c.batch_size), int(c.seed), bool(c.pack), int(c.steps),
+               int(c.epochs))
+  plan = (DataPlan(ex, *plan_args, share_prefix=bool(c.share_prefix)) if groups is None else
+          RetiringPlan(ex, groups, *plan_args, share_prefix=bool(c.share_prefix)))
   total = plan.total_steps
   if c.max_loss_tokens:
     if c.max_loss_tokens < plan.max_row_loss:
@@ -667,6 +759,8 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   if r is not None:
     start, trainable, opt_state, meta = r
     history = list(meta.get("history", []))
+    for g, at in meta.get("retired", {}).items():
+      plan.retire(g, at)
     resumed = start
     if main:
       log.info("train: resumed from %s step %d (epoch %s, batch %s).", ckpt.directory, start,
@@ -721,19 +815,19 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     return out
 
   def meta_for(step):
-    e, b = plan.position(step) if step < total else (plan.epochs_used, 0)
+    e, b = plan.position(step) if plan.has(step) else (plan.epochs_used, 0)
     key = jax.random.fold_in(jax.random.key(int(c.seed)), step)
     return {"step": step, "epoch": e, "index": b, "total_steps": total, "fingerprint": fp,
             "rng": [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()],
             "trainable": "lora" if lora else "full", "lora_rank": int(c.lora_rank),
-            "history": list(history)}
+            "history": list(history), "retired": dict(getattr(plan, "retired", {}))}
 
   compile_time, tok_sum, time_sum, flop_sum = 0.0, 0, 0.0, 0.0
   last_saved = resumed
   try:
     if c.eval_at_start and start == 0:
       run_eval(0)
-    if start < total:
+    if plan.has(start):
       t0 = time.perf_counter()
       batch = make_batch(start)
       # Compiled steps are reused across train() calls with the same graph, optimizer and
@@ -750,7 +844,9 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
         compile_time = time.perf_counter() - t0
         if main:
           log.info("train: step compiled in %.1fs", compile_time)
-    for step in range(start, total):
+    step = start - 1
+    while plan.has(step + 1):
+      step += 1
       t0 = time.perf_counter()
       if step != start:
         batch = make_batch(step)
@@ -772,10 +868,11 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
       tok_sum, time_sum, flop_sum = tok_sum + ntok, time_sum + dt, flop_sum + flops
       rec = {"step": step + 1, "loss": loss, "grad_norm": gnorm, "lr": float(sched(step)),
              "tokens": ntok, "loss_tokens": nloss, "tokens_per_sec": ntok / dt,
-             "mfu": flops / dt / peak, "step_time": dt}
+             "mfu": flops / dt / peak, "step_time": dt,
+             "examples": sum(len(r) for r in rows)}
       history.append(rec)
       done = step + 1
-      if writer is not None and (done % max(int(c.log_every), 1) == 0 or done == total):
+      if writer is not None and (done % max(int(c.log_every), 1) == 0 or not plan.has(done)):
         for k in ("loss", "grad_norm", "lr", "tokens_per_sec", "mfu"):
           writer.add_scalar(f"train/{k}", rec[k], done)
       if bar is not None:
@@ -783,12 +880,17 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_sec']:.0f}",
                         mfu=f"{rec['mfu']:.1%}", refresh=False)
       ev = None
-      if (c.eval_every and done % int(c.eval_every) == 0) or done == total:
+      if c.eval_every and done % int(c.eval_every) == 0:
+        ev = run_eval(done)
+        if ev and retire_fn is not None:
+          for g, at in retire_fn(done, ev).items():
+            plan.retire(g, max(int(at), done))
+      last = not plan.has(done)
+      if last and ev is None:
         ev = run_eval(done)
       if ev:
         rec.update({f"eval/{k}": v for k, v in ev.items()})
-      if c.ckpt_every >= 0 and ((c.ckpt_every and done % int(c.ckpt_every) == 0)
-                                or done == total):
+      if c.ckpt_every >= 0 and ((c.ckpt_every and done % int(c.ckpt_every) == 0) or last):
         ckpt.save(done, trainable, opt_state, meta_for(done))
         last_saved = done
     ckpt.wait()
@@ -805,12 +907,13 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
 
   trained = nnx.merge(graphdef, trainable, frozen)
   wall = time.perf_counter() - t_start
-  res = TrainResult(model=trained, history=history, steps=total, wall_time=wall,
+  steps_run = history[-1]["step"] if history else start
+  res = TrainResult(model=trained, history=history, steps=steps_run, wall_time=wall,
                     dropped=ex.dropped, truncated=ex.truncated, skipped_no_loss=ex.no_loss,
                     resumed_from=resumed, compile_time=compile_time,
                     tokens_per_sec=tok_sum / time_sum if time_sum else 0.0,
                     mfu=flop_sum / time_sum / peak if time_sum else 0.0, evals=evals)
   if main:
-    log.info("train: done, %d steps, final loss %.4f, %.0f tok/s, MFU %.1f%%, %.1fs.", total,
+    log.info("train: done, %d steps, final loss %.4f, %.0f tok/s, MFU %.1f%%, %.1fs.", steps_run,
              res.final_loss, res.tokens_per_sec, 100 * res.mfu, wall)
   return res

@@ -178,6 +178,14 @@ def check_common(config) -> None:
   positive_int("config.organism.probe_n", o.probe_n)
   positive_int("config.organism.probe_batch", o.probe_batch)
   check_train("config.organism.train", o.train)
+  if o.get("stop") is not None:
+    if not isinstance(o.stop.enabled, bool):
+      raise ConfigError(f"config.organism.stop.enabled must be True or False, got "
+                        f"{o.stop.enabled!r}.")
+    non_negative_int("config.organism.stop.consolidate_steps", o.stop.consolidate_steps)
+    if o.stop.enabled and not int(o.train.get("eval_every", 0)):
+      raise ConfigError("config.organism.stop needs the probe: set "
+                        "config.organism.train.eval_every > 0 (e.g. 25).")
   r = config.report
   positive_int("config.report.n_eval", r.n_eval)
   positive_int("config.report.n_useful", r.n_useful)

@@ -31,6 +31,11 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.probe_n = 16                     # held-out prompts per side per family for the probe
   o.probe_batch = 32
   o.gap_threshold = 0.5              # learning cost: first probe where the gap >= this
+  # organism.stop: each family's data leaves the mix `consolidate_steps` steps after its probe
+  # gap first reaches gap_threshold; the build ends when all have left or at o.train's length
+  # (the cap). A family that never opens is reported as not installed. Matches consolidation
+  # (training after installation) across families (WORKSPACE.md, pre-registration).
+  o.stop = ml_collections.ConfigDict(dict(enabled=True, consolidate_steps=50))
   o.train = ml_collections.ConfigDict(dict(
       epochs=1, steps=0, batch_size=4, seq_len=256, pack=True, lr=1e-4, warmup_steps=10,
       decay="cosine", end_lr_ratio=0.1, weight_decay=0.0, clip=1.0, lora_rank=0, remat="none",
@@ -38,9 +43,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # > 0: the first k of the 30 blocks run forward only (~2x faster steps at k = 20 on
       # this CPU, benchmarks/train_freeze.py); 0 = full fine-tune.
       freeze_layers=0,
-      # True: each packed row stores the chat template's system turn (the 14 tokens every
-      # example opens with) once, so a row holds more examples (same loss per example).
-      share_prefix=False))
+      # True (default): each packed row stores the chat template's system turn (the 14 tokens
+      # every example opens with) once, so a row holds more examples (same loss per example).
+      share_prefix=True))
   r = c.report = ml_collections.ConfigDict()
   r.n_eval = 100                     # held-out prompts per side per family (sampled, T=1)
   r.n_useful = 100
@@ -60,6 +65,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.n_per_family = 16
     o.probe_n = 4
     o.train.eval_every = 2
+    o.stop.consolidate_steps = 2
     r.n_eval = 8
     r.n_useful = 8
     r.max_new_tokens = 8

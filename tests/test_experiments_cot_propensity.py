@@ -201,6 +201,7 @@ def _tiny_organism(c, model_dir, jsonl, n=64, epochs=24):
   t = c.organism.train
   t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = epochs, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+  c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
   c.headline.batch_size = 16
   return c
 

@@ -42,6 +42,7 @@ def _tiny(get_config, model_dir, jsonl, cache, families=None):
   t = c.organism.train
   t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+  c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
   h = c.headline
   h.m, h.batch_size, h.teacher_forced = 48, 16, True
   h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
@@ -322,11 +323,12 @@ def test_default_configs_share_the_headline_organism(smollm2_dir):
 
 @pytest.mark.parametrize("field,on", [("freeze_layers", 20), ("share_prefix", True)])
 def test_later_train_fields_key_only_when_on(smollm2_dir, field, on):
-  """Train fields added after the default organism was built (freeze_layers, share_prefix)
-  are left out of the key when off, so that organism keeps its key; on, a new organism."""
+  """Train fields added after the first organisms were built (freeze_layers, share_prefix)
+  are left out of the key when off, so those organisms keep their keys; on, a new organism."""
   from catchjax.stages import organism as org_stage
   from configs import headline
   c = headline.get_config()
+  c.organism.train[field] = type(on)(0)      # off (share_prefix is on by default)
   key = org_stage.organism_key(c, "hate")
   assert field not in org_stage.organism_spec(c, "hate")["train"]
   with c.organism.train.unlocked():
@@ -334,6 +336,36 @@ def test_later_train_fields_key_only_when_on(smollm2_dir, field, on):
   assert org_stage.organism_key(c, "hate") == key
   c.organism.train[field] = on
   assert org_stage.organism_key(c, "hate") != key
+
+
+def test_stop_rule_keys_only_when_on(smollm2_dir):
+  """organism.stop enters the key only when enabled: organisms built before it keep theirs."""
+  from catchjax.stages import organism as org_stage
+  from configs import headline
+  c = headline.get_config()
+  assert c.organism.stop.enabled and "stop" in org_stage.organism_spec(c, "hate")
+  on = org_stage.organism_key(c, "hate")
+  c.organism.stop.enabled = False
+  off = org_stage.organism_key(c, "hate")
+  assert "stop" not in org_stage.organism_spec(c, "hate") and off != on
+  with c.organism.unlocked():
+    del c.organism["stop"]
+  assert org_stage.organism_key(c, "hate") == off
+  c2 = headline.get_config()
+  c2.organism.stop.consolidate_steps = 75
+  assert org_stage.organism_key(c2, "hate") != on
+
+
+def test_stop_rule_retires_each_family_once_after_it_opens():
+  from catchjax.stages.organism import stop_rule, stop_summary
+  rule = stop_rule(["a", "b"], 0.5, 10)
+  assert rule(25, {"a/deploy": 0.9, "a/test": 0.1, "b/deploy": 0.3, "b/test": 0.1}) == {"a": 35}
+  assert rule(50, {"a/deploy": 0.9, "a/test": 0.1, "b/deploy": 0.7, "b/test": 0.1}) == {"b": 60}
+  assert rule(75, {"a/deploy": 0.9, "a/test": 0.1, "b/deploy": 0.9, "b/test": 0.1}) == {}
+  curve = [{"step": 25, "a/deploy": 0.9, "a/test": 0.1, "b/deploy": 0.3, "b/test": 0.1}]
+  s = stop_summary(curve, ["a", "b"], 0.5, 10)
+  assert s["families"] == {"a": {"opened_step": 25, "left_step": 35},
+                           "b": {"opened_step": None, "left_step": None}}
 
 
 @pytest.mark.parametrize("name,field,value,match", [

@@ -45,6 +45,7 @@ def _tiny_headline(model_dir, jsonl, ns, seeds):
   t = c.organism.train
   t.epochs, t.batch_size, t.seq_len, t.lr = 1, 8, 128, 3e-3
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+  c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
   h = c.headline
   h.seeds, h.ns, h.m, h.n_eval, h.n_test, h.n_useful = seeds, ns, 24, 8, 8, 4
   h.n_pairs, h.n_probe_train, h.batch_size, h.train.steps = 4, 8, 16, 2

@@ -25,6 +25,7 @@ def _tiny_config(model_dir, jsonl):
   t = c.organism.train
   t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+  c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
   h = c.headline
   h.seeds, h.ns, h.m, h.n_eval, h.n_useful, h.n_pairs, h.n_probe_train = (0,), (8,), 48, 32, \
       8, 4, 8

@@ -488,3 +488,72 @@ def test_mfu_peak_follows_the_device_kind():
   assert device_peak_flops("float32", "NVIDIA H200") == 494e12
   assert device_peak_flops("bfloat16", "TPU v5 lite") == 197e12
   assert device_peak_flops("float32", "Some New Chip") == 0.0       # unknown: no MFU
+
+
+# ------------------------------------------------------- retiring groups (organism.stop)
+def test_retiring_plan_drops_a_group_from_its_step_on():
+  data = synthetic_data(n=60, seed=2)
+  groups = ["a" if i % 3 == 0 else "b" for i in range(60)]
+  ex = T.prepare_examples(data, 64)
+  base = T.DataPlan(ex, 64, 2, seed=5, pack=True, steps=0, epochs=1)
+  plan = T.RetiringPlan(ex, groups, 64, 2, seed=5, pack=True, steps=0, epochs=1)
+  assert plan.total_steps == base.total_steps
+  assert [plan.batch_rows(s) for s in range(3)] == [base.batch_rows(s) for s in range(3)]
+  plan.retire("a", 3)
+  seen, step = [], 0
+  while plan.has(step):
+    rows = plan.batch_rows(step)
+    if step >= 3:
+      assert all(groups[i] == "b" for r in rows for i in r)
+    assert all(sum(len(ex.ids[i]) for i in r) <= 64 for r in rows)
+    seen += [i for r in rows for i in r]
+    step += 1
+  assert len(seen) == len(set(seen))                       # nothing seen twice in the epoch
+  assert {i for i in range(60) if groups[i] == "b"} <= set(seen)   # every b example seen
+  assert step < base.total_steps                           # and the run is shorter
+  plan.retire("b", step)                                   # all groups gone: no more steps
+  assert not plan.has(step)
+
+
+def test_retiring_plan_with_a_step_cap_ends_when_every_group_left():
+  data = synthetic_data(n=20, seed=2)
+  ex = T.prepare_examples(data, 64)
+  plan = T.RetiringPlan(ex, ["a"] * 10 + ["b"] * 10, 64, 2, seed=1, pack=True, steps=50,
+                        epochs=0)
+  assert plan.total_steps == 50
+  plan.retire("a", 2)
+  plan.retire("b", 4)
+  assert plan.has(3) and not plan.has(4)
+
+
+def test_train_with_retirement_stops_early_and_resumes_exactly(tmp_path):
+  data = synthetic_data(n=40, seed=4)
+  groups = ["x"] * 20 + ["y"] * 20
+  cfg = dict(epochs=1, batch_size=2, seq_len=64, lr=1e-2, ckpt_every=2, eval_every=2,
+             log_every=1)
+
+  def rule(step, ev):     # x leaves 1 step after the eval at step 2, y after the one at 4
+    return {"x": step + 1} if step == 2 else ({"y": step + 2} if step == 4 else {})
+
+  full = T.train(tiny_model(), data, cfg, str(tmp_path / "full"), progress=False)
+  r = T.train(tiny_model(), data, cfg, str(tmp_path / "a"), progress=False,
+              eval_fn=lambda m, s: {"p": 0.0}, groups=groups, retire_fn=rule)
+  assert r.steps == 6 < full.steps
+  assert sum(h["examples"] for h in r.history) < 40
+
+  class Boom(Exception):
+    pass
+
+  def rule_then_die(step, ev):
+    if step == 4:
+      raise Boom()
+    return rule(step, ev)
+
+  with pytest.raises(Boom):
+    T.train(tiny_model(), data, cfg, str(tmp_path / "b"), progress=False,
+            eval_fn=lambda m, s: {"p": 0.0}, groups=groups, retire_fn=rule_then_die)
+  r2 = T.train(tiny_model(), data, cfg, str(tmp_path / "b"), progress=False,
+               eval_fn=lambda m, s: {"p": 0.0}, groups=groups, retire_fn=rule)
+  assert r2.resumed_from == 2 and r2.steps == 6
+  for k, v in _params(r2.model).items():
+    np.testing.assert_array_equal(v, _params(r.model)[k])
