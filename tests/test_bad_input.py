@@ -137,19 +137,104 @@ def test_wrong_type_override_is_refused_by_main_naming_the_field(tmp_path):
                       ("--config.organism.n_per_family=1.5", "config.organism.n_per_family")):
     p, secs = _main("--config=configs/headline.py", flag, f"--workdir={wd}",
                     "--config.model.hf_dir=/nonexistent/safety-net")
-    assert p.returncode != 0, flag
+    assert p.returncode == 2, (flag, p.stderr[-2000:])
     assert field in p.stderr, (flag, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, flag
     assert not wd.exists(), flag
+
+
+def _fake_model_dir(tmp_path):
+  """A folder that passes validate.check_model_dir (config.json, a model.safetensors file, a
+  tokenizer.json) but holds no weights: a run that got past validation could not load it."""
+  from catchjax.model.config import ModelConfig
+  d = tmp_path / "fake-model"
+  d.mkdir()
+  cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                    rms_eps=1e-5, tie_embeddings=True, eos_token_id=2, bos_token_id=1)
+  (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+  (d / "model.safetensors").write_bytes(b"")
+  (d / "tokenizer.json").write_text("{}")
+  return str(d)
+
+
+def _one_line_config_error(p, secs, wd, *needles):
+  """Exit 2, one `catchjax: config error:` line naming the field, no traceback, in seconds,
+  and the workdir never created."""
+  err = p.stderr.strip().splitlines()
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert err and err[-1].startswith("catchjax: config error: "), p.stderr[-3000:]
+  assert [line for line in err if line.startswith("catchjax:")] == [err[-1]], p.stderr[-3000:]
+  for n in needles:
+    assert n in err[-1], (n, err[-1])
+  assert secs < 60, f"{secs:.0f} s: the refusal must come before any compute"
+  assert not wd.exists()
+  return err[-1]
 
 
 def test_unknown_family_is_refused_by_main_before_compute(tmp_path):
   wd = tmp_path / "wd"
   p, secs = _main("--config=configs/headline.py",
-                  "--config.organism.families=('token', 'nope')", f"--workdir={wd}")
-  assert p.returncode != 0
-  assert "config.organism.families: unknown family 'nope'" in p.stderr
+                  "--config.organism.families=('token', 'nope')", f"--workdir={wd}",
+                  f"--config.model.hf_dir={_fake_model_dir(tmp_path)}")
+  _one_line_config_error(p, secs, wd, "config.organism.families: unknown family 'nope'")
   assert not (wd / "results.jsonl").exists() and not (wd / "organisms").exists()
-  assert "Traceback" in p.stderr and "load_hf" not in p.stderr
+
+
+@pytest.mark.parametrize("flag,needles", [
+    ("--config.organism.families=('no_such_family',)",
+     ("config.organism.families: unknown family 'no_such_family'", "known: [")),
+    ("--config.headline.m=1", ("config.headline.m=1 is smaller than the largest N",)),
+    ("--config.experiment=nope", ("config.experiment='nope' is unknown",)),
+])
+def test_validation_error_is_one_line_exit_2(tmp_path, flag, needles):
+  """A value `validate` rejects: `catchjax: config error: <message>` and exit 2, no traceback."""
+  wd = tmp_path / "wd"
+  p, secs = _main("--config=configs/headline.py:tiny", flag, f"--workdir={wd}",
+                  f"--config.model.hf_dir={_fake_model_dir(tmp_path)}")
+  _one_line_config_error(p, secs, wd, *needles)
+
+
+def test_missing_model_folder_is_one_line_exit_2(tmp_path):
+  wd = tmp_path / "wd"
+  p, secs = _main("--config=configs/headline.py:tiny", f"--workdir={wd}",
+                  f"--config.model.hf_dir={tmp_path / 'absent'}")
+  _one_line_config_error(p, secs, wd, "config.model.hf_dir=", "no such folder")
+
+
+@pytest.mark.parametrize("flag,needles", [
+    # An unknown field: named, with the nearest valid field(s) at that level or elsewhere.
+    ("--config.families=('token',)",
+     ("unknown field config.families", "config.organism.families")),
+    ("--config.organism.n_per_famliy=3",
+     ("unknown field config.organism.n_per_famliy", "did you mean config.organism.n_per_family")),
+    ("--config.organsim.n_per_family=3",
+     ("unknown field config.organsim", "did you mean config.organism")),
+    ("--config.organism.zzzz=3", ("unknown field config.organism.zzzz",
+                                  "the fields of config.organism are:", "n_per_family")),
+    ("--config.organism.n_per_family.x=3", ("config.organism.n_per_family is a value",)),
+    # A value of the wrong type: absl's parse error, with the field's type and default.
+    ("--config.organism.n_per_family=abc",
+     ("--config.organism.n_per_family=abc", "config.organism.n_per_family is an int")),
+    ("--config.headline.teacher_forced=maybe",
+     ("--config.headline.teacher_forced=maybe", "is a bool")),
+    ("--config.organism.train=3", ("--config.organism.train=3", "is a section")),
+])
+def test_bad_override_is_one_line_exit_2(tmp_path, flag, needles):
+  """Refused while absl parses the flags (before main()): no model folder is needed."""
+  wd = tmp_path / "wd"
+  p, secs = _main("--config=configs/headline.py:tiny", flag, f"--workdir={wd}",
+                  "--config.model.hf_dir=/nonexistent/safety-net")
+  _one_line_config_error(p, secs, wd, *needles)
+  assert secs < 30, secs   # flag parsing: no JAX, no validation
+
+
+def test_missing_config_file_is_one_line_exit_2(tmp_path):
+  wd = tmp_path / "wd"
+  for extra in ((), ("--config.organism.n_per_family=3",)):
+    p, secs = _main("--config=configs/no_such_config.py", *extra, f"--workdir={wd}")
+    _one_line_config_error(p, secs, wd, "--config=configs/no_such_config.py: no such file")
 
 
 # --------------------------------------------------------------------- weights: never pickle

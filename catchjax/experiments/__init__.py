@@ -17,13 +17,23 @@ EXPERIMENTS += ("cot", "propensity")   # issue 6 items 2 and 4
 
 
 def run(config, workdir: str | None = None):
-  name = config.experiment
+  """Raises `catchjax.validate.ConfigError` (naming the field) for bad input, before the
+  workdir or any compute; `catchjax.main` prints it as one line. Nothing later raises it."""
+  from catchjax.validate import ConfigError
+  name = config.get("experiment")
   if name not in EXPERIMENTS:
-    raise ValueError(f"config.experiment={name!r} is unknown; known: {', '.join(EXPERIMENTS)}.")
+    raise ConfigError(f"config.experiment={name!r} is unknown; known: {', '.join(EXPERIMENTS)}.")
   workdir = workdir or os.path.join("workdirs", name)
   mod = importlib.import_module(f"catchjax.experiments.{name}")
   if hasattr(mod, "validate"):   # bad input is refused before the workdir or any compute
-    mod.validate(config)
+    try:
+      mod.validate(config)
+    except ConfigError:
+      raise
+    # The experiments' own checks raise ValueError, and a missing input (model folder, cue
+    # file) FileNotFoundError, each naming its field: all of them are config errors.
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
   if common.is_main_process():   # multi-host: every process runs, process 0 writes
     common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
