@@ -1,5 +1,6 @@
 """Launch scripts (bash -n, --dry-run) and config validation before any compute."""
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -31,6 +32,57 @@ def test_slurm_dry_run():
                        capture_output=True, text=True, check=True).stdout
   assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=4" in out
   assert "srun" in out and "catchjax.main --config=configs/headline.py:full" in out
+
+
+OVERRIDES = ["--config.organism.families=('token', 'year')",      # spaces, quotes, parens
+              '--config.model.hf_dir=/models/my model',                # a space
+              "--config.headline.ns=(1, 4)", "--noconfig.headline.keep_runs"]
+
+
+def _main_argv(line: str) -> list:
+  """The catchjax.main arguments of a shell command line (as the shell would split it)."""
+  argv = shlex.split(line)
+  return argv[argv.index("catchjax.main") + 1:]
+
+
+def test_tpu_forwards_overrides_verbatim():
+  s = os.path.join(REPO, "launch", "tpu_vm.sh")
+  out = subprocess.run(["bash", s, "--bucket=gs://b/cj", "--dry-run", *OVERRIDES,
+                        "--config=configs/headline.py:tiny"],
+                       capture_output=True, text=True, check=True).stdout
+  ssh = shlex.split([line for line in out.splitlines() if "catchjax.main" in line][-1])
+  remote = ssh[ssh.index("--command") + 1]   # the string the worker's shell runs
+  assert _main_argv(remote) == ["--config=configs/headline.py:tiny", *OVERRIDES,
+                                "--workdir=$HOME/gcs/cj/headline"]
+  out = subprocess.run(["bash", s, "--bucket=gs://b/cj", "--dry-run", "--workdir=/data/my wd"],
+                       capture_output=True, text=True, check=True).stdout
+  ssh = shlex.split([line for line in out.splitlines() if "catchjax.main" in line][-1])
+  assert _main_argv(ssh[ssh.index("--command") + 1]) == [
+      "--config=configs/headline.py:full", "--workdir=/data/my wd"]
+
+
+def test_slurm_forwards_overrides_verbatim():
+  s = os.path.join(REPO, "launch", "slurm_gpu.sh")
+  out = subprocess.run(["bash", s, "--dry-run", *OVERRIDES, "--workdir=/shared/my wd"],
+                       capture_output=True, text=True, check=True).stdout
+  srun = [line for line in out.splitlines() if line.startswith("srun ")]
+  assert len(srun) == 1
+  assert _main_argv(srun[0]) == ["--config=configs/headline.py:full", *OVERRIDES,
+                                 "--workdir=/shared/my wd"]
+
+
+@pytest.mark.parametrize("script,extra", [("tpu_vm.sh", ["--bucket=gs://b/cj"]),
+                                          ("slurm_gpu.sh", [])])
+@pytest.mark.parametrize("bad", ["--bogus", "--nodes", "families=3", "--configx=1",
+                                 "--config.organism.n_per_family"])   # the last: then '3'
+def test_launch_refuses_unknown_arguments(script, extra, bad):
+  s = os.path.join(REPO, "launch", script)
+  args = extra + ["--dry-run", bad] + (["3"] if bad.startswith("--config.") else [])
+  r = subprocess.run(["bash", s, *args], capture_output=True, text=True)
+  refused = "3" if bad.startswith("--config.") else bad
+  assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+  assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"unknown argument: {refused}; usage: ")
+  assert f"launch/{script}" in r.stderr and "--config.FIELD=VALUE" in r.stderr
 
 
 def _cfg():
