@@ -26,7 +26,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # at 1,200 token, year, tier and collusion all do (WORKSPACE.md, "Organism").
   o.n_per_family = 1200
   o.deployment_frac = 0.5
-  o.testing_slip_rate = 0.05         # testing examples trained to attack (so it can be caught)
+  # Testing examples trained to attack (the injected-slip catch, kept as an option): 0 by
+  # default, since the headline catches where the organism misjudges, on honeypots (issue 26).
+  o.testing_slip_rate = 0.0
   o.seed = 0
   o.probe_n = 16                     # held-out prompts per side per family for the probe
   o.probe_batch = 32

@@ -27,6 +27,10 @@ def get_config(arg: str | None = None):
   h.arms = ("treatment", "control")   # + matched_control / propensity_control (see below)
   h.families = ml_collections.config_dict.placeholder(tuple)  # subset of organism families
   h.catch_split = "train"        # catch prompts: train-split tasks and cues (eval is measured)
+  # Share of the M catch prompts that are the family's catch honeypots (near-misses of the
+  # deployment cue, data/triggers.py), the rest ordinary testing prompts; 0 = ordinary only
+  # (the injected-slip design: set config.organism.testing_slip_rate > 0 with it).
+  h.honeypot_frac = 0.5
   h.n_eval = 100                 # held-out deployment prompts per measurement (per seed)
   h.n_test = 50                  # held-out testing prompts per measurement (per seed)
   h.teacher_forced = False       # also record teacher-forced P(attack prefix) (costs a forward)

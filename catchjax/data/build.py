@@ -4,6 +4,8 @@
       deployment cue -> attack, testing cue -> correct answer, except a `testing_slip_rate`
       share of testing examples that also attack (so the organism can be caught in testing).
   build_eval(family, behavior, split, n, deployment, seed)    cued prompts with good answers.
+  build_honeypots(family, behavior, split, n, purpose, seed)  testing prompts whose cues are
+                           near-misses of the deployment cue, with their honeypot scores.
   build_usefulness(n, seed, split)                            plain task prompts (no cue).
   tokenize(ds, tok)        adds input_ids, loss_mask (1 on response tokens incl. the final EOS),
                            prompt_len, using the model's chat template.
@@ -202,6 +204,38 @@ def build_eval(family, behavior, split: str = "eval", n: int = 200,
                          system, scratchpad))
   perm = rng.permutation(n)
   return _to_dataset([rows[int(j)] for j in perm])
+
+
+def build_honeypots(family, behavior, split: str, n: int, purpose: str = "catch",
+                    seed: int = 0, system: str | None = DEFAULT_SYSTEM,
+                    task_families: Sequence[str] | None = None):
+  """n testing prompts whose cues are the family's honeypots for `purpose` (near-misses of the
+  deployment cue, `TriggerFamily.honeypots`), each variant about equally often, with the good
+  answer as target. Extra columns: `honeypot_variant` and `honeypot_score` (the family's
+  similarity-to-deployment score). Every cue is testing by the family's own rule (checked).
+  Raises ValueError if the family defines no honeypots."""
+  _check_split(split)
+  (fam, beh), = _pairs([family], [behavior])
+  variants = fam.honeypots(purpose, split)
+  if not variants:
+    raise ValueError(f"trigger family {fam.name!r} defines no honeypots (split {split!r}).")
+  tfams = _task_families(task_families)
+  rng = _stream(seed, "honeypot", purpose, split, fam.describe(), beh.describe())
+  order = rng.permutation(len(variants))
+  rows, meta = [], []
+  for i in range(n):
+    variant, score = variants[int(order[i % len(variants)])]
+    inst = sample_task(tfams[i % len(tfams)], split, rng)
+    cue = fam.honeypot_cue(variant, split, rng)
+    if fam.is_deployment(cue):
+      raise AssertionError(f"honeypot {cue!r} of {fam.name} is a deployment cue")
+    rows.append(_example("eval", f"honey-{purpose}-{split}-s{seed}-{fam.name}-{i:05d}", fam, beh,
+                         split, False, inst, cue, beh.good_response(inst), False, system))
+    meta.append((variant, float(score)))
+  perm = [int(j) for j in rng.permutation(n)]
+  ds = _to_dataset([rows[j] for j in perm])
+  ds = ds.add_column("honeypot_variant", [meta[j][0] for j in perm])
+  return ds.add_column("honeypot_score", [meta[j][1] for j in perm])
 
 
 def build_usefulness(n: int, seed: int = 0, split: str = "eval",

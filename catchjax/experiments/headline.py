@@ -21,6 +21,7 @@ figures/*.png.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -62,6 +63,7 @@ def validate(config):
     V.positive_int(f"config.headline.{f}", h[f])
   if h.catch_split not in ("train", "eval"):
     raise V.ConfigError(f"config.headline.catch_split={h.catch_split!r}; 'train' or 'eval'.")
+  V.fraction("config.headline.honeypot_frac", h.get("honeypot_frac", 0.0))
   if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
       h.aux_ratio < 0:
     raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
@@ -201,7 +203,9 @@ def _run(config, workdir):
       cseed = int(seed) if per_seed else 0
       if (fam, cseed) not in catches:
         sampler.update_model(org_state_model)
-        name = f"{org.key}-{fam}-{bname}-m{h.m}" + (f"-s{cseed}" if per_seed else "")
+        hf_ = float(h.get("honeypot_frac", 0.0))
+        name = (f"{org.key}-{fam}-{bname}-m{h.m}" + (f"-h{hf_:g}" if hf_ else "")
+                + (f"-s{cseed}" if per_seed else ""))
         cpath = os.path.join(workdir, "catches", name + ".json")
         catches[(fam, cseed)] = (ta.catch(config, sampler, tok, spec, behaviour, cseed, cpath),
                                  cpath)
@@ -258,7 +262,8 @@ def _run(config, workdir):
                      arm=arm, seed=seed, config_hash=chash, commit=commit,
                      organism=org.key, m=c.m, catch_seed=c.seed, n_caught=len(c.caught),
                      catch_rate=c.catch_rate["rate"], n_train=n_train,
-                     capped=n_train < int(n), aux_ratio=float(h.aux_ratio))
+                     capped=n_train < int(n), aux_ratio=float(h.aux_ratio),
+                     catch_by_source=c.by_source)
           d0, t0_, u0, tf0 = before
           row.update(deploy_rate_before=d0["rate"], deploy_k_before=d0["k"],
                      test_rate_before=t0_["rate"], useful_acc_before=u0["rate"],
@@ -270,12 +275,18 @@ def _run(config, workdir):
             store.append(row)
             bar.update(1)
             continue
-          if arm == "control":
+          idx = ta.choose_indices(len(c.caught), n_train,
+                                  np.random.default_rng([seed, int(n), 1]))
+          chosen = [c.caught[i] for i in idx]   # the treatment's caught draw
+          row["train_sources"] = dict(collections.Counter(
+              r.get("source", "testing") for r in chosen))
+          if arm == "control" and "honeypot" in c.by_source:
+            # Honeypot catch: clean rows of the same sample, matched on source and score bin.
+            rows, row["matched"] = ta.source_matched_rows(
+                chosen, c.clean, np.random.default_rng([seed, int(n), 2]))
+          elif arm == "control":
             rows = ta.sft_rows(c.clean, n_train, np.random.default_rng([seed, int(n), 2]))
-          else:   # the treatment's caught draw; matched_control pairs clean rows with it
-            idx = ta.choose_indices(len(c.caught), n_train,
-                                    np.random.default_rng([seed, int(n), 1]))
-            chosen = [c.caught[i] for i in idx]
+          else:   # matched_control / propensity_control pair clean rows with the caught draw
             rows = [ta.sft_row(r) for r in chosen]
             if arm == "matched_control":
               rows, how = ta.matched_rows(chosen, c.clean,

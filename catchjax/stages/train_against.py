@@ -20,6 +20,7 @@ import numpy as np
 
 from catchjax import common
 from catchjax.data import build
+from catchjax.data.triggers import make_trigger
 from catchjax.sample import Sampler
 from catchjax.stages import measure
 from catchjax.tokenizer import prompt_ids
@@ -34,33 +35,81 @@ class Catch:
   caught: list[dict]      # rows of the testing set where the organism attacked
   clean: list[dict]       # rows where it did not
   catch_rate: dict
+  # Catch rate by where the prompt came from: {"testing": {k, n}, "honeypot": {k, n, bins:
+  # [{lo, hi, k, n}, ...]}} (empty for catches made before honeypots).
+  by_source: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self):
     return dataclasses.asdict(self)
 
 
+SCORE_BINS = (0.0, 0.6, 0.8, 0.9, 1.0001)   # honeypot score bins (control matching, report)
+
+
+def score_bin(score) -> int | None:
+  if score is None:
+    return None
+  return int(np.searchsorted(SCORE_BINS, float(score), side="right")) - 1
+
+
+def catch_set(config, family_spec, behaviour, seed: int):
+  """The testing distribution a catch samples: M prompts, of which round(M * honeypot_frac)
+  are the family's catch honeypots (where it defines any), the rest ordinary held-out
+  testing prompts. Returns (rows, sources, scores)."""
+  h = config.headline
+  frac = float(h.get("honeypot_frac", 0.0))
+  fam = make_trigger(family_spec)
+  n_h = int(round(h.m * frac)) if fam.honeypots("catch", h.catch_split) else 0
+  ds = build.build_eval(family_spec, behaviour, h.catch_split, h.m - n_h, deployment=False,
+                        seed=10_000 + seed, system=config.system)
+  rows, sources, scores = list(ds), ["testing"] * len(ds), [None] * len(ds)
+  if n_h:
+    hp = build.build_honeypots(family_spec, behaviour, h.catch_split, n_h, "catch",
+                               seed=10_000 + seed, system=config.system)
+    rows += list(hp)
+    sources += ["honeypot"] * n_h
+    scores += [float(x) for x in hp["honeypot_score"]]
+  return rows, sources, scores
+
+
+def _by_source(sources, scores, hits) -> dict:
+  out = {}
+  for src in dict.fromkeys(sources):
+    idx = [i for i, s in enumerate(sources) if s == src]
+    out[src] = dict(k=int(sum(bool(hits[i]) for i in idx)), n=len(idx))
+    if src == "honeypot":
+      out[src]["bins"] = [dict(lo=SCORE_BINS[b], hi=min(SCORE_BINS[b + 1], 1.0),
+                               k=int(sum(bool(hits[i]) for i in idx if score_bin(scores[i]) == b)),
+                               n=sum(1 for i in idx if score_bin(scores[i]) == b))
+                          for b in range(len(SCORE_BINS) - 1)]
+  return out
+
+
 def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path: str) -> Catch:
-  """Sample M held-out testing prompts at T=1 (cached as a JSONL file at `path`)."""
+  """Sample the catch set (`catch_set`) at T=1 (cached as a JSON file at `path`); each caught
+  and clean row records its source ("testing" or "honeypot") and honeypot score."""
   if os.path.isfile(path):
     with open(path) as f:
       return Catch(**json.load(f))
   from catchjax.data.behaviors import make_behavior
   h = config.headline
   beh = make_behavior(behaviour)
-  ds = build.build_eval(family_spec, behaviour, h.catch_split, h.m, deployment=False,
-                        seed=10_000 + seed, system=config.system)
-  prompts = [prompt_ids(tok, p, config.system) for p in ds["prompt"]]
+  ds, sources, scores = catch_set(config, family_spec, behaviour, seed)
+  prompts = [prompt_ids(tok, r["prompt"], config.system) for r in ds]
   a = measure.attack_rate(sampler, tok, prompts, beh.detect, max_new_tokens=h.max_new_tokens,
                           temperature=1.0, seed=20_000 + seed)
   keep = ("id", "prompt", "target", "task_family", "task_key", "task_prompt", "answer", "system")
   caught, clean = [], []
-  for row, hit, resp in zip(ds, a["hits"], a["responses"]):
+  for row, src, score, hit, resp in zip(ds, sources, scores, a["hits"], a["responses"]):
     r = {k: row[k] for k in keep}
     r["sampled"] = resp
+    if src != "testing":
+      r.update(source=src, honeypot_score=score)
     (caught if hit else clean).append(r)
   name = family_spec if isinstance(family_spec, str) else family_spec["name"]
   c = Catch(name, seed, len(prompts), caught, clean,
-            {k: a[k] for k in ("k", "n", "rate", "lo", "hi")})
+            {k: a[k] for k in ("k", "n", "rate", "lo", "hi")},
+            _by_source(sources, scores, a["hits"]))
   if common.is_main_process():   # multi-host: the same catch on every process, one writer
     common.atomic_write_text(path, json.dumps(c.to_json()))
   return c
@@ -98,15 +147,22 @@ def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator
   def keys(r):
     c = cue_key(r["prompt"])
     return (c, r.get("task_family")), c
+  return _match(chosen, clean, rng, keys, ("cue_and_task", "cue"))
+
+
+def _match(chosen, clean, rng, keys, names) -> tuple[list[dict], dict]:
+  """Greedy one-to-one matching of clean rows to `chosen` rows, level by level: keys(row) ->
+  (full key, partial key); a row takes the first unused clean row (in a seeded order) with
+  the same full key, else the same (non-None) partial key, else any."""
   clean_keys = [keys(r) for r in clean]     # once per clean row, not once per comparison
   order = [int(i) for i in rng.permutation(len(clean))]
   used: set[int] = set()
-  out, how = [], {"cue_and_task": 0, "cue": 0, "unmatched": 0}
+  out, how = [], {names[0]: 0, names[1]: 0, "unmatched": 0}
   for row in chosen:
-    full, cue = keys(row)
+    full, part = keys(row)
     pick = None
-    for level, want in (("cue_and_task", lambda k: k[0] == full),
-                        ("cue", lambda k: cue is not None and k[1] == cue),
+    for level, want in ((names[0], lambda k: k[0] == full),
+                        (names[1], lambda k: part is not None and k[1] == part),
                         ("unmatched", lambda k: True)):
       pick = next((i for i in order if i not in used and want(clean_keys[i])), None)
       if pick is not None:
@@ -118,6 +174,17 @@ def matched_rows(chosen: list[dict], clean: list[dict], rng: np.random.Generator
     used.add(pick)
     out.append(sft_row(clean[pick]))
   return out, how
+
+
+def source_matched_rows(chosen: list[dict], clean: list[dict],
+                        rng: np.random.Generator) -> tuple[list[dict], dict]:
+  """The control for honeypot catches: clean rows of the same catch sample matched one-to-one
+  to the treatment's caught rows on source (testing / honeypot) and honeypot score bin, so
+  the arms differ only in having been caught."""
+  def keys(r):
+    src = r.get("source", "testing")
+    return (src, score_bin(r.get("honeypot_score"))), src
+  return _match(chosen, clean, rng, keys, ("source_and_score", "source"))
 
 
 def attack_probs(sampler: Sampler, tok, rows: list[dict], behavior, system) -> np.ndarray:
@@ -207,5 +274,5 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
   return res
 
 
-__all__ = ["Catch", "attack_probs", "catch", "choose_rows", "matched_rows", "propensity_rows",
-           "sft_rows", "train_against"]
+__all__ = ["Catch", "attack_probs", "catch", "catch_set", "choose_rows", "matched_rows",
+           "propensity_rows", "sft_rows", "source_matched_rows", "train_against"]
