@@ -154,6 +154,20 @@ def batch_shards(mesh: Mesh, rules=None) -> int:
   return math.prod(mesh.shape[a] for a in rd.get("batch", ()) if a in mesh.shape)
 
 
+def micro_batch_error(batch_size: int, grad_accum: int, mesh: Mesh, rules=None) -> str | None:
+  """Why `batch_size` rows per step in `grad_accum` micro-batches cannot be split evenly over
+  the mesh's batch-sharded devices, with the smallest batch size that can; None if they can.
+  The one rule that `train.train` enforces and `validate.check_train` checks before compute."""
+  micro = batch_size // grad_accum
+  nb = batch_shards(mesh, rules)
+  if micro % nb == 0:
+    return None
+  unit = grad_accum * nb
+  return (f"rows per micro-batch ({batch_size} / grad_accum {grad_accum} = {micro}) must be "
+          f"divisible by the {nb} batch-sharded devices of mesh {dict(mesh.shape)}; use a "
+          f"multiple of {unit} (e.g. {-(-batch_size // unit) * unit})")
+
+
 def _put(x, sharding: NamedSharding, copy: bool = False):
   if isinstance(x, jax.Array) and jax.process_count() == 1 and not copy:
     return jax.device_put(x, sharding)

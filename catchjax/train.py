@@ -691,10 +691,9 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   mesh = mesh if mesh is not None else shd.mesh_from_config(c)
   rules = shd.rules_dict(c.rules)
   micro = c.batch_size // c.grad_accum
-  nb = shd.batch_shards(mesh, rules)
-  if micro % nb:
-    raise ValueError(f"rows per micro-batch ({c.batch_size} / grad_accum {c.grad_accum} = "
-                     f"{micro}) must be divisible by the batch-sharded mesh size {nb}.")
+  problem = shd.micro_batch_error(int(c.batch_size), int(c.grad_accum), mesh, rules)
+  if problem:
+    raise ValueError(f"batch_size={c.batch_size}: {problem}.")
   model = prepare_model(model, c)
   mcfg = model.cfg
   lora = c.lora_rank > 0

@@ -159,6 +159,32 @@ def check_train(field: str, t) -> None:
     raise ConfigError(f"{field}: one of steps or epochs must be positive.")
   if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
     raise ConfigError(f"{field}.lr must be a positive number, got {t.lr!r}.")
+  check_train_mesh(field, t)
+
+
+def check_train_mesh(field: str, t) -> None:
+  """The batch split `train.train` will need, on this process's devices: each micro-batch
+  (batch_size / grad_accum rows) must divide over the mesh's batch-sharded devices (the same
+  merged config, mesh and rule as train(), `sharding.micro_batch_error`). Batch sizes are
+  global and never changed silently, so a run that would fail at its first step is refused
+  here, before any compute."""
+  from catchjax import sharding
+  from catchjax import train as train_lib
+  try:
+    c = train_lib._merge_config(t)
+  except ValueError as e:
+    raise ConfigError(f"{field}: {e}") from e
+  try:
+    mesh = sharding.mesh_from_config(c)
+    rules = sharding.rules_dict(c.rules)
+  except ValueError as e:
+    raise ConfigError(f"{field}.mesh_shape={tuple(c.mesh_shape)}: {e}") from e
+  problem = sharding.micro_batch_error(int(c.batch_size), int(c.grad_accum), mesh, rules)
+  if problem:
+    # mesh_shape is a train field, but only a config that lists it can override it.
+    alt = (f", or set {field}.mesh_shape" if "mesh_shape" in t else
+           f", or run on a number of devices that divides {c.batch_size // c.grad_accum}")
+    raise ConfigError(f"{field}.batch_size={c.batch_size}: {problem}{alt}.")
 
 
 def check_common(config) -> None:

@@ -57,12 +57,13 @@ def families(config) -> list:
 
 def validate(config):
   """Reject bad input before any compute, naming the field."""
-  from catchjax.validate import check_common
+  from catchjax.validate import check_common, check_train
   x, h = config.cot, config.headline
   if not config.organism.get("scratchpad", False):
     raise ValueError("config.organism.scratchpad must be True: the cot experiment needs a "
                      "scratchpad organism.")
   check_common(config)   # model folder, behaviours, families, organism recipe, report
+  check_train("config.headline.train", h.train)   # the train-against runs (incl. mesh split)
   families(config)
   if not x.arms or any(a not in ARMS for a in x.arms):
     raise ValueError(f"config.cot.arms={tuple(x.arms)}: use a non-empty subset of {ARMS}.")

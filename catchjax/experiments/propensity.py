@@ -52,9 +52,10 @@ def family_spec(config):
 
 def validate(config):
   """Reject bad input before any compute, naming the field."""
-  from catchjax.validate import check_common
+  from catchjax.validate import check_common, check_train
   p, t = config.propensity, config.headline.train
   check_common(config)   # model folder, behaviours, families, organism recipe, report
+  check_train("config.headline.train", t)   # both arms' runs (incl. the mesh split)
   family_spec(config)
   if not tasks.is_task_family(p.capability):
     raise ValueError(f"config.propensity.capability={p.capability!r} is not a task family; "
