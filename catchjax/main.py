@@ -2,8 +2,9 @@
 [--config.seed=1 ...]`. Looks up `config.experiment` and runs it (kept tiny, as in nanodo).
 
 A bad config is refused before any compute as one line on stderr, exit status 2: an unknown
-override field (with the nearest valid fields), an override of the wrong type (flag parsing), or
-a value the experiment's validation rejects (`catchjax.validate.ConfigError`)."""
+config variant (`configs/common.py` check_variant), an unknown override field (with the nearest
+valid fields), an override of the wrong type (flag parsing), or a value the experiment's
+validation rejects (`catchjax.validate.ConfigError`)."""
 import difflib
 import os
 import re
@@ -109,12 +110,30 @@ def _describe_field(config, path: str):
   return f" (config.{path} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, default {node!r})"
 
 
+def _config_file_refusal(exc):
+  """The message of a `catchjax.validate.ConfigError` that the config file's get_config raised
+  (e.g. an unknown variant, configs/common.py check_variant), else None. ml_collections
+  re-raises it with its traceback in the message and absl wraps that again, so the original is
+  the innermost ConfigError in the exception's context chain."""
+  from catchjax.validate import ConfigError   # no JAX: flag parsing stays fast
+  found, seen = None, set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, ConfigError):
+      found = exc
+    exc = exc.__cause__ or exc.__context__
+  return str(found) if found is not None else None
+
+
 def parse_flags(argv):
   """absl's flag parsing (app.run's `flags_parser`), with a bad `--config.*` override reported
   as one line (exit 2) instead of a traceback or absl's 'FATAL Flags parsing error'."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:   # a value of the wrong type, an unknown flag, a missing --config
+    refused = _config_file_refusal(e)
+    if refused:
+      _config_error(refused)
     message = str(e)
     m = re.match(r"flag --(?:no)?config\.([^=]+)=", message)
     if m:

@@ -20,10 +20,15 @@ N = 16: 10 runs of 8 or 16 steps, each measured on 100 deployment prompts (sampl
 (estimated from the headline's cell times). `:full` adds the control arm, ratios (0, 0.5, 1, 4),
 3 seeds, N = 64 and 400 prompts per measurement.
 """
+from configs.common import check_variant
 from configs.headline import derived_config
 
 
+VARIANTS = ("full", "tiny")   # --config=configs/coherence.py:<variant>; none: the default
+
+
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c, a = derived_config(arg, "coherence", dry_run=True)
   a.families = ()               # empty: every organism family
   a.aux_ratios = (0.0, 1.0)     # usefulness rows per training row; must include 0

@@ -1,9 +1,24 @@
 """Fields shared by every experiment config (model, system prompt, organism recipe, report)."""
+import os
+
 import ml_collections
 
 from catchjax.tokenizer import DEFAULT_SYSTEM
 
 FAMILIES = ("token", "year", "tier", "headline", "collusion")
+
+
+def check_variant(arg: str | None, known: tuple, config_file: str) -> None:
+  """Refuse `--config=<config_file>:<arg>` when `arg` is not one of the file's `known` variants
+  (no variant, None or '', is the default), instead of silently running the default config.
+  Raised as catchjax.validate.ConfigError, so catchjax.main prints it as one line, exit 2."""
+  if arg is None or arg == "" or arg in known:
+    return
+  from catchjax.validate import ConfigError
+  where = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(config_file))),
+                       os.path.basename(config_file))
+  raise ConfigError(f"--config={where}:{arg}: unknown variant {arg!r}; the variants of {where} "
+                    f"are {', '.join(known)} (or none, for the default).")
 
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:

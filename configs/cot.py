@@ -20,11 +20,15 @@ cache key, built once into `cache_dir`), M = 300 testing prompts caught, N in (4
 (T=1, 40 new tokens: the scratchpad is ~25 tokens). Pooled over seeds, n = 200 per cell: Wilson
 half-width <= 0.07.
 """
-from configs.common import FAMILIES
+from configs.common import FAMILIES, check_variant
 from configs.headline import derived_config
 
 
+VARIANTS = ("full", "tiny")   # --config=configs/cot.py:<variant>; none: the default
+
+
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c, x = derived_config(arg, "cot")   # organisms/ cached in workdirs/headline (shared)
   o = c.organism
   o.scratchpad = True                 # part of the organism cache key (only when True)

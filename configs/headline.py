@@ -10,10 +10,15 @@ misalignment vs distinguishability, for every trigger family.
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, check_variant
+
+
+# --config=configs/headline.py:<variant>; none: the default (any other variant is refused)
+VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded")
 
 
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c = base_config(arg)
   c.experiment = "headline"
   h = c.headline = ml_collections.ConfigDict()

@@ -30,10 +30,15 @@ cached, so ~19 min cold. The 1x organism has no installed backdoor (start rate u
 `min_start_rate`: reported as such, no removal cost). `:full` uses every family and the
 headline's full recipe (2,000 examples per family at 1x).
 """
+from configs.common import check_variant
 from configs.headline import derived_config
 
 
+VARIANTS = ("full", "tiny")   # --config=configs/long_trained.py:<variant>; none: the default
+
+
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c, lt = derived_config(arg, "long_trained", dry_run=True)
   lt.multipliers = (1, 4, 16)   # organism budgets, in units of the base recipe
   lt.scale = "examples"         # "examples" (x organism.n_per_family) | "epochs" (x train.epochs)

@@ -16,10 +16,15 @@ Both are sampled at T=1 and measured after every `eval_steps` step, so one run g
 CPU default (estimated, organism cached): N in (1, 4, 16, 64) x 2 arms x 2 seeds = 16 runs of
 16 steps (4 x 96 tokens), evaluations at steps 2, 4, 8, 16 on 100 held-out prompts each.
 """
+from configs.common import check_variant
 from configs.headline import derived_config
 
 
+VARIANTS = ("full", "tiny")   # --config=configs/propensity.py:<variant>; none: the default
+
+
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c, p = derived_config(arg, "propensity")
   h = c.headline
   h.train.steps = 16

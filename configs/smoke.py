@@ -1,8 +1,14 @@
 """Smoke test of the foundation: load SmolLM2 from the HF folder and sample a few prompts."""
 import ml_collections
 
+from configs.common import check_variant
+
+
+VARIANTS = ("sampled",)   # --config=configs/smoke.py:<variant>; none: the default
+
 
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c = ml_collections.ConfigDict()
   c.experiment = "smoke"
   c.seed = 0

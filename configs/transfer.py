@@ -19,10 +19,15 @@ headline's cell times; building the organism from cold adds ~40 minutes). Per-ce
 intervals are Wilson (n = 100: half-width <= 0.1); `:full` runs 3 seeds (bootstrap over seeds),
 N = 64, 400 prompts per target and both behaviours.
 """
+from configs.common import check_variant
 from configs.headline import derived_config
 
 
+VARIANTS = ("full", "tiny")   # --config=configs/transfer.py:<variant>; none: the default
+
+
 def get_config(arg: str | None = None):
+  check_variant(arg, VARIANTS, __file__)
   c, t = derived_config(arg, "transfer", dry_run=True)
   t.sources = ()          # families trained against (empty: every organism family)
   t.targets = ()          # families measured (empty: every organism family)

@@ -237,6 +237,44 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path):
     _one_line_config_error(p, secs, wd, "--config=configs/no_such_config.py: no such file")
 
 
+CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                      if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_refuses_an_unknown_variant(name):
+  """Each configs/*.py builds its listed VARIANTS (and the default: none or ''), and refuses any
+  other variant with a ConfigError listing them, instead of silently running the default."""
+  import importlib
+  from catchjax.validate import ConfigError
+  mod = importlib.import_module(f"configs.{name}")
+  assert mod.VARIANTS, name
+  for v in (None, "") + tuple(mod.VARIANTS):
+    mod.get_config(v)
+  with pytest.raises(ConfigError, match=rf"--config=configs/{name}.py:nope: unknown variant "
+                                        rf"'nope'; the variants of configs/{name}.py are "
+                                        + ", ".join(mod.VARIANTS)):
+    mod.get_config("nope")
+
+
+@pytest.mark.parametrize("spec,known", [
+    ("configs/headline.py:nope", "full, tiny, matched, propensity, reseeded"),
+    ("configs/transfer.py:matched", "full, tiny"),      # a headline variant, not transfer's
+    ("configs/smoke.py:tiny", "sampled"),
+])
+def test_unknown_variant_is_one_line_exit_2(tmp_path, spec, known):
+  """Through main (also with an override after it): refused while the flags are parsed, one
+  line naming the variant and listing the known ones, no traceback, no workdir."""
+  wd = tmp_path / "wd"
+  variant = spec.split(":")[1]
+  for extra in ((), ("--config.seed=3",)):
+    p, secs = _main(f"--config={spec}", *extra, f"--workdir={wd}")
+    line = _one_line_config_error(p, secs, wd, f"--config={spec}: unknown variant {variant!r}",
+                                  f"are {known} (or none, for the default)")
+    assert secs < 30, secs
+    assert "Error whilst parsing" not in line
+
+
 # --------------------------------------------------------------------- weights: never pickle
 class _Boom:
   def __init__(self, marker):
