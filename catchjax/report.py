@@ -354,11 +354,14 @@ def _retained_table(summary, gap_min: float) -> list[str]:
 
 
 def markdown(summary, dist, meta: dict, diffs: list[dict] | None = None,
-             match: list[dict] | None = None, power: list[dict] | None = None) -> str:
+             match: list[dict] | None = None, power: list[dict] | None = None,
+             primary: str = "") -> str:
   lines = [f"# {meta.get('title', 'catchjax report')}", ""]
   for k, v in meta.items():
     if k not in ("title", "power", "installed_gap"):
       lines.append(f"- **{k}**: {v}")
+  if primary:   # the pre-registered primary analysis (analysis.report_section) comes first
+    lines += ["", primary.rstrip("\n")]
   lines += _retained_table(summary, float(meta.get("installed_gap_min", INSTALLED_GAP_MIN)))
   lines += power_lines(summary)
   pw = [(b, f, p) for b, fams in (meta.get("power") or {}).items() for f, p in fams.items()]
@@ -598,13 +601,14 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
     write = is_main_process()
   if not write:
     return dict(summary=summary, dist=dist, figures=[])
+  from catchjax import analysis
   write_csv(summary, os.path.join(workdir, "summary.csv"))
   diffs = arm_differences(rows)
   if diffs:
     write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
   atomic_write_text(os.path.join(workdir, "report.md"),
                     markdown(summary, dist, meta, diffs, propensity_match(rows),
-                             seeds_needed(rows)))
+                             seeds_needed(rows), analysis.report_section(rows, meta)))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
 

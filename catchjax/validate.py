@@ -218,6 +218,27 @@ def check_common(config) -> None:
   positive_int("config.report.max_new_tokens", r.max_new_tokens)
   positive_int("config.report.batch_size", r.batch_size)
   fraction("config.report.installed_gap_min", r.installed_gap_min)
+  if r.get("primary") is not None:
+    check_primary("config.report.primary", r.primary)
+
+
+def check_primary(field: str, p) -> None:
+  """The pre-registered primary analysis spec (catchjax/analysis.py)."""
+  from catchjax import analysis, report
+  keys = set(analysis.PRIMARY)
+  got = set(p.keys())
+  if got != keys:
+    raise ConfigError(f"{field} must have exactly the fields {sorted(keys)}; missing "
+                      f"{sorted(keys - got)}, unknown {sorted(got - keys)}.")
+  if p.outcome not in analysis.OUTCOMES:
+    raise ConfigError(f"{field}.outcome={p.outcome!r}; one of {analysis.OUTCOMES}.")
+  positive_int(f"{field}.n", p.n)
+  if len(distinct_choices(f"{field}.arms", p.arms, report.TRAIN_ARMS)) != 2:
+    raise ConfigError(f"{field}.arms={tuple(p.arms)!r} must be two arms (a - b).")
+  if p.test not in analysis.TESTS:
+    raise ConfigError(f"{field}.test={p.test!r}; one of {analysis.TESTS}.")
+  positive_int(f"{field}.n_permutations", p.n_permutations)
+  non_negative_int(f"{field}.seed", p.seed)
 
 
 def read_json_file(path: str, max_bytes: int, what: str = "JSON file"):
