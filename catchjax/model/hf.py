@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -214,31 +216,85 @@ def merged_weights(model: Llama) -> dict[str, np.ndarray]:
   return out
 
 
-def save_hf(model: Llama, path: str, tokenizer_dir: str | None = None,
-            dtype: str = "float32") -> str:
-  """Export to an HF folder (config.json + model.safetensors [+ tokenizer files]).
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9   # transformers 4.x's default max_shard_size ("5GB")
+_HF_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
-  Written to a temp folder and renamed, so a crash never leaves a half-written export.
+
+def _tensor_order(name: str):
+  """Embedding, then layer by layer, then the final norm and head (shards hold whole layers)."""
+  m = re.match(r"model\.layers\.(\d+)\.", name)
+  return (1, int(m.group(1)), name) if m else (0 if "embed" in name else 2, 0, name)
+
+
+def shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+  """Tensor names, in `_tensor_order`, split greedily into shards of <= max_shard_bytes (a
+  tensor larger than that gets a shard of its own)."""
+  shards: list[list[str]] = [[]]
+  used = 0
+  for name in sorted(sizes, key=_tensor_order):
+    if shards[-1] and used + sizes[name] > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(name)
+    used += sizes[name]
+  return shards
+
+
+def save_hf(model: Llama, path: str, tokenizer_dir: str | None = None,
+            dtype: str = "float32", max_shard_bytes: int | None = None) -> str:
+  """Export to an HF folder: config.json, the weights, generation_config.json [+ tokenizer
+  files], loadable by transformers / vLLM and by `load_hf`.
+
+  dtype: "float32" or "bfloat16" (the safetensors dtype, and config.json's dtype). LoRA
+  adapters are folded in (`merged_weights`). The weights go to one model.safetensors when they
+  fit in `max_shard_bytes` (default DEFAULT_MAX_SHARD_BYTES, 5 GB), else to
+  model-0000i-of-0000N.safetensors shards plus model.safetensors.index.json (the transformers
+  layout: {"metadata": {"total_size"}, "weight_map": {tensor: shard}}). Tokenizer files are
+  copied from `tokenizer_dir`; generation_config.json comes from there too, or, when it has
+  none, is written with the model's bos / eos / pad ids. Written to a temp folder and renamed,
+  so a crash never leaves a half-written export.
   """
+  if dtype not in _HF_DTYPES:
+    raise ValueError(f"save_hf: dtype={dtype!r}; use one of {sorted(_HF_DTYPES)}.")
+  limit = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else int(max_shard_bytes)
+  if limit <= 0:
+    raise ValueError(f"save_hf: max_shard_bytes={max_shard_bytes!r} must be positive.")
   cfg = model.cfg
+  npd = _HF_DTYPES[dtype]
   w = merged_weights(model)
-  npd = np.float32 if dtype == "float32" else jnp.bfloat16
+  conv = lambda a: np.ascontiguousarray(a).astype(npd, copy=False)  # noqa: E731
   t: dict[str, np.ndarray] = {
-      "model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"]}
-  for i in range(cfg.num_layers):
-    for ours, hf in _PROJ.items():
-      t[f"model.layers.{i}.{hf}.weight"] = w["layers"][ours][i].T
-    for ours, (hf, _) in layer_vectors(cfg).items():
-      t[f"model.layers.{i}.{hf}"] = w["layers"][ours][i]
+      "model.embed_tokens.weight": conv(w.pop("embed")),
+      "model.norm.weight": conv(w.pop("final_norm"))}
+  for ours, hf in _PROJ.items():   # one fp32 stack at a time, freed once converted
+    stack = w["layers"].pop(ours)
+    for i in range(cfg.num_layers):
+      t[f"model.layers.{i}.{hf}.weight"] = conv(stack[i].T)
+    del stack
+  for ours, (hf, _) in layer_vectors(cfg).items():
+    for i in range(cfg.num_layers):
+      t[f"model.layers.{i}.{hf}"] = conv(w["layers"][ours][i])
   if not cfg.tie_embeddings:
-    t["lm_head.weight"] = w["lm_head"].T
-  t = {k: np.ascontiguousarray(v).astype(npd) for k, v in t.items()}
+    t["lm_head.weight"] = conv(w.pop("lm_head").T)
+  del w
   tmp = path.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  save_file(t, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  sizes = {k: int(v.nbytes) for k, v in t.items()}
+  shards = shard_plan(sizes, limit)
+  if len(shards) == 1:
+    save_file(t, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for j, names in enumerate(shards):
+      fn = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file({k: t[k] for k in names}, os.path.join(tmp, fn), metadata={"format": "pt"})
+      weight_map.update({k: fn for k in names})
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
   hf_cfg = cfg.to_hf_dict()
-  hf_cfg["torch_dtype"] = dtype
+  hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype   # 4.x key, 5.x key
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)
   if tokenizer_dir:
@@ -246,6 +302,14 @@ def save_hf(model: Llama, path: str, tokenizer_dir: str | None = None,
       src = os.path.join(tokenizer_dir, fn)
       if os.path.isfile(src):
         shutil.copy(src, os.path.join(tmp, fn))
+  gen = os.path.join(tmp, "generation_config.json")
+  if not os.path.isfile(gen):
+    eos = list(cfg.eos_ids)
+    g = {"bos_token_id": cfg.bos_token_id,
+         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+         "pad_token_id": cfg.pad_token_id}
+    with open(gen, "w") as f:
+      json.dump({k: v for k, v in g.items() if v is not None}, f, indent=2)
   shutil.rmtree(path, ignore_errors=True)
   os.replace(tmp, path)
   return path

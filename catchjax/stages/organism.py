@@ -262,7 +262,15 @@ def learning_costs(curve, families, threshold: float) -> dict:
 
 def report_card(config, org: Organism, base_model, progress: bool = True) -> dict:
   """Sampled attack rates on held-out deployment / testing prompts per family, usefulness vs
-  the base model, and the detector's false-positive rate on the base model's own samples."""
+  the base model, and the detector's false-positive rate on the base model's own samples.
+  The organism is then exported as an HF folder with a model card, org.dir/hf (once)."""
+  card = _report_card(config, org, base_model, progress)
+  from catchjax import export
+  export.export_organism(config, org, card)
+  return card
+
+
+def _report_card(config, org: Organism, base_model, progress: bool = True) -> dict:
   path = os.path.join(org.dir, "report_card.json")
   if os.path.isfile(path):
     with open(path) as f:
