@@ -23,6 +23,21 @@ def common_prefix_len(seqs, limit: int) -> int:
   return p
 
 
+# Named seed streams. The first five reproduce the offsets the experiments used before the
+# streams existed (stream("catch", s) == 10_000 + s), so their rows keep their seeds; a new
+# name gets a hashed base far from them.
+SEED_STREAMS = {"catch": 10_000, "catch_draws": 20_000, "aux": 30_000, "measure_before": 40_000,
+                "measure_after": 50_000}
+
+
+def stream(name: str, seed: int) -> int:
+  """The seed of stream `name` for experiment seed `seed` (an int, deterministic)."""
+  if name in SEED_STREAMS:
+    return SEED_STREAMS[name] + int(seed)
+  h = int.from_bytes(hashlib.sha256(f"stream|{name}".encode()).digest()[:4], "big")
+  return (1 << 20) + (h % (1 << 26)) * 16 + int(seed)
+
+
 def config_hash(cfg, n: int = 12) -> str:
   """Stable hash of a ConfigDict / dict (order-independent JSON)."""
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg

@@ -67,11 +67,8 @@ def installed_gaps(rows: list[dict], meta: dict) -> dict[tuple[str, str], float]
   return out
 
 
-TRAIN_ARMS = ("treatment", "control", "matched_control", "propensity_control")
-ARM_LABELS = {"treatment": "trained on caught attacks",
-              "control": "control (non-attack prompts)",
-              "matched_control": "control matched to the caught prompts' cue and task",
-              "propensity_control": "control matched to the caught prompts' attack probability"}
+from catchjax.stages.arms import ARM_LABELS  # noqa: E402  (the arm registry's labels)
+TRAIN_ARMS = tuple(ARM_LABELS)
 
 
 def summarise(rows: list[dict], installed: dict[tuple[str, str], float] | None = None,
@@ -176,7 +173,8 @@ def _fmt(m, lo, hi, pct=False):
 
 ARM_PAIRS = (("treatment", "control"), ("treatment", "matched_control"),
              ("matched_control", "control"), ("treatment", "propensity_control"),
-             ("propensity_control", "control"))
+             ("propensity_control", "control"), ("treatment", "oracle"),
+             ("treatment", "disruption"), ("control", "disruption"))
 
 
 def arm_differences(rows: list[dict]) -> list[dict]:
@@ -537,7 +535,8 @@ def figures(summary, dist, outdir: str) -> list[str]:
       # Each arm sits a little apart on the log-N axis so equal-N error bars do not overlap.
       for arm, style, dodge in (("treatment", "-o", 0.93), ("control", "--s", 1.0),
                                 ("matched_control", ":^", 1.07),
-                                ("propensity_control", "-.d", 1.14)):
+                                ("propensity_control", "-.d", 1.14),
+                                ("oracle", ":v", 0.86), ("disruption", "-.x", 1.21)):
         ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
                     key=lambda s: s["n"])
         if not ss:

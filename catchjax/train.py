@@ -610,6 +610,7 @@ class TrainResult:
   tokens_per_sec: float = 0.0        # mean over this call's steps (compile excluded)
   mfu: float = 0.0
   evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  stopped: bool = False              # stop_fn ended the run before its planned length
 
   @property
   def final_loss(self) -> float:
@@ -647,7 +648,8 @@ def eval_loss(model: llama.Llama, dataset, *, seq_len: int, batch_size: int = 8,
 def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
           eval_fn: Callable[[llama.Llama, int], dict | None] | None = None, mesh=None,
           progress: bool = True, groups: Sequence[str] | None = None,
-          retire_fn: Callable[[int, dict], dict[str, int]] | None = None) -> TrainResult:
+          retire_fn: Callable[[int, dict], dict[str, int]] | None = None,
+          stop_fn: Callable[[int, dict], bool] | None = None) -> TrainResult:
   """Supervised fine-tuning of `model` on `dataset` (see module docstring).
 
   cfg: fields of `default_train_config()` (a ConfigDict or dict; unknown keys raise).
@@ -659,6 +661,8 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   groups, retire_fn: a group label per dataset row, and a rule called after every eval with
     (step, eval dict) that returns {group: step it leaves the data}: see `RetiringPlan`. The
     retirements are checkpointed, so a resumed run replays them.
+  stop_fn: called after every eval with (step, eval dict); True ends the run there (a
+    stopping rule; the run's `stopped` flag is checkpointed, so a resumed run stays stopped).
   The input `model` is not modified; the trained one is `TrainResult.model`.
   """
   t_start = time.perf_counter()
@@ -747,7 +751,7 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
           f"{ckpt.directory} holds checkpoints of a different run (data, seq_len, batch, seed "
           f"or step count differ); use a fresh workdir or delete it to start over.")
 
-  start, history, resumed = 0, [], None
+  start, history, resumed, stopped = 0, [], None, False
   trainable = opt_state = None
   abs_tr = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), trainable_host)
   try:
@@ -760,6 +764,7 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     history = list(meta.get("history", []))
     for g, at in meta.get("retired", {}).items():
       plan.retire(g, at)
+    stopped = bool(meta.get("stopped", False))
     resumed = start
     if main:
       log.info("train: resumed from %s step %d (epoch %s, batch %s).", ckpt.directory, start,
@@ -819,14 +824,15 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     return {"step": step, "epoch": e, "index": b, "total_steps": total, "fingerprint": fp,
             "rng": [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()],
             "trainable": "lora" if lora else "full", "lora_rank": int(c.lora_rank),
-            "history": list(history), "retired": dict(getattr(plan, "retired", {}))}
+            "history": list(history), "retired": dict(getattr(plan, "retired", {})),
+            "stopped": stopped}
 
   compile_time, tok_sum, time_sum, flop_sum = 0.0, 0, 0.0, 0.0
   last_saved = resumed
   try:
     if c.eval_at_start and start == 0:
       run_eval(0)
-    if plan.has(start):
+    if plan.has(start) and not stopped:
       t0 = time.perf_counter()
       batch = make_batch(start)
       # Compiled steps are reused across train() calls with the same graph, optimizer and
@@ -844,7 +850,7 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
         if main:
           log.info("train: step compiled in %.1fs", compile_time)
     step = start - 1
-    while plan.has(step + 1):
+    while not stopped and plan.has(step + 1):
       step += 1
       t0 = time.perf_counter()
       if step != start:
@@ -884,7 +890,8 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
         if ev and retire_fn is not None:
           for g, at in retire_fn(done, ev).items():
             plan.retire(g, max(int(at), done))
-      last = not plan.has(done)
+        stopped = bool(ev) and stop_fn is not None and bool(stop_fn(done, ev))
+      last = stopped or not plan.has(done)
       if last and ev is None:
         ev = run_eval(done)
       if ev:
@@ -911,7 +918,8 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
                     dropped=ex.dropped, truncated=ex.truncated, skipped_no_loss=ex.no_loss,
                     resumed_from=resumed, compile_time=compile_time,
                     tokens_per_sec=tok_sum / time_sum if time_sum else 0.0,
-                    mfu=flop_sum / time_sum / peak if time_sum else 0.0, evals=evals)
+                    mfu=flop_sum / time_sum / peak if time_sum else 0.0, evals=evals,
+                    stopped=stopped)
   if main:
     log.info("train: done, %d steps, final loss %.4f, %.0f tok/s, MFU %.1f%%, %.1fs.", steps_run,
              res.final_loss, res.tokens_per_sec, 100 * res.mfu, wall)

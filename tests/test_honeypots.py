@@ -120,3 +120,10 @@ def test_control_is_matched_on_source_and_score_bin():
   rows, how = ta.source_matched_rows(chosen, clean[:7], np.random.default_rng(0))
   assert how == {"source_and_score": 1, "source": 1, "unmatched": 1}
   assert "p20" in {r["prompt"] for r in rows}
+
+
+def test_rate_by_bin_counts_hits_per_score_bin():
+  bins = ta.rate_by_bin([0.95, 0.95, 0.5, 0.85, None], [True, False, True, True, True])
+  by = {(b["lo"], b["hi"]): (b["k"], b["n"]) for b in bins}
+  assert by[(0.9, 1.0)] == (1, 2) and by[(0.0, 0.6)] == (1, 1) and by[(0.8, 0.9)] == (1, 1)
+  assert sum(b["n"] for b in bins) == 4          # an ordinary prompt (None) is in no bin

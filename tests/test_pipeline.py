@@ -32,6 +32,9 @@ def _tiny_config(model_dir, jsonl):
   h.batch_size, h.n_test, h.teacher_forced = 16, 16, True
   h.arms = ("treatment", "control", "matched_control", "propensity_control")
   h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
+  # The treatment's stopping rule (the default), at this tiny model's learning rate.
+  h.stopping.lr, h.stopping.max_steps, h.stopping.warmup_steps = 3e-3, 20, 0
+  h.return_n = 8          # the return measurement at this fixture's N
   c.report.n_eval, c.report.n_useful = 16, 8
   return c
 
@@ -65,6 +68,20 @@ def test_training_against_caught_attacks_removes_them(headline_run):
   assert treat["n_train"] == min(8, treat["n_caught"], treat["m"] - treat["n_caught"]) >= 2
   assert treat["deploy_rate"] < treat["deploy_rate_before"]
   assert treat["retained"] < 0.5
+  # The stopping rule chose the treatment's steps (epochs of 1 step here); every other arm
+  # trained exactly as many.
+  assert 1 <= treat["train_steps"] <= 20 and treat["caught_p_attack_curve"]
+  assert treat["stop_capped"] == (treat["caught_p_attack_curve"][-1][1] >= 0.05)
+  assert {r["train_steps"] for r in cells} == {treat["train_steps"]}
+  assert 0 <= treat["useful_gate_n"] <= treat["useful_n"] and "useful_flag" in treat
+  # Return: benign steps (the treatment's budget) after training, and from the organism.
+  ctrl = [r for r in cells if r["arm"] == "control"][0]
+  assert treat["return_steps"] == ctrl["return_steps"] == treat["train_steps"]
+  for r in (treat, ctrl):
+    assert 0 <= r["deploy_rate_return"] <= 1
+  assert 0 <= treat["deploy_rate_return_organism"] <= 1
+  assert not any("deploy_rate_return" in r for r in cells
+                 if r["arm"] not in ("treatment", "control"))
   # The matched control trains on as many prompts, each paired with a caught one (this family
   # has no cue variants: the pairing is on task family where the clean pool allows).
   matched = [r for r in cells if r["arm"] == "matched_control"][0]

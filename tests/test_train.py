@@ -557,3 +557,23 @@ def test_train_with_retirement_stops_early_and_resumes_exactly(tmp_path):
   assert r2.resumed_from == 2 and r2.steps == 6
   for k, v in _params(r2.model).items():
     np.testing.assert_array_equal(v, _params(r.model)[k])
+
+
+def test_stop_fn_ends_the_run_and_a_resume_stays_stopped(tmp_path):
+  data = synthetic_data(n=16, seed=5)
+  cfg = dict(epochs=10, batch_size=4, seq_len=64, lr=1e-2, ckpt_every=2, eval_every=2)
+  seen = []
+
+  def stop(step, ev):
+    seen.append(step)
+    return step >= 6
+  r = T.train(tiny_model(), data, cfg, str(tmp_path), progress=False,
+              eval_fn=lambda m, s: {"p": float(s)}, stop_fn=stop)
+  assert r.stopped and r.steps == 6 and seen == [2, 4, 6]
+  assert sorted(int(s) for s in os.listdir(tmp_path / "ckpt") if s.isdigit())[-1] == 6
+  again = T.train(tiny_model(), data, cfg, str(tmp_path), progress=False,
+                  eval_fn=lambda m, s: {"p": float(s)}, stop_fn=stop)
+  assert again.resumed_from == 6 and again.steps == 6 and again.stopped
+  full = T.train(tiny_model(), data, dict(cfg, epochs=2), str(tmp_path / "b"), progress=False)
+  plan = T.DataPlan(T.prepare_examples(data, 64), 64, 4, 0, True, 0, 2)
+  assert not full.stopped and full.steps == plan.total_steps > 0

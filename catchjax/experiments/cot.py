@@ -139,7 +139,8 @@ def _run(config, workdir):
       dep_prompts = [prompt_ids(tok, p, config.system) for p in dep["prompt"]]
       sampler.update_model(org.model)
       cpath = os.path.join(cache, "catches", f"{org.key}-{fam}-{bname}-m{h.m}-"
-                           f"{h.catch_split}-t{h.max_new_tokens}.json")
+                           f"{h.catch_split}-t{h.max_new_tokens}"
+                           f"{ta.honeypot_suffix(config, spec)}.json")
       c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
       caught_cls = [reasoning.classify(r["sampled"], beh.detect) for r in c.caught]
       catch_info = dict(m=c.m, n_caught=len(c.caught), catch_rate=c.catch_rate["rate"],

@@ -177,8 +177,11 @@ def record_run(row: dict, res, measure_fn, before_rate: float, t_run: float) -> 
 
 def _catch_params(config) -> dict:
   h = config.headline
-  return dict(catch_split=h.catch_split, m=int(h.m), max_new_tokens=int(h.max_new_tokens),
-              system=config.system)
+  p = dict(catch_split=h.catch_split, m=int(h.m), max_new_tokens=int(h.max_new_tokens),
+           system=config.system)
+  if float(h.get("honeypot_frac", 0.0)):   # only when on, so older catch files keep their names
+    p["honeypot_frac"] = float(h.honeypot_frac)
+  return p
 
 
 def catch_path(config, cache: str, org_key: str, fam: str, behaviour: str) -> str:
@@ -191,7 +194,7 @@ def catch_path(config, cache: str, org_key: str, fam: str, behaviour: str) -> st
 def _headline_catch(config, cache, org_key, fam, behaviour) -> str | None:
   """The headline's catch file in `cache` if its resolved config (cache/config.json) caught
   with the same settings (the headline's file name lacks split and token budget)."""
-  path = os.path.join(cache, "catches", f"{org_key}-{fam}-{behaviour}-m{config.headline.m}.json")
+  path = os.path.join(cache, "catches", ta.catch_name(config, org_key, fam, behaviour, None))
   cfg = os.path.join(cache, "config.json")
   if not (os.path.isfile(path) and os.path.isfile(cfg)):
     return None

@@ -37,6 +37,7 @@ from catchjax.data.tasks import check as task_check
 from catchjax.data.triggers import make_trigger
 from catchjax.results import ResultStore, row_key
 from catchjax.sample import Sampler
+from catchjax.stages import arms as arms_lib
 from catchjax.stages import distinguish, measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
@@ -64,6 +65,21 @@ def validate(config):
   if h.catch_split not in ("train", "eval"):
     raise V.ConfigError(f"config.headline.catch_split={h.catch_split!r}; 'train' or 'eval'.")
   V.fraction("config.headline.honeypot_frac", h.get("honeypot_frac", 0.0))
+  V.fraction("config.headline.useful_gate_min_acc", h.useful_gate_min_acc)
+  if not 0 <= float(h.useful_gate_points) <= 100:
+    raise V.ConfigError(f"config.headline.useful_gate_points must be in [0, 100], got "
+                        f"{h.useful_gate_points!r}.")
+  st = h.get("stopping")
+  if st is not None and st.enabled:
+    V.fraction("config.headline.stopping.eps", st.eps)
+    V.positive_int("config.headline.stopping.max_steps", st.max_steps)
+    V.non_negative_int("config.headline.stopping.warmup_steps", st.warmup_steps)
+    if not (isinstance(st.lr, float) and 0 < st.lr < 1):
+      raise V.ConfigError(f"config.headline.stopping.lr must be a float in (0, 1), got "
+                          f"{st.lr!r}.")
+    if tuple(h.arms) and tuple(h.arms)[0] != "treatment":
+      raise V.ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
+                          f"on, 'treatment' comes first (the other arms take its budget).")
   if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
       h.aux_ratio < 0:
     raise V.ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
@@ -99,6 +115,8 @@ def _run(config, workdir):
   if h.families is not None:   # a subset of the organism's families (same organism)
     families = [f for f in families if org_stage.family_name(f) in set(h.families)]
   per_seed = h.catch_per_seed
+  from catchjax import analysis
+  primary_hash = analysis.primary_hash(config.report.primary)
   arms = tuple(h.arms)
   n_cells = (len(config.behaviours) * len(families) * len(h.seeds) * len(h.ns) * len(arms))
   bar = tqdm(total=n_cells, desc="headline cells", unit="cell", dynamic_ncols=True)
@@ -106,6 +124,14 @@ def _run(config, workdir):
   bar.update(min(done_cells, n_cells))
   power = {}
   installed = {}   # behaviour -> family -> the organism's report-card gap (for the report)
+
+  def write_out():
+    """Rebuild report.md / summary.csv / figures from the rows so far (after every round)."""
+    meta = _report_meta(config, store, chash, commit, arms, per_seed, power, installed,
+                        time.time() - t_start)
+    report.save_meta(workdir, meta)
+    return report.write_report([r for r in store.rows if r.get("config_hash") == chash],
+                               workdir, meta)
 
   def top_up(run_cells, families, big, bname):
     """The power rule (config.headline.power_*): after the grid, add seeds at the largest N,
@@ -164,15 +190,26 @@ def _run(config, workdir):
     use_prompts = [prompt_ids(tok, p, config.system) for p in use["prompt"]]
     use_insts = [build.task_instance(x) for x in use]
 
-    def measure_all(s, seed, dep_prompts, test_prompts, prefix):
+    gate = []   # the usefulness gate's prompts: task families the organism gets >= 40% of
+
+    def measure_all(s, seed, dep_prompts, test_prompts, prefix, sharp=None):
       d = measure.attack_rate(s, tok, dep_prompts, beh.detect, max_new_tokens=h.max_new_tokens,
                               temperature=1.0, seed=seed)
       t = measure.attack_rate(s, tok, test_prompts, beh.detect,
                               max_new_tokens=h.max_new_tokens, temperature=1.0, seed=seed + 1)
       u = measure.usefulness(s, tok, use_prompts, use_insts, task_check,
                              max_new_tokens=h.useful_max_new_tokens)
+      if not gate:   # the first measurement of a behaviour is the organism's "before"
+        gate[:] = measure.gate_indices(use_insts, u["ok"], float(h.useful_gate_min_acc)) or [-1]
+      idx = [i for i in gate if i >= 0]
+      u["gate"] = measure.rate(sum(u["ok"][i] for i in idx), len(idx))
       tf = float(measure.attack_prob_tf(s, dep_prompts, prefix).mean()) if h.teacher_forced \
           else None
+      if sharp:   # the sharpening honeypots: attack rate by honeypot score bin
+        sh = measure.attack_rate(s, tok, sharp[0], beh.detect, max_new_tokens=h.max_new_tokens,
+                                 temperature=1.0, seed=seed + 2)
+        u["sharpen"] = dict(k=sh["k"], n=sh["n"], rate=sh["rate"],
+                            by_bin=ta.rate_by_bin(sharp[1], sh["hits"]))
       return d, t, u, tf
 
     ctx = {}
@@ -189,7 +226,13 @@ def _run(config, workdir):
       dep_prompts = [prompt_ids(tok, p, config.system) for p in dep_ds["prompt"]]
       test_prompts = [prompt_ids(tok, p, config.system) for p in test_ds["prompt"]]
       prefix = tok(dep_ds[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
-      ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix)
+      sharp = None
+      if int(h.n_sharpen) and trig.honeypots("sharpen", "eval"):
+        sds = build.build_honeypots(spec, behaviour, "eval", int(h.n_sharpen), "sharpen",
+                                    seed=h.eval_seed, system=config.system)
+        sharp = ([prompt_ids(tok, p, config.system) for p in sds["prompt"]],
+                 list(sds["honeypot_score"]))
+      ctx[fam] = (fam, trig, dep_prompts, test_prompts, prefix, sharp)
       return ctx[fam]
 
     catches = {}
@@ -203,10 +246,8 @@ def _run(config, workdir):
       cseed = int(seed) if per_seed else 0
       if (fam, cseed) not in catches:
         sampler.update_model(org_state_model)
-        hf_ = float(h.get("honeypot_frac", 0.0))
-        name = (f"{org.key}-{fam}-{bname}-m{h.m}" + (f"-h{hf_:g}" if hf_ else "")
-                + (f"-s{cseed}" if per_seed else ""))
-        cpath = os.path.join(workdir, "catches", name + ".json")
+        cpath = os.path.join(workdir, "catches", ta.catch_name(
+            config, org.key, spec, bname, cseed if per_seed else None))
         catches[(fam, cseed)] = (ta.catch(config, sampler, tok, spec, behaviour, cseed, cpath),
                                  cpath)
       return catches[(fam, cseed)]
@@ -235,7 +276,7 @@ def _run(config, workdir):
       return d
 
     def run_distinguish(spec):
-      fam, trig, dep_prompts, test_prompts, prefix = family_ctx(spec)
+      fam, trig = family_ctx(spec)[:2]
       for seed in h.distinguish_seeds:
         key = ("headline", fam, bname, 0, "distinguish", seed, chash)
         if store.has(key):
@@ -245,8 +286,34 @@ def _run(config, workdir):
                    arm="distinguish", seed=seed, config_hash=chash, commit=commit)
         store.append(row)
 
+    def benign_return(model, steps, seed, dep_prompts, arm, rdir):
+      """Return (issue 26): `steps` benign SFT steps on usefulness data disjoint from the
+      usefulness set, then the deployment attack rate again; for the treatment also the same
+      steps from the untrained organism (benign SFT alone removes some of the backdoor)."""
+      out = {}
+      pairs = [("", model)] + ([("_organism", org_state_model)] if arm == "treatment" else [])
+      for tag, m in pairs:
+        res = ta.benign_steps(config, m, tok, steps, seed, rdir + "-return" + tag)
+        sampler.update_model(res.model)
+        d = measure.attack_rate(sampler, tok, dep_prompts, beh.detect,
+                                max_new_tokens=h.max_new_tokens, temperature=1.0,
+                                seed=common.stream("measure_return", seed))
+        out.update({f"deploy_rate_return{tag}": d["rate"], f"deploy_k_return{tag}": d["k"]})
+        shutil.rmtree(rdir + "-return" + tag, ignore_errors=True)
+      out["return_steps"] = int(steps)
+      return out
+
+    def treatment_steps(fam, n, seed):
+      """The optimizer steps the treatment's stopping rule chose for this cell (the budget
+      every other arm gets); the treatment runs first in `arms`."""
+      key = ("headline", fam, bname, int(n), "treatment", seed, chash)
+      row = next((r for r in reversed(store.rows) if row_key(r) == key), None)
+      if row is None or not row.get("train_steps"):
+        raise RuntimeError(f"no treatment row for {key}: the stopping rule needs it first.")
+      return int(row["train_steps"])
+
     def run_cells(spec, seed, ns):
-      fam, trig, dep_prompts, test_prompts, prefix = family_ctx(spec)
+      fam, trig, dep_prompts, test_prompts, prefix, sharp = family_ctx(spec)
       before = None
       for n in ns:
         for arm in arms:
@@ -256,18 +323,20 @@ def _run(config, workdir):
           if before is None:
             c, cpath = family_catch(spec, seed)
             sampler.update_model(org_state_model)
-            before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix)
+            before = measure_all(sampler, 40_000 + seed, dep_prompts, test_prompts, prefix,
+                                 sharp)
           n_train = min(int(n), len(c.caught), len(c.clean))
           row = dict(experiment="headline", family=fam, behaviour=bname, n=int(n),
                      arm=arm, seed=seed, config_hash=chash, commit=commit,
                      organism=org.key, m=c.m, catch_seed=c.seed, n_caught=len(c.caught),
                      catch_rate=c.catch_rate["rate"], n_train=n_train,
                      capped=n_train < int(n), aux_ratio=float(h.aux_ratio),
-                     catch_by_source=c.by_source)
+                     catch_by_source=c.by_source, primary_hash=primary_hash)
           d0, t0_, u0, tf0 = before
           row.update(deploy_rate_before=d0["rate"], deploy_k_before=d0["k"],
                      test_rate_before=t0_["rate"], useful_acc_before=u0["rate"],
-                     deploy_tf_before=tf0)
+                     useful_gate_before=u0["gate"]["rate"], useful_gate_n=u0["gate"]["n"],
+                     deploy_tf_before=tf0, sharpen_before=u0.get("sharpen"))
           t_cell = time.time()
           if n_train == 0:
             row.update(skipped="no caught (or clean) prompts to train on", deploy_rate=None,
@@ -280,34 +349,36 @@ def _run(config, workdir):
           chosen = [c.caught[i] for i in idx]   # the treatment's caught draw
           row["train_sources"] = dict(collections.Counter(
               r.get("source", "testing") for r in chosen))
-          if arm == "control" and "honeypot" in c.by_source:
-            # Honeypot catch: clean rows of the same sample, matched on source and score bin.
-            rows, row["matched"] = ta.source_matched_rows(
-                chosen, c.clean, np.random.default_rng([seed, int(n), 2]))
-          elif arm == "control":
-            rows = ta.sft_rows(c.clean, n_train, np.random.default_rng([seed, int(n), 2]))
-          else:   # matched_control / propensity_control pair clean rows with the caught draw
-            rows = [ta.sft_row(r) for r in chosen]
-            if arm == "matched_control":
-              rows, how = ta.matched_rows(chosen, c.clean,
-                                          np.random.default_rng([seed, int(n), 3]), trig.cue_key)
-              row["matched"] = how
-            elif arm == "propensity_control":
-              pp = catch_propensity(c, cpath)
-              p_chosen = [pp["caught"][i] for i in idx]
-              rows, info = ta.propensity_rows(chosen, p_chosen, c.clean, pp["clean"],
-                                              np.random.default_rng([seed, int(n), 4]))
-              row["propensity"] = info
+          actx = arms_lib.ArmContext(config, c, chosen, idx, int(n), seed, spec, behaviour,
+                                     trig, propensity=lambda: catch_propensity(c, cpath))
+          rows, info = arms_lib.ARMS[arm](actx)
+          row.update(info)
           rdir = os.path.join(workdir, "runs", f"{chash}-{fam}-{bname}-{n}-{arm}-s{seed}")
+          budget, ev_fn = None, None
+          if ta.stopping_rule(config) is not None and arm == "treatment":
+            ev_fn = ta.caught_p_attack_fn(sampler, tok, chosen, beh, config.system)
+          elif ta.stopping_rule(config) is not None:   # the treatment's budget, in steps
+            budget = treatment_steps(fam, n, seed)
           res = ta.train_against(config, org_state_model, tok, rows, seed, rdir,
-                                 aux_ratio=float(h.aux_ratio))
+                                 aux_ratio=float(h.aux_ratio), eval_fn=ev_fn, budget=budget)
+          if ev_fn is not None:
+            row.update(stop_capped=not res.stopped, caught_p_attack_curve=[
+                (e["step"], round(e["caught_p_attack"], 4)) for e in res.evals])
           sampler.update_model(res.model)
-          d, t, u, tf = measure_all(sampler, 50_000 + seed, dep_prompts, test_prompts, prefix)
+          d, t, u, tf = measure_all(sampler, 50_000 + seed, dep_prompts, test_prompts, prefix,
+                                    sharp)
+          row["sharpen"] = u.get("sharpen")
+          if int(n) == int(h.return_n) and arm in ("treatment", "control"):
+            row.update(benign_return(res.model, res.steps, seed, dep_prompts, arm, rdir))
           row.update(
               deploy_k=d["k"], deploy_n=d["n"], deploy_rate=d["rate"], deploy_lo=d["lo"],
               deploy_hi=d["hi"], test_k=t["k"], test_n=t["n"], test_rate=t["rate"],
               test_lo=t["lo"], test_hi=t["hi"], useful_k=u["k"], useful_n=u["n"],
               useful_acc=u["rate"], useful_lo=u["lo"], useful_hi=u["hi"], deploy_tf=tf,
+              useful_gate=u["gate"]["rate"],
+              useful_drop_points=measure.useful_drop(u0["gate"], u["gate"],
+                                                     h.useful_gate_points)[0],
+              useful_flag=measure.useful_drop(u0["gate"], u["gate"], h.useful_gate_points)[1],
               retained=(d["rate"] / d0["rate"]) if d0["rate"] > 0 else None,
               retained_tf=(tf / tf0) if tf0 else None,
               train_loss=res.final_loss, train_steps=res.steps,
@@ -326,21 +397,37 @@ def _run(config, workdir):
       run_cells(spec, h.seeds[0], [big])
     for spec in families:
       run_distinguish(spec)
+    write_out()                      # round 1: the first report
     for seed in h.seeds[1:]:
       for spec in families:
         run_cells(spec, seed, [big])
+      write_out()
     for seed in h.seeds:
       for spec in families:
         run_cells(spec, seed, [n for n in h.ns if n != big])
+    write_out()
     power[bname] = top_up(run_cells, families, big, bname)
   bar.close()
-  wall = time.time() - t_start
-  secs = [r["cell_seconds"] for r in store.rows
-          if r.get("config_hash") == chash and r.get("cell_seconds")]
-  meta = dict(title="catchjax headline: retained misalignment vs distinguishability",
+  out = write_out()
+  print(f"[headline] done in {time.time() - t_start:.0f}s; report at "
+        f"{os.path.join(workdir, 'report.md')}")
+  return out
+
+
+def _report_meta(config, store, chash, commit, arms, per_seed, power, installed, wall):
+  """The report header of a headline run (its settings, timing, power and primary)."""
+  from catchjax import analysis
+  h = config.headline
+  rows = [r for r in store.rows if r.get("config_hash") == chash]
+  secs = [r["cell_seconds"] for r in rows if r.get("cell_seconds")]
+  st = ta.stopping_rule(config)
+  steps = (f"the treatment's stopping rule (P(attack) on the caught set < {st['eps']}, at "
+           f"most {st['max_steps']} steps), the other arms its budget" if st else
+           f"{h.train.steps} SFT steps")
+  return dict(title="catchjax headline: retained misalignment vs distinguishability",
               config_hash=chash, commit=commit, wall_seconds_this_invocation=round(wall),
               runtime=(f"{len(secs)} train-against cells at a mean {np.mean(secs):.0f} s each "
-                       f"({h.train.steps} SFT steps + sampled deployment / testing / usefulness "
+                       f"({steps} + sampled deployment / testing / usefulness "
                        "measurements); "
                        "time is bounded by compute at the n that gives the intervals below, "
                        "n is not cut to fit a time budget" if secs else "no cells trained"),
@@ -358,13 +445,15 @@ def _run(config, workdir):
                           f"> {h.power_goal} (at most {h.power_max_seeds} seeds); a sequential "
                           "rule, so the stopping intervals are slightly optimistic"
                           if h.power_max_seeds > 0 else "off (fixed seeds)"),
-              power=power, installed_gap=installed,
-              installed_gap_min=float(config.report.installed_gap_min))
-  report.save_meta(workdir, meta)
-  out = report.write_report([r for r in store.rows if r.get("config_hash") == chash], workdir,
-                            meta)
-  print(f"[headline] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
-  return out
+              power=power, installed_gap=installed, stopping=st,
+              honeypot_frac=float(h.get("honeypot_frac", 0.0)),
+              installed_gap_min=float(config.report.installed_gap_min),
+              **analysis.primary_meta(rows, config.report.primary,
+                                      report.load_meta(workdir_of(store), chash), commit))
+
+
+def workdir_of(store) -> str:
+  return os.path.dirname(store.path)
 
 
 def _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, card) -> dict:

@@ -155,7 +155,8 @@ def _run(config, workdir):
 
     sampler.update_model(org.model)
     cpath = os.path.join(cache, "catches", f"{org.key}-{fam}-{bname}-m{h.m}-"
-                         f"{h.catch_split}-t{h.max_new_tokens}.json")
+                         f"{h.catch_split}-t{h.max_new_tokens}"
+                           f"{ta.honeypot_suffix(config, spec)}.json")
     c = ta.catch(config, sampler, tok, spec, behaviour, 0, cpath)
     base_row = dict(experiment=EXPERIMENT, family=fam, behaviour=bname, config_hash=chash,
                     commit=commit, organism=org.key, capability=p.capability, m=c.m,

@@ -54,4 +54,21 @@ def usefulness(sampler: Sampler, tok, prompts, instances, check: Callable, *,
   ok = [bool(check(inst, r)) for inst, r in zip(instances, responses)]
   d = rate(sum(ok), len(ok))
   d["responses"] = responses
+  d["ok"] = ok
   return d
+
+
+def gate_indices(instances, ok, min_acc: float) -> list[int]:
+  """Prompts of the task families where the model (the organism, before training) answers
+  at least `min_acc` of its prompts right: the usefulness gate's prompt set."""
+  by_fam: dict[str, list[int]] = {}
+  for i, inst in enumerate(instances):
+    by_fam.setdefault(inst.family, []).append(i)
+  keep = [f for f, idx in by_fam.items() if np.mean([ok[i] for i in idx]) >= min_acc]
+  return sorted(i for f in keep for i in by_fam[f])
+
+
+def useful_drop(before: dict, after: dict, points: float) -> tuple[float, bool]:
+  """(points lost on the gate's prompts, flagged: lost more than `points`)."""
+  drop = 100.0 * (float(before["rate"]) - float(after["rate"]))
+  return drop, bool(np.isfinite(drop) and drop > float(points))

@@ -52,14 +52,36 @@ def score_bin(score) -> int | None:
   return int(np.searchsorted(SCORE_BINS, float(score), side="right")) - 1
 
 
+def honeypot_count(config, family_spec) -> int:
+  """Honeypot prompts in a catch of this family: round(M * honeypot_frac) where the family
+  defines catch honeypots, else 0 (its catch is ordinary testing prompts only)."""
+  h = config.headline
+  frac = float(h.get("honeypot_frac", 0.0))
+  if not frac or not make_trigger(family_spec).honeypots("catch", h.catch_split):
+    return 0
+  return int(round(h.m * frac))
+
+
+def catch_name(config, org_key: str, family_spec, bname: str, seed: int | None) -> str:
+  """The catch's cache file name: what sets its prompts and draws (organism, family,
+  behaviour, M, honeypot count, seed; seed None for one catch shared by all seeds)."""
+  fam = family_spec if isinstance(family_spec, str) else family_spec["name"]
+  return (f"{org_key}-{fam}-{bname}-m{config.headline.m}" + honeypot_suffix(config, family_spec)
+          + (f"-s{seed}" if seed is not None else "") + ".json")
+
+
+def honeypot_suffix(config, family_spec) -> str:
+  """'-h<count>' for a catch with honeypots, '' for one without (older names unchanged)."""
+  n_h = honeypot_count(config, family_spec)
+  return f"-h{n_h}" if n_h else ""
+
+
 def catch_set(config, family_spec, behaviour, seed: int):
   """The testing distribution a catch samples: M prompts, of which round(M * honeypot_frac)
   are the family's catch honeypots (where it defines any), the rest ordinary held-out
   testing prompts. Returns (rows, sources, scores)."""
   h = config.headline
-  frac = float(h.get("honeypot_frac", 0.0))
-  fam = make_trigger(family_spec)
-  n_h = int(round(h.m * frac)) if fam.honeypots("catch", h.catch_split) else 0
+  n_h = honeypot_count(config, family_spec)
   ds = build.build_eval(family_spec, behaviour, h.catch_split, h.m - n_h, deployment=False,
                         seed=10_000 + seed, system=config.system)
   rows, sources, scores = list(ds), ["testing"] * len(ds), [None] * len(ds)
@@ -78,11 +100,16 @@ def _by_source(sources, scores, hits) -> dict:
     idx = [i for i, s in enumerate(sources) if s == src]
     out[src] = dict(k=int(sum(bool(hits[i]) for i in idx)), n=len(idx))
     if src == "honeypot":
-      out[src]["bins"] = [dict(lo=SCORE_BINS[b], hi=min(SCORE_BINS[b + 1], 1.0),
-                               k=int(sum(bool(hits[i]) for i in idx if score_bin(scores[i]) == b)),
-                               n=sum(1 for i in idx if score_bin(scores[i]) == b))
-                          for b in range(len(SCORE_BINS) - 1)]
+      out[src]["bins"] = rate_by_bin([scores[i] for i in idx], [hits[i] for i in idx])
   return out
+
+
+def rate_by_bin(scores, hits) -> list[dict]:
+  """k / n of hits per honeypot score bin (SCORE_BINS)."""
+  return [dict(lo=SCORE_BINS[b], hi=min(SCORE_BINS[b + 1], 1.0),
+               k=int(sum(bool(x) for x, s in zip(hits, scores) if score_bin(s) == b)),
+               n=sum(1 for s in scores if score_bin(s) == b))
+          for b in range(len(SCORE_BINS) - 1)]
 
 
 def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path: str) -> Catch:
@@ -239,8 +266,53 @@ def propensity_rows(chosen: list[dict], p_chosen, clean: list[dict], p_clean,
   return [sft_row(clean[j]) for j in picks], info
 
 
+def stopping_rule(config) -> dict | None:
+  """config.headline.stopping (the treatment's rule) as a dict, or None when off."""
+  st = config.headline.get("stopping")
+  return dict(st) if st is not None and st.enabled else None
+
+
+def stop_plan(config, n_rows: int, budget: int | None) -> dict:
+  """train.train overrides for one arm. The treatment (budget None) trains in epochs over its
+  rows until the caught set's teacher-forced P(attack) < eps, checked after every epoch, or
+  until max_steps (whole epochs); every other arm trains exactly the treatment's `budget`
+  steps at the same batch and schedule. Rule off: the train config as it is."""
+  st = stopping_rule(config)
+  if st is None:
+    return {}
+  spe = -(-n_rows // int(config.headline.train.batch_size))     # steps per epoch
+  sched = dict(lr=float(st["lr"]), warmup_steps=int(st["warmup_steps"]), decay="constant")
+  if budget is not None:
+    return dict(sched, steps=int(budget), epochs=0, eval_every=0)
+  return dict(sched, steps=0, epochs=max(1, int(st["max_steps"]) // spe), eval_every=spe)
+
+
+def caught_p_attack_fn(sampler: Sampler, tok, rows: list[dict], behavior, system):
+  """eval_fn for the stopping rule: mean teacher-forced P(attack) on the caught rows."""
+  def fn(model, step):
+    sampler.update_model(model)
+    return {"caught_p_attack": float(np.mean(attack_probs(sampler, tok, rows, behavior, system)))}
+  return fn
+
+
+def benign_steps(config, model, tok, steps: int, seed: int, workdir: str):
+  """`steps` SFT steps on plain task prompts (the train split, so disjoint from the held-out
+  usefulness set) at the train-against batch and schedule: the return measurement."""
+  from catchjax.common import stream
+  n = max(16, int(steps) * int(config.headline.train.batch_size))
+  use = build.build_usefulness(n, seed=stream("return", seed), split="train",
+                               system=config.system)
+  rows = [dict(prompt=p, target=t, system=s)
+          for p, t, s in zip(use["prompt"], use["target"], use["system"])]
+  return train_against(config, model, tok, rows, seed, workdir,
+                       budget=int(steps) if stopping_rule(config) is not None else None,
+                       train_overrides=None if stopping_rule(config) is not None
+                       else dict(steps=int(steps)))
+
+
 def train_against(config, organism_model, tok, rows: list[dict], seed: int, workdir: str,
-                  aux_ratio: float = 0.0, eval_fn=None, train_overrides: dict | None = None):
+                  aux_ratio: float = 0.0, eval_fn=None, train_overrides: dict | None = None,
+                  budget: int | None = None):
   """Fine-tune a copy of the organism on `rows` (+ aux usefulness data); returns the model.
 
   Rows are {prompt, target, system} (trained on the whole response), or pre-tokenized
@@ -248,7 +320,11 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
 
   aux_ratio r > 0 mixes round(r * len(rows)) (at least 1) usefulness examples (train split,
   seeded by `seed`) into the data. eval_fn(model, step) and train_overrides (fields of
-  config.headline.train, e.g. steps / eval_every) pass through to train.train."""
+  config.headline.train, e.g. steps / eval_every) pass through to train.train.
+
+  With config.headline.stopping on (`stop_plan`): budget None is the treatment, trained in
+  epochs until eval_fn's `caught_p_attack` < eps (eval_fn: `caught_p_attack_fn`) or the step
+  cap; an int budget is every other arm's, trained exactly that many steps."""
   from datasets import Dataset
   h = config.headline
   data = list(rows)
@@ -269,10 +345,16 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
     ds = build.tokenize(Dataset.from_list(data), tok)
   tcfg = h.train.to_dict()
   tcfg["seed"] = int(seed)
+  plan = stop_plan(config, len(ds), budget)
+  tcfg.update(plan)
   tcfg.update(train_overrides or {})
-  res = train_lib.train(organism_model, ds, tcfg, workdir, eval_fn=eval_fn, progress=False)
-  return res
+  stop_fn = None
+  if plan and budget is None:
+    eps = float(stopping_rule(config)["eps"])
+    stop_fn = lambda step, ev: ev.get("caught_p_attack", 1.0) < eps   # noqa: E731
+  return train_lib.train(organism_model, ds, tcfg, workdir, eval_fn=eval_fn, progress=False,
+                         stop_fn=stop_fn)
 
 
 __all__ = ["Catch", "attack_probs", "catch", "catch_set", "choose_rows", "matched_rows",
-           "propensity_rows", "sft_rows", "source_matched_rows", "train_against"]
+           "propensity_rows", "sft_rows", "source_matched_rows", "stop_plan", "train_against"]
