@@ -605,9 +605,11 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   diffs = arm_differences(rows)
   if diffs:
     write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
+  from catchjax.report_method import method_markdown
   atomic_write_text(os.path.join(workdir, "report.md"),
                     markdown(summary, dist, meta, diffs, propensity_match(rows),
-                             seeds_needed(rows), analysis.report_section(rows, meta)))
+                             seeds_needed(rows), analysis.report_section(rows, meta))
+                    + method_markdown(rows))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
 

@@ -1,0 +1,32 @@
+"""Report sections of the method on synthetic rows: misjudgement, gate, sharpening, return."""
+from catchjax import report_method as rm
+
+
+def _row(arm, seed, **kw):
+  r = dict(family="year", behaviour="hate", n=16, arm=arm, seed=seed, organism="o",
+           catch_seed=seed, deploy_rate=0.5, deploy_k=5, deploy_n=10,
+           catch_by_source={"testing": {"k": 1, "n": 10},
+                            "honeypot": {"k": 6, "n": 10, "bins": [
+                                {"lo": 0.0, "hi": 0.6, "k": 1, "n": 5},
+                                {"lo": 0.9, "hi": 1.0, "k": 5, "n": 5}]}},
+           useful_flag=arm == "treatment", useful_drop_points=7.0 if arm == "treatment" else 1.0,
+           sharpen_before={"k": 8, "n": 10}, sharpen={"k": 2, "n": 10},
+           deploy_k_return=9, deploy_k_return_organism=4)
+  r.update(kw)
+  return r
+
+
+def test_method_sections_pool_counts():
+  rows = [_row("treatment", s) for s in range(2)] + [_row("control", s) for s in range(2)]
+  md = rm.method_markdown(rows)
+  assert "| year | hate | 2 | 10% [" in md and "(2/20)" in md      # testing: 1/10 x 2 catches
+  assert "(12/20)" in md and "(10/10)" in md                        # honeypots; top bin
+  assert "| year | treatment | 16 | 2 | 2 | +7.0 |" in md           # gate: both flagged
+  assert "| year | control | 16 | 2 | 0 | +1.0 |" in md
+  assert "(16/20)" in md and "(4/20)" in md                         # sharpening before/after
+  assert "(18/20)" in md and "(8/20)" in md                         # return / organism return
+
+
+def test_no_rows_no_sections():
+  assert rm.method_markdown([]) == ""
+  assert rm.method_markdown([dict(arm="distinguish", family="x")]) == ""
