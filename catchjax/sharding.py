@@ -182,11 +182,6 @@ def shard_state(tree, shardings, copy: bool = False):
   return jax.tree.map(functools.partial(_put, copy=copy), tree, shardings)
 
 
-def describe_shardings(shardings) -> dict[str, str]:
-  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  return {jax.tree_util.keystr(p): str(s.spec) for p, s in flat}
-
-
 # ------------------------------------------------------------------------- multi-host
 def _int_env(name: str, default: int = 1) -> int:
   try:

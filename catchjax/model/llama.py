@@ -11,8 +11,6 @@ training (segments), left-padded prefill and KV-cache decoding with one code pat
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -365,11 +363,3 @@ def forward(graphdef, state, tokens_BxT, positions_BxT, mask_BxTxS) -> jax.Array
   logits, _ = model(tokens_BxT, positions_BxT, mask_BxTxS)
   return logits
 
-
-def model_state_dict(model: Llama) -> dict[str, Any]:
-  """Flat {name: array} view of a model's weights (names as in LOGICAL_AXES)."""
-  out = {"embed": model.embed[...], "final_norm": model.final_norm[...]}
-  if not model.cfg.tie_embeddings:
-    out["lm_head"] = model.lm_head[...]
-  out.update(_layer_arrays(model.layers))
-  return out
