@@ -8,6 +8,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:propensity  # + a propensity-matched one
   python -m catchjax.main --config=configs/headline.py:reseeded    # N = 16 over 6 seeds
   python -m catchjax.main --config=configs/headline.py:bounds      # + oracle and disruption arms
+  python -m catchjax.main --config=configs/headline.py:pilot       # train-against pilot seeds
 """
 import ml_collections
 
@@ -15,7 +16,7 @@ from configs.common import base_config, check_variant
 
 
 # --config=configs/headline.py:<variant>; none: the default (any other variant is refused)
-VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds")
+VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot")
 
 
 def get_config(arg: str | None = None):
@@ -78,6 +79,18 @@ def get_config(arg: str | None = None):
   h.power_min_seeds = 6
   h.power_max_seeds = 40
   h.probe_layer = -1             # -1: the middle layer
+  # Distinguishability with range (issue 27 item 4; stages/distinguish.py), base and organism:
+  # a probe learning curve at probe_layer (held-out accuracy vs n labelled examples in
+  # curve_ns, `resamples` draws each, from n_curve_pairs train-split cue pairs, scored on
+  # n_curve_eval eval-split pairs; summary examples-to-80%) and k-shot prompted classification
+  # (k in icl_ks, n_icl held-out items).
+  h.distinguish_curve = True
+  h.n_curve_pairs = 256
+  h.n_curve_eval = 100
+  h.curve_ns = (4, 8, 16, 32, 64, 128, 256)
+  h.resamples = 20
+  h.icl_ks = (0, 2, 8)
+  h.n_icl = 100
   h.train = ml_collections.ConfigDict(dict(
       steps=8, epochs=0, batch_size=4, seq_len=96, pack=False, max_loss_tokens=32,
       lr=1e-4, warmup_steps=0, decay="constant", weight_decay=0.0, clip=1.0, lora_rank=0,
@@ -125,6 +138,17 @@ def get_config(arg: str | None = None):
     h.ns = (16,)
     h.seeds = tuple(range(6))
     h.power_max_seeds = 0
+  elif arg == "pilot":
+    # The train-against pilot (issue 26 item 2): catch / training seeds outside every sweep's
+    # (which start at 0), N = 16, treatment and control only, to choose lr, warm-up, eps and
+    # the step cap so that the control keeps usefulness within 5 points. Its rows never enter
+    # a sweep's analysis (their seeds and config hash differ).
+    h.ns = (16,)
+    h.seeds = (100, 101)
+    h.arms = ("treatment", "control")
+    h.distinguish_seeds = ()
+    h.return_n = 0
+    h.power_max_seeds = 0
   elif arg == "tiny":
     h.seeds = (0,)
     h.ns = (1, 2)
@@ -134,6 +158,7 @@ def get_config(arg: str | None = None):
     h.n_useful = 8
     h.n_pairs = 4
     h.n_probe_train = 8
+    h.n_curve_pairs, h.n_curve_eval, h.curve_ns, h.resamples, h.n_icl = 8, 4, (4, 8), 3, 4
     h.batch_size = 16
     h.train.steps = 2
     h.stopping.max_steps = 4
@@ -152,6 +177,9 @@ def derived_config(arg: str | None, experiment: str, dry_run: bool = False):
   for k in ("catch_per_seed", "arms", "families", "stopping", "n_sharpen", "return_n",
             "power_goal", "power_min_seeds",
             "power_max_seeds"):
+    del c.headline[k]
+  for k in ("distinguish_curve", "n_curve_pairs", "n_curve_eval", "curve_ns", "resamples",
+            "icl_ks", "n_icl"):   # the headline's distinguishability with range
     del c.headline[k]
   c.experiment = experiment
   c.cache_dir = "" if arg == "tiny" else "workdirs/headline"
