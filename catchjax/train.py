@@ -501,20 +501,11 @@ def make_optimizer(cfg, total_steps: int):
   return optax.chain(*parts), sched
 
 
-def lm_head(m: llama.Llama, h):
-  """The model's LM head with float32 accumulation and output. Same as `m.logits` for float32
-  compute; for bf16 compute it avoids rounding the logits themselves to bf16."""
-  cfg = m.cfg
-  w = m.embed[...].T if cfg.tie_embeddings else m.lm_head[...]
-  cd = cfg.compute_dtype
-  return jnp.einsum("...d,dv->...v", h.astype(cd), w.astype(cd),
-                    preferred_element_type=jnp.float32)
-
-
 def _token_ce(m, h_sel, tgt, chunk: int):
-  """Per-position cross-entropy of the LM head on gathered hidden states [b, K, D]."""
+  """Per-position cross-entropy of the LM head (`Llama.logits`: float32 accumulation and
+  output, also for bf16 compute) on gathered hidden states [b, K, D]."""
   def ce(h, t):
-    logits = lm_head(m, h)
+    logits = m.logits(h)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
 
