@@ -18,8 +18,7 @@ records what each compile cost):
   With `prefill_rows` (default: ~32 rows, a divisor of the batch size), the batch is prefilled
   in groups of rows, each at its own longest suffix (rounded up to a multiple of 4), and
   written into the batch's cache at the slots the batch layout gives them: rows come sorted by
-  length, so short prompts are not computed at the longest one's padded length (~25% less
-  prefill compute on chat-length eval prompts).
+  length, so short prompts are not computed at the longest one's padded length.
 * **decode** -- a `lax.while_loop` over the KV cache, kept as per-layer buffers (prefill
   writes them) with per-layer copies of the weights (made once per `generate` call; a layer
   scan over stacked arrays would slice weights and write a stacked cache every step): step t
@@ -32,7 +31,7 @@ records what each compile cost):
   stop costing compute. Each smaller batch size is one more compiled decode (at most
   batch / compact_rows per prompt shape). Off by
   default: on the headline's batch shape (batch 100, 12 new tokens) few rows end early and the
-  host check every chunk made decode ~10% slower (WORKSPACE.md, "Performance").
+  host check every chunk made decode slower (WORKSPACE.md, "Performance").
 
 Positions and masks are per row: every real token keeps the position it has in the unpadded
 prompt (the first prompt token is position 0), padding and not-yet-written slots are masked
@@ -48,9 +47,9 @@ samples the same tokens alone or inside any mixed batch (up to float round-off i
 Temperature 0 is greedy. Otherwise the logits are divided by the temperature, filtered by
 top-k (`lax.top_k` over a static power-of-two candidate count >= 8, the dynamic k picks the
 threshold) and/or top-p (nucleus: from the sorted top-k candidates when top-k is on, else by
-bisection on the probability threshold -- a full sort of 49k logits costs ~0.6 s on CPU), and
+bisection on the probability threshold -- a full sort of the vocabulary is slow on CPU), and
 sampled by inverse CDF with one uniform per row (a two-level cumulative sum over blocks of 256
-logits: ~3 ms for [64, 49152], where Gumbel-max noise generation costs ~45 ms).
+logits; cheaper than generating Gumbel-max noise).
 
 `SampleOutput.logprobs` are the RAW model log-probs of each chosen token: log-softmax of the
 unscaled, unfiltered logits (temperature 1). That is the quantity needed for likelihoods and
@@ -69,11 +68,9 @@ the mesh's batch axes ('data', and 'fsdp' when the mesh has it) with `NamedShard
 already on the mesh keep their sharding, others are replicated. With mesh=None everything
 lives on the default device.
 
-Speed notes (2-core CPU, SmolLM2-135M, batch 64): argmax is written as max + min-of-iota
-(`jnp.argmax` is ~3x slower on XLA:CPU) and the chosen token's log-prob is gathered from the
-logits minus logsumexp (gathering from a materialised log_softmax costs ~30 ms a step). A decode
-step is ~17 GFLOP of matmuls (LM head ~20% of it); the rest of its time is the model's
-layer-scan copies (stacked weight slices, per-layer cache copy-out/write-back and transposes).
+Speed notes (XLA:CPU; figures in WORKSPACE.md, "Performance"): argmax is written as max +
+min-of-iota (`jnp.argmax` is slower there) and the chosen token's log-prob is gathered from the
+logits minus logsumexp (cheaper than gathering from a materialised log_softmax).
 `Sampler.last_stats` / `last_decode_steps` report the prefill / decode wall time of the last
 `generate` call.
 """
@@ -168,8 +165,7 @@ def _pick_bucket(n: int, buckets: Sequence[int], what: str) -> int:
 # ------------------------------------------------------------------------ sampling
 def fast_argmax(x):
   """argmax over the last axis (first index of the max). jnp.argmax lowers to a variadic
-  reduce that XLA:CPU runs ~3x slower than this max + min-of-iota pair (14 vs 4.5 ms for
-  [64, 49152])."""
+  reduce that XLA:CPU runs slower than this max + min-of-iota pair."""
   m = jnp.max(x, axis=-1, keepdims=True)
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   idx = jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
@@ -179,8 +175,8 @@ def fast_argmax(x):
 def inverse_cdf_sample(x_BxV, u_B):
   """Index drawn from softmax(x) (rows may hold -inf) with one uniform u in [0, 1) per row:
   the first index whose cumulative probability exceeds u. The cumulative sum is two-level
-  (over blocks of _CDF_BLOCK, then inside the chosen block): XLA:CPU's cumsum over 49k
-  entries is ~10x slower."""
+  (over blocks of _CDF_BLOCK, then inside the chosen block): XLA:CPU's cumsum over the whole
+  vocabulary is much slower."""
   B, V = x_BxV.shape
   nb = -(-V // _CDF_BLOCK)
   x = jnp.pad(x_BxV, ((0, 0), (0, nb * _CDF_BLOCK - V)), constant_values=-jnp.inf)
@@ -418,7 +414,7 @@ class _Fns:
 
     # The loop runs on per-layer weights (`unstack`) and per-layer cache buffers: a layer scan
     # over stacked arrays would slice every layer's weights and write into the stacked cache
-    # on every step (~20% of a step at batch 128 on CPU).
+    # on every step.
     def body(c):
       t, cache, tok, done, toks, lps = c
       slot = Pb + Ts + t - 1
@@ -707,8 +703,8 @@ class Sampler:
     for r0 in range(0, B, b):
       rows = slice(r0, r0 + b)
       n = int(slens[rows].max())
-      # Finer buckets than prompt_buckets for short groups (a few more compiled shapes, ~10%
-      # less padding on chat-length prompts); never longer than the batch's own bucket.
+      # Finer buckets than prompt_buckets for short groups (a few more compiled shapes, less
+      # padding on chat-length prompts); never longer than the batch's own bucket.
       T = (min(_round_up(n, _ROWS_MULTIPLE), Ts) if n <= _ROWS_FINE_UPTO
            else _pick_bucket(n, self.prompt_buckets, "prompt"))
       args = tuple(map(jnp.asarray, (suffix[rows, Ts - T:], lens[rows], active[rows], sd[rows])))

@@ -29,15 +29,15 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       hf_dir="artifacts/smollm2-135m-instruct", dtype="float32", param_dtype="float32",
       # Layers per lax.scan iteration in the training / scoring pass; 0: all (fastest on CPU,
-      # but the H100 spent 101 s compiling the unrolled 30-layer train step, WORKSPACE.md:
-      # try 1 on accelerators). Same math, so not part of the organism cache key.
+      # but slow to compile on an accelerator, WORKSPACE.md: try 1 there). Same math, so not
+      # part of the organism cache key.
       scan_unroll=0))
   c.system = DEFAULT_SYSTEM          # short system prompt (SmolLM2's default adds ~20 tokens)
   c.behaviours = ("hate",)
   o = c.organism = ml_collections.ConfigDict()
   o.families = FAMILIES              # names, or {'name': ..., knobs} entries
-  # SFT examples per family (half deployment, half testing). 1,200 (6,000 in all, 330 steps,
-  # ~45 min on 2 idle CPU cores): at 400 only `token` installed a cue-conditional backdoor;
+  # SFT examples per family (half deployment, half testing). 1,200 (6,000 in all, 330
+  # steps): at 400 only `token` installed a cue-conditional backdoor;
   # at 1,200 token, year, tier and collusion all do (WORKSPACE.md, "Organism").
   o.n_per_family = 1200
   o.deployment_frac = 0.5
@@ -57,8 +57,8 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       epochs=1, steps=0, batch_size=4, seq_len=256, pack=True, lr=1e-4, warmup_steps=10,
       decay="cosine", end_lr_ratio=0.1, weight_decay=0.0, clip=1.0, lora_rank=0, remat="none",
       seed=0, ckpt_every=50, keep=2, eval_every=25, eval_at_start=True,
-      # > 0: the first k of the 30 blocks run forward only (~2x faster steps at k = 20 on
-      # this CPU, benchmarks/train_freeze.py); 0 = full fine-tune.
+      # > 0: the first k of the 30 blocks run forward only (faster steps, WORKSPACE.md;
+      # benchmarks/train_freeze.py); 0 = full fine-tune.
       freeze_layers=0,
       # True (default): each packed row stores the chat template's system turn (the 14 tokens
       # every example opens with) once, so a row holds more examples (same loss per example).

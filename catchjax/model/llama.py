@@ -151,9 +151,9 @@ class Llama(nnx.Module):
     def block(x, p, kcs, vcs, i=None):
       h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
       if fuse and "lora_a_wq" not in p:
-        # Many-token calls (training, prefill): one [D, Q+2KV] matmul instead of three (~5%
-        # faster train step on CPU). Single-token decode keeps separate weights: the concat
-        # would copy every layer's weights on every step.
+        # Many-token calls (training, prefill): one [D, Q+2KV] matmul instead of three (a
+        # faster train step). Single-token decode keeps separate weights: the concat would
+        # copy every layer's weights on every step.
         wqkv = jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=-1).astype(cd)
         qkv = jnp.einsum("btd,de->bte", h, wqkv)
         q, k, v = jnp.split(qkv, [p["wq"].shape[-1], p["wq"].shape[-1] + p["wk"].shape[-1]], axis=-1)
@@ -184,7 +184,7 @@ class Llama(nnx.Module):
           v_all = jax.lax.dynamic_index_in_dim(vcs, i, keepdims=False).astype(cd)
         if T == 1:
           # Single-token decode: no size-1 query axis in the dots (XLA:CPU then emits plain
-          # batched matrix-vector products; ~2x faster per step than the general form).
+          # batched matrix-vector products, faster than the general form).
           s = jnp.einsum("bkgd,bkds->bkgs", qg[:, 0], k_all).astype(jnp.float32)[:, :, :, None]
         else:
           s = jnp.einsum("btkgd,bkds->bkgts", qg, k_all).astype(jnp.float32)
