@@ -241,6 +241,29 @@ def point_half_widths(rows: list[dict], n: int,
   return out
 
 
+def contrast_half_widths(rows: list[dict], n: int,
+                         arms: tuple[str, ...] = ("treatment", "control")) -> dict[tuple, dict]:
+  """As `point_half_widths`, for the paired contrast the primary tests: per (family,
+  behaviour), the treatment - control retained gap of each (organism, seed) both arms
+  measured, and the 95% CI half-width of its mean (bootstrap over those pairs)."""
+  a, b = arms
+  by = defaultdict(lambda: defaultdict(dict))
+  runs = defaultdict(set)
+  for r in rows:
+    if r.get("n") == n and r.get("arm") in arms:
+      key = (r["family"], r["behaviour"])
+      runs[key].add((r.get("organism"), r["seed"]))
+      by[key][(r.get("organism"), r["seed"])][r["arm"]] = retained_gap(r)
+  out = {}
+  for key, pairs in by.items():
+    d = [p[a] - p[b] for p in pairs.values()
+         if p.get(a) is not None and p.get(b) is not None]
+    agg = _agg(d)
+    hw = (agg["hi"] - agg["lo"]) / 2 if agg["n"] > 1 else float("inf")
+    out[key] = dict(seeds=len(d), half_width=hw, measurable=bool(d), runs=len(runs[key]))
+  return out
+
+
 def needs_seed(point: dict | None, goal: float, min_seeds: int, max_seeds: int) -> bool:
   """The power rule of the headline sweep: one more seed for a point while it has fewer than
   `min_seeds` runs, or its half-width is over `goal`; never past `max_seeds` runs, and never

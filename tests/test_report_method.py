@@ -30,3 +30,19 @@ def test_method_sections_pool_counts():
 def test_no_rows_no_sections():
   assert rm.method_markdown([]) == ""
   assert rm.method_markdown([dict(arm="distinguish", family="x")]) == ""
+
+
+def test_power_rule_on_the_paired_contrast():
+  from catchjax import report
+  def r(arm, seed, dep):
+    return dict(family="year", behaviour="hate", n=16, arm=arm, seed=seed, organism="o",
+                deploy_rate=dep, test_rate=0.0, deploy_rate_before=1.0, test_rate_before=0.0,
+                retained=dep)
+  rows = [r("treatment", s, 0.5 + 0.01 * s) for s in range(6)] + \
+         [r("control", s, 0.6 + 0.01 * s) for s in range(6)]
+  pt = report.contrast_half_widths(rows, 16)[("year", "hate")]
+  # the per-seed differences are all -0.1: a zero-width contrast, though each arm varies
+  assert pt["seeds"] == 6 and pt["half_width"] < 1e-9
+  arms = report.point_half_widths(rows, 16)[("year", "hate")]
+  assert arms["half_width"] > 0.005
+  assert not report.needs_seed(pt, 0.15, 6, 40) and report.needs_seed(arms, 0.001, 6, 40)

@@ -90,6 +90,9 @@ def validate(config):
   if not isinstance(h.catch_per_seed, bool):
     raise V.ConfigError(f"config.headline.catch_per_seed must be True or False, got "
                         f"{h.catch_per_seed!r}.")
+  if h.get("power_target", "arms") not in ("contrast", "arms"):
+    raise V.ConfigError(f"config.headline.power_target={h.power_target!r}; 'contrast' or "
+                        f"'arms'.")
   if V.fraction("config.headline.power_goal", h.power_goal) == 0:
     raise V.ConfigError(f"config.headline.power_goal must be in (0, 1], got {h.power_goal!r}.")
   V.non_negative_int("config.headline.power_min_seeds", h.power_min_seeds)
@@ -141,6 +144,8 @@ def _run(config, workdir):
     (so a resumed run adds the same seeds as an uninterrupted one). Returns each family's
     outcome for the report."""
     goal, lo, hi = float(h.power_goal), int(h.power_min_seeds), int(h.power_max_seeds)
+    half_widths = (report.contrast_half_widths if h.get("power_target", "arms") == "contrast"
+                   else report.point_half_widths)
     p_arms = tuple(a for a in ("treatment", "control") if a in arms)
     names = [org_stage.family_name(s) for s in families]
     seed = max(h.seeds)
@@ -148,7 +153,7 @@ def _run(config, workdir):
       seed += 1
       rows = [r for r in store.rows if r.get("config_hash") == chash
               and r.get("behaviour") == bname and r["seed"] < seed]
-      pts = report.point_half_widths(rows, big, p_arms)
+      pts = half_widths(rows, big, p_arms)
       todo = [(s, f) for s, f in zip(families, names)
               if report.needs_seed(pts.get((f, bname)), goal, lo, hi)]
       if not todo:
@@ -162,7 +167,7 @@ def _run(config, workdir):
       for s, _ in todo:
         run_cells(s, seed, [big])
     rows = [r for r in store.rows if r.get("config_hash") == chash and r.get("behaviour") == bname]
-    pts = report.point_half_widths(rows, big, p_arms)
+    pts = half_widths(rows, big, p_arms)
     out = {}
     for f in names:
       p = pts.get((f, bname))
@@ -440,8 +445,11 @@ def _report_meta(config, store, chash, commit, arms, per_seed, power, installed,
                      "leave out the catch-to-catch spread)"),
               train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens,
-              power_rule=(f"seeds added at the largest N while a family's treatment or control "
-                          f"point had < {h.power_min_seeds} seeds or a 95% CI half-width "
+              power_rule=(f"seeds added at the largest N while a family's "
+                          + ("paired treatment - control retained-gap contrast"
+                             if h.get("power_target", "arms") == "contrast"
+                             else "treatment or control point")
+                          + f" had < {h.power_min_seeds} seeds or a 95% CI half-width "
                           f"> {h.power_goal} (at most {h.power_max_seeds} seeds); a sequential "
                           "rule, so the stopping intervals are slightly optimistic"
                           if h.power_max_seeds > 0 else "off (fixed seeds)"),
