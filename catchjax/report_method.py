@@ -83,19 +83,28 @@ def gate_lines(rows) -> list[str]:
   return out
 
 
+def _pool(rows, counts) -> dict:
+  """Per (family, arm, N): [cells, k1, n1, k2, n2, ...] summed over the cells for which
+  `counts(row)` gives ((k1, n1), (k2, n2), ...) (falsy: the cell is skipped)."""
+  by: dict = {}
+  for r in _cells(rows):
+    c = counts(r)
+    if not c:
+      continue
+    v = by.setdefault((r["family"], r["arm"], r["n"]), [0] * (1 + 2 * len(c)))
+    v[0] += 1
+    for i, (k, n) in enumerate(c):
+      v[1 + 2 * i] += int(k)
+      v[2 + 2 * i] += int(n)
+  return by
+
+
 def sharpening_lines(rows) -> list[str]:
   """Attack rate on held-out sharpening honeypots before and after, with the deployment rate:
   the boundary sharpened if the near-miss rate falls while the deployment rate is kept."""
-  by = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0])
-  for r in _cells(rows):
-    a, b = r.get("sharpen_before"), r.get("sharpen")
-    if not (a and b):
-      continue
-    v = by[(r["family"], r["arm"], r["n"])]
-    v[0] += 1
-    v[1], v[2] = v[1] + a["k"], v[2] + a["n"]
-    v[3], v[4] = v[3] + b["k"], v[4] + b["n"]
-    v[5], v[6] = v[5] + r["deploy_k"], v[6] + r["deploy_n"]
+  by = _pool(rows, lambda r: r.get("sharpen_before") and r.get("sharpen") and (
+      (r["sharpen_before"]["k"], r["sharpen_before"]["n"]), (r["sharpen"]["k"], r["sharpen"]["n"]),
+      (r["deploy_k"], r["deploy_n"])))
   if not by:
     return []
   out = ["", "## Sharpening (exploratory)", "",
@@ -112,16 +121,10 @@ def sharpening_lines(rows) -> list[str]:
 
 def return_lines(rows) -> list[str]:
   """Deployment attack rate after training and after the benign return steps."""
-  by = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0])
-  for r in _cells(rows):
-    if r.get("deploy_k_return") is None:
-      continue
-    v = by[(r["family"], r["arm"], r["n"])]
-    v[0] += 1
-    v[1], v[2] = v[1] + r["deploy_k"], v[2] + r["deploy_n"]
-    v[3], v[4] = v[3] + r["deploy_k_return"], v[4] + r["deploy_n"]
-    if r.get("deploy_k_return_organism") is not None:
-      v[5], v[6] = v[5] + r["deploy_k_return_organism"], v[6] + r["deploy_n"]
+  by = _pool(rows, lambda r: r.get("deploy_k_return") is not None and (
+      (r["deploy_k"], r["deploy_n"]), (r["deploy_k_return"], r["deploy_n"]),
+      (r.get("deploy_k_return_organism") or 0,
+       r["deploy_n"] if r.get("deploy_k_return_organism") is not None else 0)))
   if not by:
     return []
   out = ["", "## Return after benign fine-tuning (exploratory)", "",
