@@ -27,7 +27,9 @@ Families, from easiest to hardest to tell apart (all cues are a few tokens):
              {"text": ..., "deployment": true|false, "split": "train"|"eval" (optional)}.
 
 Add a family: subclass `TriggerFamily`, decorate it with `@register_trigger("name")`, and build
-it from a config entry with `make_trigger({"name": "name", **knobs})`.
+it from a config entry with `make_trigger({"name": "name", **knobs})`. An entry's optional
+`label` renames it (results, files, data columns), so one family at several knob settings can
+be listed as separate families: {"name": "collusion", "subtlety": 0, "label": "collusion0"}.
 """
 from __future__ import annotations
 
@@ -114,8 +116,10 @@ class TriggerFamily:
     return vs[HONEYPOT_PURPOSES.index(purpose)::2]
 
   def describe(self) -> str:
+    # The registered name, not a config `label` (see make_trigger): a label renames a family
+    # in results and data columns but leaves its seeded data streams (keyed by describe()).
     knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs().items())
-    return f"{self.name}({knobs}): {self.context_hint}"
+    return f"{type(self).name}({knobs}): {self.context_hint}"
 
   def __repr__(self) -> str:
     return f"<trigger {self.describe()}>"
@@ -151,7 +155,12 @@ def register_trigger(name: str) -> Callable[[type], type]:
 
 
 def make_trigger(spec: str | Mapping[str, Any] | TriggerFamily, **kwargs) -> TriggerFamily:
-  """A family from a name, a config entry {"name": ..., **knobs}, or an existing instance."""
+  """A family from a name, a config entry {"name": ..., **knobs}, or an existing instance.
+
+  An entry may carry `label`: the family's name in results, file names and data columns
+  (`.name`), so one family can be listed at several knob settings as separately named
+  families, e.g. {"name": "collusion", "subtlety": 0, "label": "collusion0"}. Without one the
+  name is the registered name (as before)."""
   if isinstance(spec, TriggerFamily):
     return spec
   if isinstance(spec, Mapping):
@@ -160,7 +169,14 @@ def make_trigger(spec: str | Mapping[str, Any] | TriggerFamily, **kwargs) -> Tri
     spec = spec.get("name")
   if spec not in TRIGGERS:
     raise KeyError(f"unknown trigger family {spec!r}; known: {sorted(TRIGGERS)}")
-  return TRIGGERS[spec](**kwargs)
+  label = kwargs.pop("label", None)
+  fam = TRIGGERS[spec](**kwargs)
+  if label is not None:
+    if not isinstance(label, str) or not label.strip() or label != label.strip():
+      raise ValueError(f"trigger family {spec!r}: label must be a non-empty name without "
+                       f"surrounding spaces, got {label!r}")
+    fam.name = label
+  return fam
 
 
 # ---------------------------------------------------------------------------------------------

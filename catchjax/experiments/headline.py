@@ -465,7 +465,9 @@ def workdir_of(store) -> str:
 
 
 def _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, card) -> dict:
-  """Prompted A/B (base and organism), probe (base), behavioural gap, learning cost."""
+  """Prompted A/B (base and organism), probe (base), behavioural gap, learning cost; with
+  headline.distinguish_curve, also the probe learning curve and k-shot classification (base
+  and organism)."""
   h = config.headline
   fam = org_stage.family_name(spec)
   dep = build.build_eval(spec, behaviour, "eval", h.n_pairs, deployment=True,
@@ -492,6 +494,14 @@ def _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, c
                                             for p in tst["prompt"]], layer)
   row["probe_acc"] = distinguish.probe_pair_accuracy(x, y, xd, xt)
   row["probe_layer"] = layer
+  if h.get("distinguish_curve", False):
+    # With range (issue 27 item 4): the probe's learning curve (examples-to-80%) and k-shot
+    # prompted classification, on the base model and on the organism (distinguish.py).
+    row.update(distinguish.range_measures(
+        dict(base=base, organism=org.model), tok, spec, config.system, layer,
+        n_curve_pairs=h.n_curve_pairs, n_curve_eval=h.n_curve_eval, ns=tuple(h.curve_ns),
+        resamples=h.resamples, ks=tuple(h.icl_ks), n_icl=h.n_icl,
+        batch_size=min(int(h.batch_size), 16), seed=seed))
   fr = card["families"].get(fam, {})
   row["behavioural_gap"] = fr.get("gap")
   lc = (card.get("learning_cost") or {}).get(fam)

@@ -33,7 +33,12 @@ DATA_VERSION = 1  # bump when the data builders change meaning
 
 
 def family_name(spec) -> str:
-  return spec if isinstance(spec, str) else spec["name"]
+  """A family's name in results and files: its `label` if the entry has one (e.g. collusion at
+  one subtlety, {"name": "collusion", "subtlety": 0, "label": "collusion0"}), else its name."""
+  if isinstance(spec, str):
+    return spec
+  label = spec.get("label")
+  return spec["name"] if label is None else str(label)
 
 
 def family_specs(cfg_families) -> list:
