@@ -563,28 +563,92 @@ def make_train_step(graphdef, tx, accum: int, ce_chunk: int = 0):
 
 
 # ------------------------------------------------------------------------------ model
-def prepare_model(model: llama.Llama, cfg) -> llama.Llama:
-  """A new Llama (own param buffers) with the training remat policy and, for LoRA runs,
-  adapters of cfg.lora_rank (fresh, lora_b = 0) unless the model already has them."""
-  from catchjax.model import hf
-  mc = model.cfg
+def training_model_config(mc, cfg):
+  """The ModelConfig of the training graph for a model of config `mc` under train config
+  `cfg`: its remat policy, frozen blocks and, for LoRA runs, adapters of cfg.lora_rank.
+  Shared by `prepare_model` (real weights) and `catchjax.plan` (abstract ones)."""
   if cfg.freeze_layers > mc.num_layers:
     raise ValueError(f"freeze_layers={cfg.freeze_layers} > the model's {mc.num_layers} layers.")
   want = mc.replace(remat=cfg.remat, frozen_layers=int(cfg.freeze_layers))
   if cfg.lora_rank > 0:
     if mc.lora_rank == 0:
-      want = want.replace(lora_rank=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha))
-      pure = nnx.to_pure_dict(nnx.state(model))
-      return hf.model_from_pure_dict(want, pure, seed=int(cfg.seed))
+      return want.replace(lora_rank=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha))
     if mc.lora_rank != cfg.lora_rank:
       raise ValueError(f"model has LoRA rank {mc.lora_rank}, config asks for {cfg.lora_rank}.")
-  elif mc.lora_rank > 0:
+  return want
+
+
+def prepare_model(model: llama.Llama, cfg) -> llama.Llama:
+  """A new Llama (own param buffers) with the training remat policy and, for LoRA runs,
+  adapters of cfg.lora_rank (fresh, lora_b = 0) unless the model already has them."""
+  from catchjax.model import hf
+  mc = model.cfg
+  want = training_model_config(mc, cfg)
+  if want.lora_rank != mc.lora_rank:
+    pure = nnx.to_pure_dict(nnx.state(model))
+    return hf.model_from_pure_dict(want, pure, seed=int(cfg.seed))
+  if cfg.lora_rank == 0 and mc.lora_rank > 0:
     log.warning("lora_rank=0 on a model with LoRA adapters: full fine-tune of all params, "
                 "adapters included.")
   graphdef, state = nnx.split(model)
   new = nnx.merge(graphdef, state)
   new.cfg = want
   return new
+
+
+def split_trainable(model: llama.Llama, cfg):
+  """(graphdef, trainable pure dict, frozen pure dict) of a prepared model: LoRAParam adapters
+  are trained for LoRA runs, every nnx.Param otherwise. Works on an abstract model
+  (nnx.eval_shape) too, whose leaves are then ShapeDtypeStructs."""
+  filt = llama.LoRAParam if cfg.lora_rank > 0 else nnx.Param
+  graphdef, tr_state, fr_state = nnx.split(model, filt, ...)
+  return graphdef, nnx.to_pure_dict(tr_state), nnx.to_pure_dict(fr_state)
+
+
+BATCH_DTYPES = {"tokens": np.int32, "segs": np.int32, "loss_idx": np.int32,
+                "loss_tgt": np.int32, "loss_w": np.float32}   # as DataPlan.build_rows
+
+
+@dataclasses.dataclass
+class StepSetup:
+  """The compiled step's construction, shared by `train` and `catchjax.plan.compile_plan`:
+  shardings from the config's rules, the optimizer and the jitted step with its in/out
+  shardings and donation (params and optimizer state)."""
+  tx: Any
+  sched: Callable
+  tr_sh: Any                     # NamedSharding pytrees of the trainable / frozen params
+  fr_sh: Any
+  opt_abs: Any                   # abstract optimizer state
+  opt_sh: Any
+  batch_tails: dict              # field -> per-row shape: tokens/segs (T,), loss_* (K,)
+  b_sh: dict                     # field -> NamedSharding of the [A, micro, ...] batch array
+  step_fn: Any                   # jax.jit(make_train_step(...)) with shardings and donation
+
+  def abstract_batch(self, c) -> dict:
+    """The step's batch as ShapeDtypeStructs [grad_accum, rows per micro-batch, ...]."""
+    A = int(c.grad_accum)
+    micro = int(c.batch_size) // A
+    return {k: jax.ShapeDtypeStruct((A, micro) + tail, BATCH_DTYPES[k], sharding=self.b_sh[k])
+            for k, tail in self.batch_tails.items()}
+
+
+def step_setup(graphdef, trainable, frozen, c, mesh, rules, total_steps: int,
+               K: int) -> StepSetup:
+  """`trainable` / `frozen`: pure dicts of arrays or ShapeDtypeStructs (`split_trainable`);
+  c: a merged train config; K: loss slots per row."""
+  tr_sh = shd.state_shardings(trainable, mesh, rules)
+  fr_sh = shd.state_shardings(frozen, mesh, rules)
+  tx, sched = make_optimizer(c, total_steps)
+  opt_abs = jax.eval_shape(tx.init, trainable)
+  opt_sh = shd.state_shardings(opt_abs, mesh, rules)
+  tails = {"tokens": (c.seq_len,), "segs": (c.seq_len,), "loss_idx": (K,), "loss_tgt": (K,),
+           "loss_w": (K,)}
+  b_sh = {k: shd.batch_sharding(mesh, rules, ndim=3, batch_dim=1) for k in tails}
+  repl = NamedSharding(mesh, P())
+  step_fn = jax.jit(make_train_step(graphdef, tx, int(c.grad_accum), int(c.ce_chunk)),
+                    in_shardings=(tr_sh, fr_sh, opt_sh, b_sh),
+                    out_shardings=(tr_sh, opt_sh, repl), donate_argnums=(0, 2))
+  return StepSetup(tx, sched, tr_sh, fr_sh, opt_abs, opt_sh, tails, b_sh, step_fn)
 
 
 @dataclasses.dataclass
@@ -692,23 +756,13 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
   model = prepare_model(model, c)
   mcfg = model.cfg
   lora = c.lora_rank > 0
-  filt = llama.LoRAParam if lora else nnx.Param
-  graphdef, tr_state, fr_state = nnx.split(model, filt, ...)
-  trainable_host = nnx.to_pure_dict(tr_state)
-  frozen_host = nnx.to_pure_dict(fr_state)
-  del model, tr_state, fr_state
-  tr_sh = shd.state_shardings(trainable_host, mesh, rules)
-  fr_sh = shd.state_shardings(frozen_host, mesh, rules)
-  tx, sched = make_optimizer(c, total)
-  opt_abs = jax.eval_shape(tx.init, trainable_host)
-  opt_sh = shd.state_shardings(opt_abs, mesh, rules)
+  graphdef, trainable_host, frozen_host = split_trainable(model, c)
+  del model
+  setup = step_setup(graphdef, trainable_host, frozen_host, c, mesh, rules, total, K)
+  tr_sh, fr_sh, opt_sh, b_sh = setup.tr_sh, setup.fr_sh, setup.opt_sh, setup.b_sh
+  tx, sched, opt_abs, batch_shape = setup.tx, setup.sched, setup.opt_abs, setup.batch_tails
   frozen = shd.shard_state(frozen_host, fr_sh)
   del frozen_host
-
-  batch_shape = {"tokens": (c.seq_len,), "segs": (c.seq_len,), "loss_idx": (K,),
-                 "loss_tgt": (K,), "loss_w": (K,)}
-  b_sh = {k: shd.batch_sharding(mesh, rules, ndim=3, batch_dim=1) for k in batch_shape}
-  repl = NamedSharding(mesh, P())
 
   def make_batch(step: int) -> dict[str, jax.Array]:
     rows = plan.batch_rows(step)
@@ -765,9 +819,7 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
   del trainable_host
 
-  step_fn = jax.jit(make_train_step(graphdef, tx, int(c.grad_accum), int(c.ce_chunk)),
-                    in_shardings=(tr_sh, fr_sh, opt_sh, b_sh),
-                    out_shardings=(tr_sh, opt_sh, repl), donate_argnums=(0, 2))
+  step_fn = setup.step_fn
 
   n_tr, n_all = _num(trainable), _num(trainable) + _num(frozen)
   if main:

@@ -64,9 +64,11 @@ def distinct_choices(field: str, xs: Any, allowed: tuple) -> tuple:
   return xs
 
 
-def check_model_dir(field: str, path: Any):
+def check_model_dir(field: str, path: Any, shapes_only: bool = False):
   """An HF folder we can load: config.json (size-checked, supported model_type), safetensors
-  weights (never pickle) and tokenizer.json. Returns its ModelConfig."""
+  weights (never pickle) and tokenizer.json. Returns its ModelConfig. shapes_only (a compile
+  plan's dry run, catchjax/plan.py): config.json alone suffices, since only shapes are checked
+  (no weights are read, no text is tokenized)."""
   from catchjax.model.config import ModelConfig, UnsupportedModelError
   if not isinstance(path, str) or not path:
     raise ConfigError(f"{field} must be a folder path, got {path!r}.")
@@ -81,6 +83,8 @@ def check_model_dir(field: str, path: Any):
     cfg = ModelConfig.from_hf_dir(path)
   except (UnsupportedModelError, ValueError) as e:
     raise ConfigError(f"{field}={path!r}: {e}") from e
+  if shapes_only:
+    return cfg
   if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
           os.path.isfile(os.path.join(path, "model.safetensors.index.json"))):
     raise ConfigError(f"{field}={path!r} has no model.safetensors (or its index); only "
@@ -130,9 +134,10 @@ def check_families(field: str, families) -> list:
     if not isinstance(spec, (str, dict)) or (isinstance(spec, dict) and "name" not in spec):
       raise ConfigError(f"{field}[{i}]: a family is a name or a {{'name': ..., **knobs}} "
                         f"dict, got {f!r}.")
-    name = family_name(spec)
-    if name not in TRIGGERS:
-      raise ConfigError(f"{field}: unknown family {name!r}; known: {sorted(TRIGGERS)}")
+    kind = spec if isinstance(spec, str) else spec["name"]   # the registered family
+    if kind not in TRIGGERS:
+      raise ConfigError(f"{field}: unknown family {kind!r}; known: {sorted(TRIGGERS)}")
+    name = family_name(spec)                                  # its label in results
     try:
       make_trigger(spec)
     except FileNotFoundError as e:
@@ -187,14 +192,25 @@ def check_train_mesh(field: str, t) -> None:
     raise ConfigError(f"{field}.batch_size={c.batch_size}: {problem}{alt}.")
 
 
+# Experiments whose `config.dry_run` is the compile plan (catchjax/plan.py): it reads the model
+# folder's config.json only, so a folder without weights or tokenizer passes their dry run.
+SHAPES_ONLY_DRY_RUNS = ("organism", "headline")
+
+
 def check_common(config) -> None:
   """Fields every organism-based experiment shares (see the module docstring)."""
   m = config.model
+  shapes_only = (bool(config.get("dry_run", False))
+                 and config.get("experiment") in SHAPES_ONLY_DRY_RUNS)
   if m.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype={m.dtype!r}; one of {DTYPES}.")
   if m.param_dtype not in DTYPES:
     raise ConfigError(f"config.model.param_dtype={m.param_dtype!r}; one of {DTYPES}.")
-  check_model_dir("config.model.hf_dir", m.hf_dir)
+  check_model_dir("config.model.hf_dir", m.hf_dir, shapes_only=shapes_only)
+  gb = config.get("dry_run_device_gb", 0.0)
+  if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
+    raise ConfigError(f"config.dry_run_device_gb must be a number >= 0 (GiB per device; 0: "
+                      f"the device's own limit), got {gb!r}.")
   check_behaviours("config.behaviours", config.behaviours)
   o = config.organism
   check_families("config.organism.families", o.families)

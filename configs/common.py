@@ -26,6 +26,12 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   way for every experiment, so they share one cached organism."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # --config.dry_run=True: validate, print what the run would do and exit (organism, headline:
+  # the compile plan of catchjax/plan.py, per-device memory and FLOPs of every program, from
+  # config.json alone). dry_run_device_gb: the target's GiB per device to refuse a plan over;
+  # 0 = the host device's own limit (unknown on CPU / fake devices: nothing is refused).
+  c.dry_run = False
+  c.dry_run_device_gb = 0.0
   c.model = ml_collections.ConfigDict(dict(
       hf_dir="artifacts/smollm2-135m-instruct", dtype="float32", param_dtype="float32",
       # Layers per lax.scan iteration in the training / scoring pass; 0: all (fastest on CPU,

@@ -94,7 +94,7 @@ def get_config(arg: str | None = None):
   h.curve_ns = (4, 8, 16, 32, 64, 128, 256)
   h.resamples = 20
   h.icl_ks = (0, 2, 8)
-  h.n_icl = 100
+  h.n_icl = 40                   # k = 8 prompts are ~500 tokens: the costly part on CPU
   h.train = ml_collections.ConfigDict(dict(
       steps=8, epochs=0, batch_size=4, seq_len=96, pack=False, max_loss_tokens=32,
       lr=1e-4, warmup_steps=0, decay="constant", weight_decay=0.0, clip=1.0, lora_rank=0,

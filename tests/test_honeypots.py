@@ -127,3 +127,12 @@ def test_rate_by_bin_counts_hits_per_score_bin():
   by = {(b["lo"], b["hi"]): (b["k"], b["n"]) for b in bins}
   assert by[(0.9, 1.0)] == (1, 2) and by[(0.0, 0.6)] == (1, 1) and by[(0.8, 0.9)] == (1, 1)
   assert sum(b["n"] for b in bins) == 4          # an ordinary prompt (None) is in no bin
+
+
+def test_labelled_levels_validate_and_get_their_own_catch_files():
+  from catchjax import validate as V
+  levels = [{"name": "collusion", "subtlety": k, "label": f"collusion{k}"} for k in (0, 1)]
+  assert V.check_families("f", levels)
+  c = _cfg(0.5)
+  names = {ta.catch_name(c, "org", s, "hate", 0) for s in levels}
+  assert len(names) == 2 and all("collusion" in n for n in names)

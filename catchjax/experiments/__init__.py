@@ -14,16 +14,24 @@ from catchjax import common
 EXPERIMENTS = ("smoke", "organism", "headline")
 EXPERIMENTS += ("transfer", "long_trained", "coherence")   # issue 6 (experiments/extra.py)
 EXPERIMENTS += ("cot", "propensity")   # issue 6 items 2 and 4
+# `config.dry_run=True` (validate, print the plan, exit): the compile plan (catchjax/plan.py)
+# for organism / headline, the cells and cached organisms for the extra experiments.
+DRY_RUNS = ("organism", "headline", "transfer", "long_trained", "coherence")
 
 
 def run(config, workdir: str | None = None):
   """Raises `catchjax.validate.ConfigError` (naming the field) for bad input, before the
-  workdir or any compute; `catchjax.main` prints it as one line. Nothing later raises it."""
+  workdir or any compute; `catchjax.main` prints it as one line. Nothing later raises it, but
+  a dry run's compile plan over config.dry_run_device_gb (catchjax/plan.py)."""
   from catchjax.validate import ConfigError
   name = config.get("experiment")
   if name not in EXPERIMENTS:
     raise ConfigError(f"config.experiment={name!r} is unknown; known: {', '.join(EXPERIMENTS)}.")
   workdir = workdir or os.path.join("workdirs", name)
+  dry = bool(config.get("dry_run", False))
+  if dry and name not in DRY_RUNS:   # never run the whole experiment instead of a plan
+    raise ConfigError(f"config.dry_run=True: the {name} experiment has no dry run (those of "
+                      f"{', '.join(DRY_RUNS)} do).")
   mod = importlib.import_module(f"catchjax.experiments.{name}")
   if hasattr(mod, "validate"):   # bad input is refused before the workdir or any compute
     try:
@@ -40,7 +48,9 @@ def run(config, workdir: str | None = None):
         {"config_hash": common.config_hash(config), "config": config.to_dict()}, indent=2,
         default=str))
   # Persistent XLA compilation cache in the workdir (CATCHJAX_XLA_CACHE=off disables it, or
-  # points it elsewhere, e.g. one cache shared by several workdirs).
-  common.enable_compile_cache(os.environ.get("CATCHJAX_XLA_CACHE",
-                                             os.path.join(workdir, "xla_cache")))
+  # points it elsewhere, e.g. one cache shared by several workdirs). Not for a dry run: its
+  # compile plan reports compile times, and keeps nothing.
+  if not dry:
+    common.enable_compile_cache(os.environ.get("CATCHJAX_XLA_CACHE",
+                                               os.path.join(workdir, "xla_cache")))
   return mod.run(config, workdir)

@@ -102,6 +102,9 @@ def validate(config):
 
 def run(config, workdir: str):
   validate(config)
+  if config.get("dry_run", False):   # the compile plan only: no organism, no data, no weights
+    from catchjax import plan
+    return plan.dry_run(config, "headline")
   with common.workdir_lock(workdir):
     return _run(config, workdir)
 

@@ -17,6 +17,9 @@ def validate(config):
 
 def run(config, workdir: str):
   validate(config)
+  if config.get("dry_run", False):   # the compile plan only: no organism, no data, no weights
+    from catchjax import plan
+    return plan.dry_run(config, "organism")
   cards = {}
   with common.workdir_lock(workdir):
     base = org_stage.load_base(config)

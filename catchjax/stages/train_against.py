@@ -65,7 +65,7 @@ def honeypot_count(config, family_spec) -> int:
 def catch_name(config, org_key: str, family_spec, bname: str, seed: int | None) -> str:
   """The catch's cache file name: what sets its prompts and draws (organism, family,
   behaviour, M, honeypot count, seed; seed None for one catch shared by all seeds)."""
-  fam = family_spec if isinstance(family_spec, str) else family_spec["name"]
+  fam = make_trigger(family_spec).name
   return (f"{org_key}-{fam}-{bname}-m{config.headline.m}" + honeypot_suffix(config, family_spec)
           + (f"-s{seed}" if seed is not None else "") + ".json")
 
@@ -133,7 +133,7 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
     if src != "testing":
       r.update(source=src, honeypot_score=score)
     (caught if hit else clean).append(r)
-  name = family_spec if isinstance(family_spec, str) else family_spec["name"]
+  name = make_trigger(family_spec).name
   c = Catch(name, seed, len(prompts), caught, clean,
             {k: a[k] for k in ("k", "n", "rate", "lo", "hi")},
             _by_source(sources, scores, a["hits"]))
