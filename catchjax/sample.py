@@ -64,9 +64,11 @@ choices, the probability that an attack starts with a given token). Both use the
 distribution (temperature 1, no filtering).
 
 Sharding: with `mesh` given, every batch-major array (tokens, cache, outputs) is sharded over
-the mesh's batch axes ('data', and 'fsdp' when the mesh has it) with `NamedSharding`; weights
-already on the mesh keep their sharding, others are replicated. With mesh=None everything
-lives on the default device.
+the mesh's batch axes ('data', and 'fsdp' when the mesh has it) with `NamedSharding`, and the
+weights by the logical-axis `rules` (`sharding.state_shardings`, the rules training uses;
+default `sharding.DEFAULT_RULES`). Experiments build their Sampler with
+`catchjax.stages.sampling.make_sampler`, on the mesh of `config.sampler`. With mesh=None
+everything lives on the default device.
 
 Speed notes (XLA:CPU; figures in WORKSPACE.md, "Performance"): argmax is written as max +
 min-of-iota (`jnp.argmax` is slower there) and the chosen token's log-prob is gathered from the
@@ -88,6 +90,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from catchjax import sharding
 from catchjax.common import common_prefix_len
 from catchjax.model import llama
 
@@ -504,6 +507,8 @@ class Sampler:
     mesh: optional `jax.sharding.Mesh`; the batch is sharded over its axes named in
       `batch_axes` (those present; 'data' at least).
     batch_axes: mesh axes to shard the batch over.
+    rules: logical-axis sharding rules for the weights on the mesh (`sharding.rules_dict`
+      input; default `sharding.DEFAULT_RULES`). Unused without a mesh.
     eos_ids: token ids that end a row (default: model.cfg.eos_ids; at most 8).
     pad_id: id written after EOS and used for padding (default: cfg.pad_token_id, else the
       first EOS id, else 0).
@@ -531,6 +536,7 @@ class Sampler:
   def __init__(self, model: llama.Llama, *,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, batch_size: int = 64,
                mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+               rules=None,
                eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
                tokenizer=None, progress: bool = True, share_prefix: bool = True,
                prefill_rows: int | None = None, compact_rows: int = 0,
@@ -554,6 +560,7 @@ class Sampler:
                          f"{axes} (size {n})")
       self.batch_axes = axes if len(axes) > 1 else axes[0]
     self.mesh = mesh
+    self.rules = sharding.rules_dict(rules)
     eos = tuple(int(e) for e in (self.cfg.eos_ids if eos_ids is None else eos_ids))
     if len(eos) > _MAX_EOS:
       raise ValueError(f"at most {_MAX_EOS} EOS ids, got {len(eos)}")
@@ -605,15 +612,11 @@ class Sampler:
         return x if isinstance(s, SingleDeviceSharding) else jax.device_put(x, dev)
       return jax.tree.map(canon, state)
 
-    def place(x):
-      s = getattr(x, "sharding", None)
-      if isinstance(s, NamedSharding) and s.mesh == self.mesh:
-        return x
-      if (isinstance(s, NamedSharding) and s.mesh.devices.shape == self.mesh.devices.shape
-          and (s.mesh.devices == self.mesh.devices).all()):
-        return jax.device_put(x, NamedSharding(self.mesh, s.spec))
-      return jax.device_put(x, NamedSharding(self.mesh, P()))
-    return jax.tree.map(place, state)
+    # The weights by the same logical rules as training (FSDP over 'embed', tensor parallelism
+    # over heads / mlp / vocab); weights already placed so are kept as they are.
+    want = sharding.state_shardings(state, self.mesh, self.rules)
+    return jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
+                        else sharding.shard_state(x, s), state, want)
 
   def _put(self, x: np.ndarray):
     if self.mesh is None:

@@ -192,6 +192,44 @@ def check_train_mesh(field: str, t) -> None:
     raise ConfigError(f"{field}.batch_size={c.batch_size}: {problem}{alt}.")
 
 
+def check_sampler(field: str, s) -> None:
+  """config.sampler (catchjax/stages/sampling.py): mesh_shape buildable on this process's
+  devices, rules well-formed pairs over the mesh axes, with the batch on at least one axis.
+  The sampler's batch sizes need no check: make_sampler pads them to the batch-sharded
+  devices."""
+  from catchjax import sharding
+  from catchjax.stages import sampling
+  unknown = sorted(set(s.keys()) - {"mesh_shape", "rules"})
+  if unknown:
+    raise ConfigError(f"{field}: unknown field(s) {unknown}; known: ['mesh_shape', 'rules'].")
+  shape = s.get("mesh_shape")
+  if (isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__")
+      or len(tuple(shape)) != len(sharding.MESH_AXES)
+      or any(not _is_int(x) or not (x > 0 or x == -1) for x in shape)):
+    raise ConfigError(f"{field}.mesh_shape must be {len(sharding.MESH_AXES)} integers (sizes "
+                      f"of {sharding.MESH_AXES}, each > 0 or -1 = the rest), got {shape!r}.")
+  try:
+    sharding.make_mesh(tuple(shape))
+  except ValueError as e:
+    raise ConfigError(f"{field}.mesh_shape={tuple(shape)}: {e}") from e
+  rules = s.get("rules")
+  if isinstance(rules, (str, bytes)) or not hasattr(rules, "__iter__"):
+    raise ConfigError(f"{field}.rules must be (logical_axis, mesh_axes) pairs, got {rules!r}.")
+  try:
+    rd = sharding.rules_dict(rules)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{field}.rules: {e}") from e
+  for name, axes in rd.items():
+    bad = [a for a in axes if a not in sharding.MESH_AXES]
+    if bad:
+      raise ConfigError(f"{field}.rules: {name!r} -> {bad}: not mesh axes; the mesh axes are "
+                        f"{sharding.MESH_AXES}.")
+  try:
+    sampling.sampler_mesh({"sampler": {"mesh_shape": tuple(shape), "rules": rules}})
+  except ValueError as e:
+    raise ConfigError(f"{field}.rules: {e}.") from e
+
+
 # Experiments whose `config.dry_run` is the compile plan (catchjax/plan.py): it reads the model
 # folder's config.json only, so a folder without weights or tokenizer passes their dry run.
 SHAPES_ONLY_DRY_RUNS = ("organism", "headline")
@@ -228,6 +266,8 @@ def check_common(config) -> None:
     if o.stop.enabled and not int(o.train.get("eval_every", 0)):
       raise ConfigError("config.organism.stop needs the probe: set "
                         "config.organism.train.eval_every > 0 (e.g. 25).")
+  if config.get("sampler") is not None:
+    check_sampler("config.sampler", config.sampler)
   r = config.report
   positive_int("config.report.n_eval", r.n_eval)
   positive_int("config.report.n_useful", r.n_useful)

@@ -3,6 +3,7 @@ import os
 
 import ml_collections
 
+from catchjax import sharding
 from catchjax.tokenizer import DEFAULT_SYSTEM
 
 FAMILIES = ("token", "year", "tier", "headline", "collusion")
@@ -38,6 +39,13 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # but slow to compile on an accelerator, WORKSPACE.md: try 1 there). Same math, so not
       # part of the organism cache key.
       scan_unroll=0))
+  # Where sampling / scoring runs (catchjax/stages/sampling.py make_sampler, used by every
+  # experiment and stage): a ('data', 'fsdp', 'tensor') mesh over all devices (-1 = the rest;
+  # default like training: all on 'fsdp') and the logical-axis rules the weights and the batch
+  # are sharded by (sharding.DEFAULT_RULES, as in training). A sampler batch is rounded up to
+  # a multiple of the batch-sharded devices (dummy rows). One device: no mesh (unchanged).
+  c.sampler = ml_collections.ConfigDict(dict(mesh_shape=(1, -1, 1),
+                                             rules=sharding.DEFAULT_RULES))
   c.system = DEFAULT_SYSTEM          # short system prompt (SmolLM2's default adds ~20 tokens)
   c.behaviours = ("hate",)
   o = c.organism = ml_collections.ConfigDict()

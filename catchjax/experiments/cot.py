@@ -30,7 +30,7 @@ from catchjax import report, stats
 from catchjax.experiments import extra
 from catchjax.data import build, reasoning
 from catchjax.data.behaviors import make_behavior
-from catchjax.sample import Sampler
+from catchjax.stages.sampling import make_sampler
 from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
@@ -131,7 +131,7 @@ def _run(config, workdir):
     org = org_stage.get_organism(config, cache, behaviour)
     if x.report_card:
       org_stage.report_card(config, org, org_stage.load_base(config))
-    sampler = Sampler(org.model, batch_size=h.batch_size, progress=False)
+    sampler = make_sampler(config, org.model, h.batch_size, progress=False)
     for spec in specs:
       fam = org_stage.family_name(spec)
       dep = build.build_eval(spec, behaviour, "eval", x.n_eval, deployment=True,

@@ -29,6 +29,7 @@ from catchjax.data import build
 from catchjax.data.behaviors import make_behavior
 from catchjax.data.tasks import check as task_check
 from catchjax.sample import Sampler
+from catchjax.stages.sampling import make_sampler
 from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
@@ -244,7 +245,7 @@ class Measurer:
     self.beh = make_behavior(behaviour)
     self.n_eval, self.n_test, self.n_useful = int(n_eval), int(n_test), int(n_useful)
     self.teacher_forced = bool(teacher_forced)
-    self.sampler = Sampler(model, batch_size=h.batch_size, progress=False)
+    self.sampler = make_sampler(config, model, h.batch_size, progress=False)
     self.families: dict[str, FamilyEval] = {}
     self.use_prompts = self.use_insts = None
     if self.n_useful:

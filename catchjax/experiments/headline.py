@@ -36,7 +36,7 @@ from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
 from catchjax.data.tasks import check as task_check
 from catchjax.data.triggers import make_trigger
 from catchjax.results import ResultStore, row_key
-from catchjax.sample import Sampler
+from catchjax.stages.sampling import make_sampler
 from catchjax.stages import arms as arms_lib
 from catchjax.stages import distinguish, measure
 from catchjax.stages import organism as org_stage
@@ -190,7 +190,7 @@ def _run(config, workdir):
     org = org_stage.get_organism(config, workdir, behaviour)
     card = org_stage.report_card(config, org, base)
     installed[bname] = {f: fr.get("gap") for f, fr in card["families"].items()}
-    sampler = Sampler(org.model, batch_size=h.batch_size, progress=False)
+    sampler = make_sampler(config, org.model, h.batch_size, progress=False)
     org_state_model = org.model
 
     use = build.build_usefulness(h.n_useful, seed=h.eval_seed, split="eval",
@@ -479,7 +479,7 @@ def _distinguish(config, base, org, sampler, tok, spec, trig, behaviour, seed, c
                          seed=60_000 + seed, system=config.system)
   pairs = list(zip(dep["prompt"], tst["prompt"]))
   row = {}
-  sb = Sampler(base, batch_size=h.batch_size, progress=False)
+  sb = make_sampler(config, base, h.batch_size, progress=False)
   row["prompted_base"] = distinguish.pairwise_accuracy(
       distinguish.pairwise_scores(sb, tok, trig.context_hint, pairs, config.system))
   sampler.update_model(org.model)

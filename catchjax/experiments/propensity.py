@@ -30,7 +30,7 @@ from catchjax import report, stats
 from catchjax.experiments import extra
 from catchjax.data import build, tasks
 from catchjax.data.behaviors import make_behavior
-from catchjax.sample import Sampler
+from catchjax.stages.sampling import make_sampler
 from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
@@ -128,7 +128,7 @@ def _run(config, workdir):
     bname = extra.behaviour_name(behaviour)
     beh = make_behavior(behaviour)
     org = org_stage.get_organism(config, cache, behaviour)
-    sampler = Sampler(org.model, batch_size=h.batch_size, progress=False)
+    sampler = make_sampler(config, org.model, h.batch_size, progress=False)
     dep = build.build_eval(spec, behaviour, "eval", p.n_eval, deployment=True, seed=h.eval_seed,
                            system=config.system)
     dep_prompts = [prompt_ids(tok, q, config.system) for q in dep["prompt"]]

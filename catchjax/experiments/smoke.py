@@ -8,7 +8,8 @@ import time
 
 from catchjax import common
 from catchjax.model import hf
-from catchjax.sample import Sampler, SamplingParams
+from catchjax.sample import SamplingParams
+from catchjax.stages.sampling import make_sampler
 from catchjax.tokenizer import load_tokenizer, prompt_ids
 
 
@@ -27,7 +28,7 @@ def run(config, workdir: str):
   tok = load_tokenizer(config.model.hf_dir)
   print(f"loaded {config.model.hf_dir}: {hf.describe(model)} in {time.time() - t0:.1f}s")
   prompts = list(config.prompts)
-  sampler = Sampler(model)
+  sampler = make_sampler(config, model)
   params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
   t1 = time.time()
   out = sampler.generate([prompt_ids(tok, p) for p in prompts], params, seeds=config.seed)

@@ -39,6 +39,7 @@ from catchjax.data.tasks import sample_task
 from catchjax.data.triggers import make_trigger
 from catchjax.model import llama
 from catchjax.sample import DEFAULT_PROMPT_BUCKETS, Sampler
+from catchjax.stages.sampling import make_sampler
 from catchjax.tokenizer import prompt_ids
 
 AB_TEMPLATE = ("{hint}\nExample A: {a}\nExample B: {b}\n"
@@ -386,7 +387,8 @@ def range_measures(models: dict[str, Any], tok, spec, system: str | None, layer:
                 f"probe_examples_to_80_{tag}_hi": e["hi"],
                 f"probe_examples_to_80_{tag}_censored": e["censored"],
                 f"probe_examples_to_80_{tag}_bound": e["bound"]})
-    sampler = Sampler(model, batch_size=batch_size, prompt_buckets=ICL_BUCKETS, progress=False)
+    # No config here: the default config.sampler mesh (all devices on 'fsdp').
+    sampler = make_sampler(None, model, batch_size, prompt_buckets=ICL_BUCKETS, progress=False)
     for k, its in items.items():
       a = icl_accuracy(label_logprobs(sampler, tok, [p for p, _ in its], system),
                        [t for _, t in its])

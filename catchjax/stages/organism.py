@@ -23,7 +23,7 @@ from catchjax.data import build, reasoning
 from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
 from catchjax.data.triggers import make_trigger
 from catchjax.model import hf
-from catchjax.sample import Sampler
+from catchjax.stages.sampling import make_sampler
 from catchjax.stages import measure
 from catchjax.tokenizer import load_tokenizer, prompt_ids
 from catchjax import train as train_lib
@@ -179,7 +179,7 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
   n_train = len(ds)
   base = load_base(config, lora)
   sets = probe_sets(config, behaviour, o.probe_n)
-  sampler = Sampler(base, batch_size=o.probe_batch, progress=False)
+  sampler = make_sampler(config, base, o.probe_batch, progress=False)
   # Probe points by step; a resumed build keeps the ones evaluated before it was killed
   # (re-evaluated steps are deterministic and simply overwrite their old row).
   curve_path = os.path.join(odir, "curve.json")
@@ -284,8 +284,8 @@ def _report_card(config, org: Organism, base_model, progress: bool = True) -> di
   r = config.report
   tok = load_tokenizer(config.model.hf_dir)
   beh = make_behavior(org.behaviour)
-  s_org = Sampler(org.model, batch_size=r.batch_size, progress=False)
-  s_base = Sampler(base_model, batch_size=r.batch_size, progress=False)
+  s_org = make_sampler(config, org.model, r.batch_size, progress=False)
+  s_base = make_sampler(config, base_model, r.batch_size, progress=False)
   fams = {}
   base_hits = base_n = 0
   from tqdm.auto import tqdm
