@@ -480,8 +480,7 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-_COMPILED: dict = {}
-COMPILE_COUNT = {"train_step": 0}
+COMPILE_COUNT = {"train_step": 0}   # traces (each one a compile) of the step, this process
 
 
 def _opt_key(c) -> tuple:
@@ -562,6 +561,38 @@ def make_train_step(graphdef, tx, accum: int, ce_chunk: int = 0):
   return step
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """All the compiled step depends on besides its arguments' shapes and dtypes: the static
+  (hashable) argument of `_train_step`, so jax.jit's own cache reuses a compiled step across
+  train() calls with the same graph, optimizer, schedule length and shapes."""
+  graphdef: Any
+  opt: tuple                     # _opt_key(c)
+  total_steps: int               # the LR schedule's length
+  accum: int
+  ce_chunk: int
+  shardings: tuple               # (treedef, leaves) of (in shardings, out shardings)
+
+  def trace(self, *args):
+    """`_train_step` traced on (trainable, frozen, opt_state, batch): arrays, or
+    ShapeDtypeStructs, which get the step's input shardings (catchjax.plan)."""
+    in_sh = jax.tree.unflatten(*self.shardings)[0]
+    args = jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) else
+                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), args, in_sh)
+    return _train_step.trace(self, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3))
+def _train_step(spec: StepSpec, trainable, frozen, opt_state, batch):
+  """`make_train_step` for `spec`, its inputs and outputs held to the spec's shardings."""
+  COMPILE_COUNT["train_step"] += 1     # the body runs once per trace
+  in_sh, out_sh = jax.tree.unflatten(*spec.shardings)
+  args = jax.lax.with_sharding_constraint((trainable, frozen, opt_state, batch), in_sh)
+  tx, _ = make_optimizer(ml_collections.ConfigDict(dict(spec.opt)), spec.total_steps)
+  out = make_train_step(spec.graphdef, tx, spec.accum, spec.ce_chunk)(*args)
+  return jax.lax.with_sharding_constraint(out, out_sh)
+
+
 # ------------------------------------------------------------------------------ model
 def training_model_config(mc, cfg):
   """The ModelConfig of the training graph for a model of config `mc` under train config
@@ -622,7 +653,7 @@ class StepSetup:
   opt_sh: Any
   batch_tails: dict              # field -> per-row shape: tokens/segs (T,), loss_* (K,)
   b_sh: dict                     # field -> NamedSharding of the [A, micro, ...] batch array
-  step_fn: Any                   # jax.jit(make_train_step(...)) with shardings and donation
+  step_fn: StepSpec              # the jitted `_train_step`'s static spec (.trace for plans)
 
   def abstract_batch(self, c) -> dict:
     """The step's batch as ShapeDtypeStructs [grad_accum, rows per micro-batch, ...]."""
@@ -645,10 +676,10 @@ def step_setup(graphdef, trainable, frozen, c, mesh, rules, total_steps: int,
            "loss_w": (K,)}
   b_sh = {k: shd.batch_sharding(mesh, rules, ndim=3, batch_dim=1) for k in tails}
   repl = NamedSharding(mesh, P())
-  step_fn = jax.jit(make_train_step(graphdef, tx, int(c.grad_accum), int(c.ce_chunk)),
-                    in_shardings=(tr_sh, fr_sh, opt_sh, b_sh),
-                    out_shardings=(tr_sh, opt_sh, repl), donate_argnums=(0, 2))
-  return StepSetup(tx, sched, tr_sh, fr_sh, opt_abs, opt_sh, tails, b_sh, step_fn)
+  leaves, treedef = jax.tree.flatten(((tr_sh, fr_sh, opt_sh, b_sh), (tr_sh, opt_sh, repl)))
+  spec = StepSpec(graphdef, _opt_key(c), int(total_steps), int(c.grad_accum), int(c.ce_chunk),
+                  (treedef, tuple(leaves)))
+  return StepSetup(tx, sched, tr_sh, fr_sh, opt_abs, opt_sh, tails, b_sh, spec)
 
 
 @dataclasses.dataclass
@@ -878,17 +909,11 @@ def train(model: llama.Llama, dataset, cfg=None, workdir: str | None = None, *,
     if plan.has(start) and not stopped:
       t0 = time.perf_counter()
       batch = make_batch(start)
-      # Compiled steps are reused across train() calls with the same graph, optimizer and
-      # shapes (the headline's many small train-against runs compile once).
-      leaves, treedef = jax.tree.flatten((trainable, frozen, opt_state, batch))
-      ckey = (graphdef, _opt_key(c), total, int(c.grad_accum), int(c.ce_chunk),
-              tuple(mesh.shape.items()), tuple(mesh.devices.flat), treedef,
-              tuple((x.shape, str(x.dtype), x.sharding) for x in leaves))
-      compiled = _COMPILED.get(ckey)
-      if compiled is None:
-        compiled = step_fn.lower(trainable, frozen, opt_state, batch).compile()
-        _COMPILED[ckey] = compiled
-        COMPILE_COUNT["train_step"] += 1
+      # jax.jit's cache serves train() calls with the same StepSpec and shapes (the
+      # headline's many small train-against runs compile once).
+      n_traced = COMPILE_COUNT["train_step"]
+      compiled = step_fn.trace(trainable, frozen, opt_state, batch).lower().compile()
+      if COMPILE_COUNT["train_step"] != n_traced:
         compile_time = time.perf_counter() - t0
         if main:
           log.info("train: step compiled in %.1fs", compile_time)

@@ -251,6 +251,32 @@ def test_train_end_to_end(tmp_path):
     T.train(tiny_model(), data, dict(cfg, seed=3), str(tmp_path), progress=False)
 
 
+def test_repeated_runs_reuse_the_compiled_step(tmp_path):
+  """jax.jit's cache (the step's static StepSpec) serves a second train() call with the same
+  graph, optimizer and shapes: no trace and no backend compile of the step; another optimizer
+  setting is a new program."""
+  from jax import monitoring
+  compiles = []
+
+  def listener(event, secs, **kw):
+    if event.endswith("backend_compile_duration") and "_train_step" in str(kw.get("fun_name")):
+      compiles.append(secs)
+
+  cfg = dict(steps=2, batch_size=4, seq_len=64, lr=1e-3, ckpt_every=-1, max_loss_tokens=64)
+  T.train(tiny_model(), synthetic_data(n=8, seed=6), cfg, str(tmp_path / "a"), progress=False)
+  n = T.COMPILE_COUNT["train_step"]
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    r = T.train(tiny_model(seed=1), synthetic_data(n=8, seed=7), cfg, str(tmp_path / "b"),
+                progress=False)
+    assert T.COMPILE_COUNT["train_step"] == n and r.compile_time == 0.0 and not compiles
+    r = T.train(tiny_model(), synthetic_data(n=8, seed=6), dict(cfg, lr=2e-3),
+                str(tmp_path / "c"), progress=False)
+    assert T.COMPILE_COUNT["train_step"] == n + 1 and r.compile_time > 0 and len(compiles) == 1
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+
+
 def test_first_step_loss_is_initial_loss(tmp_path):
   data = synthetic_data(n=8, seed=6)
   model = tiny_model()
