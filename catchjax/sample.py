@@ -329,7 +329,8 @@ class _Fns:
     q_pos = jnp.maximum(jax.lax.dynamic_slice_in_dim(k_pos, Pb, Ts, axis=1), 0)
     slots = jnp.arange(S, dtype=jnp.int32)[None, :]
     mask = llama.make_mask(q_pos, k_pos, k_valid & (slots < Pb + Ts), window=cfg.sliding_window)
-    h, cache = m.hidden(suffix_BxT, q_pos, mask, cache=cache, cache_index=Pb)
+    h, cache = m.hidden(suffix_BxT, q_pos, mask, cache=cache, cache_index=Pb,
+                        key_positions_BxS=k_pos)
     return h, self._cache_c(cache)
 
   # -- generation
@@ -424,7 +425,7 @@ class _Fns:
       q_pos = (lens_B + t - 1)[:, None]
       mask = llama.make_mask(q_pos, k_pos, k_valid & (slots <= slot), window=cfg.sliding_window)
       h, cache = m.hidden(tok[:, None], q_pos, mask, cache=cache, cache_index=slot,
-                          layer_list=layers)
+                          layer_list=layers, key_positions_BxS=k_pos)
       logits = m.logits(h[:, 0])
       new, lp = sample_from_logits(logits, keys, t, temperature, top_k, top_p, mode)
       new = jnp.where(done, pad_id, new)

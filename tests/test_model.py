@@ -72,6 +72,51 @@ def test_packed_segments_equal_separate_forwards():
   np.testing.assert_allclose(np.asarray(packed[0, 7:12]), lb[0], atol=1e-5)
 
 
+def test_per_layer_windows():
+  """`layer_windows` (applied inside the model) on every path: the same window on every layer
+  equals `sliding_window` in the caller's mask, bitwise; a mix runs under packing, frozen
+  blocks with remat, a rolled scan and the KV-cache sampler, with the same numbers."""
+  from flax import nnx
+  from catchjax.sample import Sampler, SamplingParams
+  def make(cfg):   # larger weights than the init: logits spread, greedy tokens vary
+    m = llama.Llama(cfg, nnx.Rngs(0))
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+      v = getattr(m.layers, name)
+      v[...] = 6.0 * v[...]
+    m.embed[...] = 20.0 * m.embed[...]
+    return m
+  ids = np.random.default_rng(2).integers(0, 300, (2, 14))
+  uni = make(_tiny(num_layers=3, sliding_window=4))
+  per = make(_tiny(num_layers=3, layer_windows=(4, 4, 4)))
+  np.testing.assert_array_equal(_jax_logits(uni, ids), _jax_logits(per, ids))
+  mixed = _tiny(num_layers=3, layer_windows=(None, 4, None))
+  m = make(mixed)
+  ref = _jax_logits(m, ids)
+  assert np.abs(ref - _jax_logits(make(_tiny(num_layers=3)), ids)).max() > 1e-2  # window acts
+  assert np.abs(ref - _jax_logits(uni, ids)).max() > 1e-2     # ... on layer 1 only
+  for kw in (dict(scan_unroll=1), dict(frozen_layers=2, remat="full")):
+    np.testing.assert_allclose(_jax_logits(make(mixed.replace(**kw)), ids), ref, atol=1e-4)
+  # Packed rows: each segment's positions restart, so its window is its own.
+  seg = jnp.asarray([[1] * 9 + [2] * 5 + [0] * 2])
+  toks = jnp.asarray([list(ids[0, :9]) + list(ids[1, :5]) + [0, 0]])
+  pos, mask = llama.packed_inputs(seg, window=mixed.sliding_window)
+  packed = np.asarray(m(toks, pos, mask)[0])
+  np.testing.assert_allclose(packed[0, :9], _jax_logits(m, ids[:1, :9])[0], atol=1e-4)
+  np.testing.assert_allclose(packed[0, 9:14], _jax_logits(m, ids[1:, :5])[0], atol=1e-4)
+  # KV-cache prefill and decode: greedy tokens equal the argmax of full forwards.
+  prompt = list(ids[0, :5])
+  out = Sampler(m, batch_size=1, eos_ids=[], progress=False).generate(
+      [prompt], SamplingParams(max_new_tokens=8)).tokens[0]
+  seq = list(prompt)
+  for _ in range(8):
+    seq.append(int(_jax_logits(m, np.asarray([seq]))[0, -1].argmax()))
+  assert list(out) == seq[5:]
+  with pytest.raises(ValueError, match="not both"):
+    _tiny(sliding_window=4, layer_windows=(4, None))
+  with pytest.raises(ValueError, match="entries for 2 layers"):
+    _tiny(layer_windows=(4,))
+
+
 def test_scan_unroll_changes_speed_not_results():
   from flax import nnx
   m1 = llama.Llama(_tiny(num_layers=4, scan_unroll=1), nnx.Rngs(0))   # a rolled loop

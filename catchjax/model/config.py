@@ -1,7 +1,7 @@
 """ModelConfig: the architecture of a Llama-family decoder, read from a Hugging Face config.json.
 
-The families (llama incl. 3.x RoPE scaling, qwen2, qwen3, mistral) and the rules for which
-config.json fields are read or refused live in `families.py`.
+The families (llama incl. 3.x RoPE scaling, qwen2, qwen3, mistral, gemma2) and the rules for
+which config.json fields are read or refused live in `families.py`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ _BOUNDS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1
            "max_position_embeddings": 1 << 24}
 
 
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")   # HF names; llama.py maps them to JAX
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static architecture description (hashable, so it can be a jit static argument)."""
@@ -45,7 +48,22 @@ class ModelConfig:
   tie_embeddings: bool = True
   qkv_bias: bool = False
   qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+  # Attention windows: key k is seen from query q when q_pos - k_pos < window.
+  # `sliding_window`: one window on every layer, applied by the callers' mask
+  # (`llama.make_mask(..., window=cfg.sliding_window)`). `layer_windows`: per-layer windows
+  # (an int or None per layer) for models that mix full and windowed layers; the model applies
+  # them itself (`Llama.hidden`), so callers then pass the plain causal mask. At most one of
+  # the two is set.
   sliding_window: int | None = None
+  layer_windows: tuple | None = None
+  # Gemma-style block (families.py sets these per family; the defaults are Llama's).
+  hidden_act: str = "silu"       # MLP activation (HF name): silu | gelu_pytorch_tanh (GeGLU)
+  norm_plus_one: bool = False    # RMSNorm scales by (1 + w); weights stored as HF stores them
+  post_norms: bool = False       # RMSNorm on the attention and MLP outputs, before the residual
+  embed_scale: bool = False      # embeddings times sqrt(hidden_size), in the compute dtype
+  query_pre_attn_scalar: float | None = None   # scores scaled by this**-0.5 (None: head_dim)
+  attn_softcap: float | None = None    # scores -> tanh(s / cap) * cap, before the mask
+  final_softcap: float | None = None   # logits -> tanh(l / cap) * cap
   max_position_embeddings: int = 2048
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
@@ -63,6 +81,28 @@ class ModelConfig:
   # Layers per lax.scan iteration in the full-sequence (training / scoring) pass; 0 = all of
   # them (fully unrolled: lower peak RSS; the speed gain is within noise, see WORKSPACE.md).
   scan_unroll: int = 0
+
+  def __post_init__(self):
+    if self.layer_windows is not None:
+      if len(self.layer_windows) != self.num_layers:
+        raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for "
+                         f"{self.num_layers} layers.")
+      if self.sliding_window is not None:
+        raise ValueError("set sliding_window (one window on every layer) or layer_windows "
+                         "(per layer), not both.")
+      if any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1)
+             for w in self.layer_windows):
+        raise ValueError(f"layer_windows={self.layer_windows!r}: a positive int or None "
+                         f"per layer.")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r}; one of {sorted(ACTIVATIONS)}.")
+
+  @property
+  def windows(self) -> tuple:
+    """The attention window of every layer (None: full attention)."""
+    if self.layer_windows is not None:
+      return tuple(self.layer_windows)
+    return (self.sliding_window,) * self.num_layers
 
   def without_training_knobs(self) -> "ModelConfig":
     """This config with the training-graph knobs (remat, frozen blocks) at their defaults:
@@ -88,7 +128,7 @@ class ModelConfig:
     d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
     q = self.num_heads * self.head_dim
     kv = self.num_kv_heads * self.head_dim
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + (4 if self.post_norms else 2) * d
     if self.qkv_bias:
       per_layer += q + 2 * kv
     if self.qk_norm:
@@ -113,6 +153,7 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> "ModelConfig":
     fam = families.family(d.get("model_type"), source)
+    d = {**dict(fam.defaults), **d}   # transformers' defaults for fields the file omits
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads"):
       if key not in d:
@@ -128,10 +169,21 @@ class ModelConfig:
           f"{source}: num_attention_heads={d['num_attention_heads']} is not a multiple of "
           f"num_key_value_heads={d.get('num_key_value_heads')}.")
     families.check_fields(d, fam, source)
-    if d.get("hidden_act", "silu") != "silu":
-      raise UnsupportedModelError(f"{source}: hidden_act={d.get('hidden_act')!r}; only silu.")
+    act = d.get(fam.act_key, fam.acts[0])
+    if act not in fam.acts:
+      raise UnsupportedModelError(f"{source}: {fam.act_key}={act!r}; only "
+                                  f"{', '.join(fam.acts)} for model_type={fam.model_type!r}.")
     theta, scaling = families.read_rope(d, source)
     nh, nl = int(d["num_attention_heads"]), int(d["num_hidden_layers"])
+    window, layer_windows = families.read_window(d, fam, nl, source)
+    gemma = {}
+    if fam.model_type == "gemma2":
+      num = lambda k: None if d.get(k) is None else float(d[k])  # noqa: E731
+      if num("query_pre_attn_scalar") is None:   # transformers raises on it too
+        raise UnsupportedModelError(f"{source}: query_pre_attn_scalar=None; gemma2 needs one.")
+      gemma = dict(query_pre_attn_scalar=num("query_pre_attn_scalar"),
+                   attn_softcap=num("attn_logit_softcapping"),
+                   final_softcap=num("final_logit_softcapping"))
     eos = d.get("eos_token_id")
     if isinstance(eos, list):
       eos = tuple(int(e) for e in eos)
@@ -150,7 +202,13 @@ class ModelConfig:
         tie_embeddings=bool(d.get("tie_word_embeddings", fam.tie_default)),
         qkv_bias=fam.qkv_bias,
         qk_norm=fam.qk_norm,
-        sliding_window=families.read_window(d, fam, nl, source),
+        sliding_window=window,
+        layer_windows=layer_windows,
+        hidden_act=act,
+        norm_plus_one=fam.norm_plus_one,
+        post_norms=fam.post_norms,
+        embed_scale=fam.embed_scale,
+        **gemma,
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
@@ -162,8 +220,19 @@ class ModelConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """config.json in the transformers 4.x layout (top-level rope_theta / rope_scaling), which
     transformers 5.x also reads."""
+    fam = families.FAMILIES[self.model_type]
+    block = {k: getattr(fam, k) for k in ("qkv_bias", "qk_norm", "norm_plus_one", "post_norms",
+                                          "embed_scale")}
+    if self.model_type != "gemma2":
+      block.update(query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None)
+    off = {k: getattr(self, k) for k, v in block.items() if getattr(self, k) != v}
+    if self.hidden_act not in fam.acts:
+      off["hidden_act"] = self.hidden_act
+    if off:
+      raise ValueError(f"{off} cannot be written as a model_type={self.model_type!r} "
+                       f"config.json (transformers would run a different block).")
     d = {
-        "architectures": [families.FAMILIES[self.model_type].architecture],
+        "architectures": [fam.architecture],
         "model_type": self.model_type,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
@@ -176,7 +245,7 @@ class ModelConfig:
         "rms_norm_eps": self.rms_eps,
         "tie_word_embeddings": self.tie_embeddings,
         "max_position_embeddings": self.max_position_embeddings,
-        "hidden_act": "silu",
+        fam.act_key: self.hidden_act,
         "bos_token_id": self.bos_token_id,
         "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
         else self.eos_token_id,
@@ -186,12 +255,31 @@ class ModelConfig:
     }
     if self.model_type == "llama":
       d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    sizes = {w for w in self.windows if w is not None}
+    if len(sizes) > 1:
+      raise ValueError(f"layer_windows={self.layer_windows!r}: config.json holds one "
+                       f"sliding_window size, not {sorted(sizes)}.")
+    window = sizes.pop() if sizes else None
+    types = ["full_attention" if w is None else "sliding_attention" for w in self.windows]
     if self.model_type == "mistral":
+      if self.layer_windows is not None:
+        raise ValueError("transformers' Mistral windows every layer or none; layer_windows "
+                         "has no mistral config.json.")
       d["sliding_window"] = self.sliding_window
     if self.model_type in ("qwen2", "qwen3"):
-      # Qwen windows layers i >= max_window_layers: 0 puts the window on every layer.
-      d.update(use_sliding_window=self.sliding_window is not None,
-               sliding_window=self.sliding_window, max_window_layers=0)
+      # Qwen windows layers i >= max_window_layers (0: every layer) unless layer_types says
+      # otherwise (transformers 5.x reads layer_types; 4.x read max_window_layers, which
+      # agrees when the windowed layers are the top ones).
+      first = types.index("sliding_attention") if window else 0
+      d.update(use_sliding_window=window is not None, sliding_window=window,
+               max_window_layers=first)
+      if self.layer_windows is not None:
+        d["layer_types"] = types
+    if self.model_type == "gemma2":
+      d.update(sliding_window=window, layer_types=types, attention_bias=False,
+               query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+               attn_logit_softcapping=self.attn_softcap,
+               final_logit_softcapping=self.final_softcap)
     return d
 
   @classmethod
@@ -218,6 +306,11 @@ class ModelConfig:
     if eos != cfg.eos_ids:
       cfg = cfg.replace(eos_token_id=eos if len(eos) > 1 else eos[0])
     return cfg
+
+
+def _int_if_whole(v):
+  """32.0 -> 32 (transformers types Gemma2Config.query_pre_attn_scalar as an int)."""
+  return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def _generation_eos(path: str) -> tuple[int, ...]:

@@ -1,9 +1,11 @@
 """Model families: how each HF `model_type` maps onto catchjax's decoder.
 
 A family is one `Family` entry: its architecture name, the config.json fields it reads beyond
-the common ones, the fields it must see at their default, and its block differences (q/k/v
-bias, q/k RMSNorm). Adding a family is one entry here plus, where its block differs, one
-flag in `ModelConfig` and its branch in `llama.py`.
+the common ones, the fields it must see at their default, transformers' defaults for the fields
+a config.json may omit (where they differ from the common ones), its activation, and its block
+differences (q/k/v bias, q/k RMSNorm, Gemma's (1 + w) norms, post-attention / post-MLP norms and
+scaled embedding). Adding a family is one entry here plus, where its block differs, one flag in
+`ModelConfig` and its branch in `llama.py` (and its weight names in `hf.py`).
 
 Every config.json field that can change the math is either read or refused: a field no
 family reads and no allowlist names is refused by name unless it holds a default-like value
@@ -29,6 +31,15 @@ class Family:
   qkv_bias: bool = False
   qk_norm: bool = False
   tie_default: bool = True
+  # The config.json field that names the MLP activation, and the values this decoder runs.
+  act_key: str = "hidden_act"
+  acts: tuple = ("silu",)
+  # transformers' config-class defaults for fields a config.json may omit ((field, value)
+  # pairs), where they differ from ModelConfig.from_hf_dict's common fallbacks.
+  defaults: tuple = ()
+  norm_plus_one: bool = False     # RMSNorm scales by (1 + w) (Gemma)
+  post_norms: bool = False        # RMSNorm on the attention / MLP outputs too (Gemma 2)
+  embed_scale: bool = False       # embeddings times sqrt(hidden_size) (Gemma)
 
 
 # Read by every family (ModelConfig.from_hf_dict maps them).
@@ -45,7 +56,7 @@ INERT = frozenset({
     "initializer_range", "use_cache", "_name_or_path", "output_attentions",
     "output_hidden_states", "return_dict", "pretraining_tp", "tokenizer_class",
     "is_llama_config", "transformers.js_config", "_attn_implementation", "auto_map",
-    "_from_model_config", "name_or_path", "_converted_from"})
+    "_from_model_config", "name_or_path", "_converted_from", "cache_implementation"})
 # Training-only: catchjax applies no dropout, so a non-zero value is refused.
 _NO_DROPOUT = (("attention_dropout", 0.0),)
 _SLIDING = frozenset({"use_sliding_window", "sliding_window", "max_window_layers"})
@@ -59,6 +70,24 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            must_be_default=(("attention_bias", False),) + _NO_DROPOUT),
     Family("mistral", "MistralForCausalLM", reads=frozenset({"sliding_window"}),
            tie_default=False, must_be_default=_NO_DROPOUT),
+    # Gemma 2: (1 + w) norms around attention and MLP, sqrt(hidden)-scaled embedding, GeGLU,
+    # query_pre_attn_scalar, tanh soft-capping of attention scores and logits, sliding-window
+    # attention on the layers `layer_types` names (default: even layers). transformers' Gemma2
+    # takes its activation from `hidden_activation`; a `hidden_act` beside it (hub configs
+    # carry both) is never read there, so it is not read here either.
+    Family("gemma2", "Gemma2ForCausalLM",
+           reads=frozenset({"sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+                            "final_logit_softcapping", "hidden_activation"}),
+           must_be_default=(("attention_bias", False), ("use_bidirectional_attention", False))
+           + _NO_DROPOUT,
+           act_key="hidden_activation", acts=("gelu_pytorch_tanh",),
+           defaults=(("num_key_value_heads", 4), ("head_dim", 256), ("rms_norm_eps", 1e-6),
+                     ("max_position_embeddings", 8192), ("pad_token_id", 0),
+                     ("eos_token_id", 1), ("bos_token_id", 2),
+                     ("hidden_activation", "gelu_pytorch_tanh"), ("query_pre_attn_scalar", 256),
+                     ("sliding_window", 4096), ("final_logit_softcapping", 30.0),
+                     ("attn_logit_softcapping", 50.0)),
+           norm_plus_one=True, post_norms=True, embed_scale=True),
 )}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -133,13 +162,29 @@ def read_rope(d: dict, source: str) -> tuple[float, tuple | None]:
   return theta, tuple(sorted([("rope_type", rtype)] + [(k, p[k]) for k in need]))
 
 
-def read_window(d: dict, fam: Family, n_layers: int, source: str) -> int | None:
-  """The attention window, as transformers applies it: Mistral's `sliding_window` on every
-  layer; Qwen's on layers >= max_window_layers when use_sliding_window; `layer_types` when
-  given. Per-layer mixes of full and windowed layers are refused (not implemented yet)."""
+def read_window(d: dict, fam: Family, n_layers: int,
+                source: str) -> tuple[int | None, tuple | None]:
+  """(sliding_window, layer_windows): the attention window(s) as transformers applies them.
+
+  Mistral: `sliding_window` on every layer (transformers' Mistral ignores `layer_types`, so a
+  `layer_types` that disagrees is refused). Qwen2/3: the window on layers >= max_window_layers
+  when use_sliding_window, or on the layers `layer_types` names. Gemma 2: on the layers
+  `layer_types` names, by default the even ones. Llama: no window.
+  One window on every layer (or none) is `sliding_window` (layer_windows None); a mix of full
+  and windowed layers is `layer_windows`, the window (or None) of each layer."""
   window = d.get("sliding_window")
+  given = list(d["layer_types"]) if d.get("layer_types") else None
+  if given is not None and (len(given) != n_layers or
+                            set(given) - {"full_attention", "sliding_attention"}):
+    raise UnsupportedModelError(f"{source}: layer_types={given!r} is not one of "
+                                f"'full_attention' / 'sliding_attention' per layer.")
   if fam.model_type == "mistral":
     types = ["sliding_attention" if window else "full_attention"] * n_layers
+    if given is not None and given != types:
+      raise UnsupportedModelError(
+          f"{source}: layer_types={given!r} disagrees with sliding_window={window!r}; "
+          f"transformers' Mistral ignores layer_types and windows every layer (a Ministral-"
+          f"style alternating model is not model_type 'mistral').")
   elif fam.model_type in ("qwen2", "qwen3"):
     if not d.get("use_sliding_window"):
       window = None
@@ -147,20 +192,15 @@ def read_window(d: dict, fam: Family, n_layers: int, source: str) -> int | None:
     mwl = n_layers if mwl is None else int(mwl)
     types = ["sliding_attention" if window and i >= mwl else "full_attention"
              for i in range(n_layers)]
+  elif fam.model_type == "gemma2":
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
   else:
     types = ["full_attention"] * n_layers
-  if d.get("layer_types"):
-    types = list(d["layer_types"])
-    if len(types) != n_layers or set(types) - {"full_attention", "sliding_attention"}:
-      raise UnsupportedModelError(f"{source}: layer_types={types!r} is not one of "
-                                  f"'full_attention' / 'sliding_attention' per layer.")
-  kinds = set(types)
-  if kinds == {"full_attention"}:
-    return None
-  if len(kinds) > 1:
-    raise UnsupportedModelError(
-        f"{source}: layers mix full and sliding-window attention ({types}); per-layer "
-        f"windows are not supported yet.")
-  if not window:
+  if given is not None:
+    types = given
+  if "sliding_attention" in types and not window:
     raise UnsupportedModelError(f"{source}: sliding layers but no sliding_window size.")
-  return int(window)
+  windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+  if len(set(windows)) == 1:
+    return windows[0], None
+  return None, windows

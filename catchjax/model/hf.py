@@ -34,8 +34,14 @@ def layer_vectors(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
   """Per-layer 1-D weights: our name -> (HF suffix within model.layers.{i}., length)."""
   D, hd = cfg.hidden_size, cfg.head_dim
   Q, KV = cfg.num_heads * hd, cfg.num_kv_heads * hd
-  out = {"attn_norm": ("input_layernorm.weight", D),
-         "mlp_norm": ("post_attention_layernorm.weight", D)}
+  if cfg.post_norms:   # Gemma 2: post_attention_layernorm is on the attention output
+    out = {"attn_norm": ("input_layernorm.weight", D),
+           "post_attn_norm": ("post_attention_layernorm.weight", D),
+           "mlp_norm": ("pre_feedforward_layernorm.weight", D),
+           "post_mlp_norm": ("post_feedforward_layernorm.weight", D)}
+  else:
+    out = {"attn_norm": ("input_layernorm.weight", D),
+           "mlp_norm": ("post_attention_layernorm.weight", D)}
   if cfg.qkv_bias:
     out.update(bq=("self_attn.q_proj.bias", Q), bk=("self_attn.k_proj.bias", KV),
                bv=("self_attn.v_proj.bias", KV))
@@ -320,11 +326,12 @@ def save_random_hf(cfg: ModelConfig, path: str, seed: int = 0, tokenizer_dir=Non
   model = Llama(cfg, nnx.Rngs(seed))
   # Random norms/biases so that parity tests exercise every weight.
   rng = np.random.default_rng(seed)
+  one = 0.0 if cfg.norm_plus_one else 1.0   # the identity norm's stored weight
   for name in layer_vectors(cfg):
     v = getattr(model.layers, name)
-    v[...] = jnp.asarray(1.0 * (name.endswith("norm")) + 0.1 * rng.standard_normal(v.shape),
+    v[...] = jnp.asarray(one * (name.endswith("norm")) + 0.1 * rng.standard_normal(v.shape),
                          v[...].dtype)
-  model.final_norm[...] = jnp.asarray(1 + 0.1 * rng.standard_normal(model.final_norm.shape),
+  model.final_norm[...] = jnp.asarray(one + 0.1 * rng.standard_normal(model.final_norm.shape),
                                       model.final_norm[...].dtype)
   save_hf(model, path, tokenizer_dir=tokenizer_dir)
   return model

@@ -1,5 +1,8 @@
 """The Llama-family decoder in flax.nnx: embed -> L x (RMSNorm, GQA attention with RoPE,
-RMSNorm, SwiGLU) -> RMSNorm -> (tied) LM head.
+RMSNorm, SwiGLU) -> RMSNorm -> (tied) LM head. Family differences are `ModelConfig` flags:
+q/k/v bias (Qwen2), q/k norms (Qwen3), and Gemma 2's block -- (1 + w) norms, norms on the
+attention and MLP outputs too, sqrt(hidden)-scaled embedding, GeGLU, query_pre_attn_scalar,
+tanh soft-capping of attention scores and logits.
 
 Layer weights are stacked on a leading `layers` axis and run with `lax.scan`, so compile time
 does not grow with depth. Kernels are stored [in, out] (HF stores [out, in]; `hf.py`
@@ -7,9 +10,14 @@ transposes). The module is a parameter container; the compute is plain JAX, so c
 `nnx.split` it once and jit pure functions of (graphdef, state).
 
 Attention takes an explicit boolean mask [B, T, S] (see `make_mask`), which covers packed
-training (segments), left-padded prefill and KV-cache decoding with one code path.
+training (segments), left-padded prefill and KV-cache decoding with one code path. A window on
+every layer (`cfg.sliding_window`) is part of that mask; per-layer windows
+(`cfg.layer_windows`, models that mix full and windowed layers) are applied here, from the
+query and key positions, on top of the mask the caller gives.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,8 @@ LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
     "final_norm": ("norm",),
     "attn_norm": ("layers", "norm"),
     "mlp_norm": ("layers", "norm"),
+    "post_attn_norm": ("layers", "norm"),
+    "post_mlp_norm": ("layers", "norm"),
     "wq": ("layers", "embed", "q_heads"),
     "wk": ("layers", "embed", "kv_heads"),
     "wv": ("layers", "embed", "kv_heads"),
@@ -69,8 +79,12 @@ class Layers(nnx.Module):
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     Q, KV = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = nnx.Param(jnp.ones((L, D), pd))
-    self.mlp_norm = nnx.Param(jnp.ones((L, D), pd))
+    ident = jnp.zeros if cfg.norm_plus_one else jnp.ones   # a norm weight that scales by 1
+    self.attn_norm = nnx.Param(ident((L, D), pd))
+    self.mlp_norm = nnx.Param(ident((L, D), pd))
+    if cfg.post_norms:
+      self.post_attn_norm = nnx.Param(ident((L, D), pd))
+      self.post_mlp_norm = nnx.Param(ident((L, D), pd))
     shapes = {"wq": (D, Q), "wk": (D, KV), "wv": (D, KV), "wo": (Q, D),
               "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
     for name, (i, o) in shapes.items():
@@ -80,8 +94,8 @@ class Layers(nnx.Module):
       self.bk = nnx.Param(jnp.zeros((L, KV), pd))
       self.bv = nnx.Param(jnp.zeros((L, KV), pd))
     if cfg.qk_norm:
-      self.q_norm = nnx.Param(jnp.ones((L, cfg.head_dim), pd))
-      self.k_norm = nnx.Param(jnp.ones((L, cfg.head_dim), pd))
+      self.q_norm = nnx.Param(ident((L, cfg.head_dim), pd))
+      self.k_norm = nnx.Param(ident((L, cfg.head_dim), pd))
     if cfg.lora_rank > 0:
       r = cfg.lora_rank
       for name in cfg.lora_targets:
@@ -91,7 +105,8 @@ class Layers(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """Llama / Qwen2 / Qwen3 / Mistral decoder. See module docstring for the calling convention."""
+  """Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 decoder. See module docstring for the calling
+  convention."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -99,25 +114,31 @@ class Llama(nnx.Module):
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), pd))
     self.layers = Layers(cfg, rngs)
-    self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pd))
+    self.final_norm = nnx.Param((jnp.zeros if cfg.norm_plus_one else jnp.ones)(
+        (cfg.hidden_size,), pd))
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), pd))
 
   # ---------------------------------------------------------------- forward
-  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
+               key_positions_BxS=None):
     """Returns (logits_BxTxV float32, new_cache)."""
-    h, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+    h, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index,
+                           key_positions_BxS=key_positions_BxS)
     return self.logits(h), cache
 
   def logits(self, h_BxTxD):
     """The LM head on final hidden states (call it only where logits are needed)."""
     cfg = self.cfg
     w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("...d,dv->...v", h_BxTxD.astype(cfg.compute_dtype),
-                      w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    out = jnp.einsum("...d,dv->...v", h_BxTxD.astype(cfg.compute_dtype),
+                     w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    if cfg.final_softcap is not None:   # Gemma 2
+      out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
+    return out
 
   def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
-             return_residuals: bool = False, layer_list=None):
+             return_residuals: bool = False, layer_list=None, key_positions_BxS=None):
     """Final-normed hidden states [B, T, D] and the updated KV cache.
 
     cache: None (attend within the T tokens given) or a dict from `init_cache`; then the T new
@@ -127,10 +148,15 @@ class Llama(nnx.Module):
       cache must then be per layer too, {"k": (L arrays), "v": (L arrays)}, and the layers run
       as a Python loop. Single-token decode uses this: inside a `lax.while_loop`, a layer scan
       over stacked arrays slices every layer's weights and writes the stacked cache each step.
+    key_positions_BxS: the position of every key slot of the mask, for per-layer windows
+      (`cfg.layer_windows`) with a cache; without one the keys are the T tokens given.
     """
     cfg = self.cfg
     cd = cfg.compute_dtype
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cd)
+    if cfg.embed_scale:
+      # Gemma: times sqrt(hidden), the normalizer cast to the hidden dtype (as transformers).
+      x = x * jnp.asarray(np.float32(cfg.hidden_size ** 0.5)).astype(cd)
     cos, sin = rope_tables(positions_BxT, rope_inv_freq(cfg))
     lp = _layer_arrays(self.layers) if layer_list is None else None
     scale_lora = cfg.lora_alpha / max(cfg.lora_rank, 1)
@@ -140,6 +166,31 @@ class Llama(nnx.Module):
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // KV
     fuse = B * T >= 64
+    scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+    act = (jax.nn.silu if cfg.hidden_act == "silu"
+           else functools.partial(jax.nn.gelu, approximate=True))   # gelu_pytorch_tanh
+    norm = functools.partial(rms_norm, eps=cfg.rms_eps, plus_one=cfg.norm_plus_one)
+
+    # Per-layer windows: each layer's bias is the caller's mask and, on windowed layers,
+    # q_pos - k_pos < window. The layer scan carries each layer's window as an int32 (full
+    # layers: int32 max, which every distance is below); the per-layer decode loop uses the
+    # static value. The block builds its bias from the window, so under remat only the
+    # window is kept per layer, not a [B, T, S] bias.
+    win_L = None
+    if cfg.layer_windows is not None:
+      if key_positions_BxS is None:
+        if mask_BxTxS.shape[-1] != T:
+          raise ValueError("per-layer windows over a cache need key_positions_BxS (the "
+                           "position of every key slot).")
+        key_positions_BxS = positions_BxT
+      dist_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
+      win_L = jnp.asarray([np.iinfo(np.int32).max if w is None else w
+                           for w in cfg.layer_windows], jnp.int32)
+
+    def layer_bias(win):
+      if win is None:
+        return bias_BxTxS
+      return jnp.where(mask_BxTxS & (dist_BxTxS < win), 0.0, neg).astype(jnp.float32)
 
     def proj(h, p, name):
       y = jnp.einsum("btd,de->bte", h, p[name].astype(cd))
@@ -148,8 +199,9 @@ class Llama(nnx.Module):
         y = y + scale_lora * jnp.einsum("btr,re->bte", a, p[f"lora_b_{name}"].astype(cd))
       return y
 
-    def block(x, p, kcs, vcs, i=None):
-      h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
+    def block(x, p, kcs, vcs, i, win):
+      bias_BxTxS = layer_bias(win)
+      h = norm(x, p["attn_norm"])
       if fuse and "lora_a_wq" not in p:
         # Many-token calls (training, prefill): one [D, Q+2KV] matmul instead of three (a
         # faster train step). Single-token decode keeps separate weights: the concat would
@@ -163,7 +215,7 @@ class Llama(nnx.Module):
         q, k, v = q + p["bq"].astype(cd), k + p["bk"].astype(cd), v + p["bv"].astype(cd)
       q, k = q.reshape(B, T, H, hd), k.reshape(B, T, KV, hd)
       if cfg.qk_norm:
-        q, k = rms_norm(q, p["q_norm"], cfg.rms_eps), rms_norm(k, p["k_norm"], cfg.rms_eps)
+        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
       v = v.reshape(B, T, KV, hd)
       qg = q.reshape(B, T, KV, G, hd)
@@ -191,7 +243,10 @@ class Llama(nnx.Module):
       else:
         k_all, v_all = k, v
         s = jnp.einsum("btkgd,bskd->bkgts", qg, k_all).astype(jnp.float32)
-      s = s * (hd ** -0.5) + bias_BxTxS[:, None, None]
+      s = s * scale
+      if cfg.attn_softcap is not None:   # Gemma 2: on the scaled scores, before the mask
+        s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+      s = s + bias_BxTxS[:, None, None]
       w = jax.nn.softmax(s, axis=-1).astype(cd)
       if kcs is None:
         o = jnp.einsum("bkgts,bskd->btkgd", w, v_all)
@@ -200,14 +255,20 @@ class Llama(nnx.Module):
       else:
         o = jnp.einsum("bkgts,bksd->btkgd", w, v_all)
       o = o.reshape(B, T, H * hd)
-      x = x + proj(o, p, "wo")
-      h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
+      attn_out = proj(o, p, "wo")
+      if cfg.post_norms:
+        attn_out = norm(attn_out, p["post_attn_norm"])
+      x = x + attn_out
+      h = norm(x, p["mlp_norm"])
       if fuse and "lora_a_w_gate" not in p:
         gu = jnp.einsum("btd,df->btf", h, jnp.concatenate([p["w_gate"], p["w_up"]], -1).astype(cd))
-        g = jax.nn.silu(gu[..., :gu.shape[-1] // 2]) * gu[..., gu.shape[-1] // 2:]
+        g = act(gu[..., :gu.shape[-1] // 2]) * gu[..., gu.shape[-1] // 2:]
       else:
-        g = jax.nn.silu(proj(h, p, "w_gate")) * proj(h, p, "w_up")
-      x = x + proj(g, p, "w_down")
+        g = act(proj(h, p, "w_gate")) * proj(h, p, "w_up")
+      mlp_out = proj(g, p, "w_down")
+      if cfg.post_norms:
+        mlp_out = norm(mlp_out, p["post_mlp_norm"])
+      x = x + mlp_out
       return x, kcs, vcs
 
     policy = REMAT_POLICIES[cfg.remat]
@@ -220,13 +281,15 @@ class Llama(nnx.Module):
       # writes into a stacked cache.
       ks, vs, res = list(cache["k"]), list(cache["v"]), []
       for li, p in enumerate(layer_list):
-        x, ks[li], vs[li] = block(x, p, ks[li], vs[li], None)
+        win = None if win_L is None else cfg.layer_windows[li]
+        x, ks[li], vs[li] = block(x, p, ks[li], vs[li], None, win)
         res.append(x)
       new_cache = {"k": tuple(ks), "v": tuple(vs)}
       res = jnp.stack(res) if return_residuals else None
     elif cache is None:
-      def body(x, p):
-        x, _, _ = block(x, p, None, None)
+      def body(x, pw):
+        p, win = pw
+        x, _, _ = block(x, p, None, None, None, win)
         return x, (x if return_residuals else None)
       def run(x, params):
         return jax.lax.scan(body, x, params, unroll=cfg.scan_unroll or True)
@@ -235,21 +298,22 @@ class Llama(nnx.Module):
         # Frozen bottom blocks: inputs and weights under stop_gradient, so autodiff builds no
         # backward pass for them (forward only); the blocks above train as usual.
         sg = jax.lax.stop_gradient
-        x, res = run(sg(x), jax.tree.map(lambda a: sg(a[:nf]), lp))
+        x, res = run(sg(x), jax.tree.map(lambda a: sg(a[:nf]), (lp, win_L)))
         if nf < cfg.num_layers:
-          x, res_hi = run(x, jax.tree.map(lambda a: a[nf:], lp))
+          x, res_hi = run(x, jax.tree.map(lambda a: a[nf:], (lp, win_L)))
           res = jnp.concatenate([res, res_hi]) if return_residuals else None
       else:
-        x, res = run(x, lp)
+        x, res = run(x, (lp, win_L))
       new_cache = None
     else:
-      def body(carry, p):
+      def body(carry, pw):
         x, kcs, vcs, i = carry
-        x, kcs, vcs = block(x, p, kcs, vcs, i)
+        p, win = pw
+        x, kcs, vcs = block(x, p, kcs, vcs, i, win)
         return (x, kcs, vcs, i + 1), (x if return_residuals else None)
-      (x, kcs, vcs, _), res = jax.lax.scan(body, (x, cache["k"], cache["v"], 0), lp)
+      (x, kcs, vcs, _), res = jax.lax.scan(body, (x, cache["k"], cache["v"], 0), (lp, win_L))
       new_cache = {"k": kcs, "v": vcs}
-    x = rms_norm(x, self.final_norm[...], cfg.rms_eps)
+    x = norm(x, self.final_norm[...])
     if return_residuals:
       return x, new_cache, res
     return x, new_cache
@@ -277,9 +341,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[st
 CACHE_SEQ_AXIS = {"k": 4, "v": 3}
 
 
-def rms_norm(x, w, eps):
+def rms_norm(x, w, eps, plus_one: bool = False):
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  if plus_one:   # Gemma: scale by (1 + w) in float32, then cast (transformers' Gemma2RMSNorm)
+    return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
   return (w.astype(x.dtype) * xf.astype(x.dtype))
 
 
