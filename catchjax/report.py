@@ -245,7 +245,10 @@ def contrast_half_widths(rows: list[dict], n: int,
                          arms: tuple[str, ...] = ("treatment", "control")) -> dict[tuple, dict]:
   """As `point_half_widths`, for the paired contrast the primary tests: per (family,
   behaviour), the treatment - control retained gap of each (organism, seed) both arms
-  measured, and the 95% CI half-width of its mean (bootstrap over those pairs)."""
+  measured, and the 95% CI half-width of its mean (bootstrap over those pairs). With other
+  than two arms there is no contrast: each arm's own rule (`point_half_widths`)."""
+  if len(arms) != 2:
+    return point_half_widths(rows, n, arms)
   a, b = arms
   by = defaultdict(lambda: defaultdict(dict))
   runs = defaultdict(set)

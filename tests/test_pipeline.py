@@ -34,6 +34,7 @@ def _tiny_config(model_dir, jsonl):
   h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
   # The treatment's stopping rule (the default), at this tiny model's learning rate.
   h.stopping.lr, h.stopping.max_steps, h.stopping.warmup_steps = 3e-3, 20, 0
+  h.stopping.eps = 0.01   # train the caught set down hard: this test is about removal
   h.return_n = 8          # the return measurement at this fixture's N
   c.report.n_eval, c.report.n_useful = 16, 8
   return c
@@ -71,7 +72,7 @@ def test_training_against_caught_attacks_removes_them(headline_run):
   # The stopping rule chose the treatment's steps (epochs of 1 step here); every other arm
   # trained exactly as many.
   assert 1 <= treat["train_steps"] <= 20 and treat["caught_p_attack_curve"]
-  assert treat["stop_capped"] == (treat["caught_p_attack_curve"][-1][1] >= 0.05)
+  assert treat["stop_capped"] == (treat["caught_p_attack_curve"][-1][1] >= 0.01)
   assert {r["train_steps"] for r in cells} == {treat["train_steps"]}
   assert 0 <= treat["useful_gate_n"] <= treat["useful_n"] and "useful_flag" in treat
   # Return: benign steps (the treatment's budget) after training, and from the organism.
@@ -396,7 +397,7 @@ def test_installed_gap_min_is_validated(monkeypatch):
   from catchjax.experiments import headline
   from catchjax.validate import ConfigError
   from configs.headline import get_config
-  monkeypatch.setattr(validate, "check_model_dir", lambda field, path: None)   # not the point
+  monkeypatch.setattr(validate, "check_model_dir", lambda field, path, **kw: None)  # not the point
   c = get_config()
   assert c.report.installed_gap_min == 0.5
   headline.validate(c)
@@ -555,6 +556,9 @@ def test_headline_power_top_up_runs_seeds_until_the_limit(headline_run, tmp_path
   h = c2.headline
   h.families, h.arms, h.distinguish_seeds = ("jsonl",), ("treatment", "control"), ()
   h.power_goal, h.power_min_seeds, h.power_max_seeds = 1e-6, 1, 2   # unreachable goal
+  # The per-arm rule: this family's cues are indistinguishable, so its gap (and the retained
+  # gap the contrast rule uses) is ~0 and unmeasurable by design.
+  h.power_target = "arms"
   headline.validate(c2)
   wd2 = str(tmp_path / "power")
   os.makedirs(os.path.join(wd2, "catches"))

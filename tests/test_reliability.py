@@ -27,7 +27,7 @@ WORKER = os.path.join(HERE, "helpers_reliability_worker.py")
 CONFIG = os.path.join(HERE, "reliability_config.py")
 # Fields that measure time or the code version, not the result.
 ROW_VOLATILE = {"cell_seconds", "train_tok_s", "commit"}
-ORG_VOLATILE = {"train_seconds", "tokens_per_sec", "mfu", "compile_time"}
+ORG_VOLATILE = {"train_seconds", "tokens_per_sec", "mfu", "compile_time", "probe_seconds"}
 
 
 def _env(cache_dir, **pause):

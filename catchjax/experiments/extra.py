@@ -192,10 +192,10 @@ def catch_path(config, cache: str, org_key: str, fam: str, behaviour: str) -> st
                       f"{common.config_hash(p, n=8)}.json")
 
 
-def _headline_catch(config, cache, org_key, fam, behaviour) -> str | None:
+def _headline_catch(config, cache, org_key, spec, behaviour) -> str | None:
   """The headline's catch file in `cache` if its resolved config (cache/config.json) caught
   with the same settings (the headline's file name lacks split and token budget)."""
-  path = os.path.join(cache, "catches", ta.catch_name(config, org_key, fam, behaviour, None))
+  path = os.path.join(cache, "catches", ta.catch_name(config, org_key, spec, behaviour, None))
   cfg = os.path.join(cache, "config.json")
   if not (os.path.isfile(path) and os.path.isfile(cfg)):
     return None
@@ -204,6 +204,8 @@ def _headline_catch(config, cache, org_key, fam, behaviour) -> str | None:
       hc = json.load(f)["config"]
     theirs = dict(catch_split=hc["headline"]["catch_split"], m=int(hc["headline"]["m"]),
                   max_new_tokens=int(hc["headline"]["max_new_tokens"]), system=hc["system"])
+    if float(hc["headline"].get("honeypot_frac", 0.0)):
+      theirs["honeypot_frac"] = float(hc["headline"]["honeypot_frac"])
   except (KeyError, ValueError, TypeError):
     return None
   return path if theirs == _catch_params(config) else None
@@ -214,7 +216,7 @@ def get_catch(config, cache: str, org, sampler: Sampler, tok, spec, behaviour: s
   fam = org_stage.family_name(spec)
   path = catch_path(config, cache, org.key, fam, behaviour)
   if not os.path.isfile(path):
-    src = _headline_catch(config, cache, org.key, fam, behaviour)
+    src = _headline_catch(config, cache, org.key, spec, behaviour)
     if src is not None and common.is_main_process():
       shutil.copyfile(src, path + ".tmp")
       os.replace(path + ".tmp", path)
