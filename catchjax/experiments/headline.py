@@ -446,7 +446,10 @@ def _report_meta(config, store, chash, commit, arms, per_seed, power, installed,
               catch=("a fresh catch of M prompts per seed" if per_seed else
                      "one catch of M prompts per family, shared by the seeds (the intervals "
                      "leave out the catch-to-catch spread)"),
-              train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
+              train_against=dict(h.train.to_dict(), **(dict(
+                  lr=st["lr"], warmup_steps=st["warmup_steps"], decay="constant",
+                  steps="the stopping rule's (treatment), its budget (other arms)")
+                  if st else {})), aux_ratio=h.aux_ratio,
               max_new_tokens=h.max_new_tokens,
               power_rule=(f"seeds added at the largest N while a family's "
                           + ("paired treatment - control retained-gap contrast"
