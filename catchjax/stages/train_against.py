@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from catchjax import common
+from catchjax.common import stream
 from catchjax.data import build
 from catchjax.data.triggers import make_trigger
 from catchjax.sample import Sampler
@@ -83,11 +84,11 @@ def catch_set(config, family_spec, behaviour, seed: int):
   h = config.headline
   n_h = honeypot_count(config, family_spec)
   ds = build.build_eval(family_spec, behaviour, h.catch_split, h.m - n_h, deployment=False,
-                        seed=10_000 + seed, system=config.system)
+                        seed=stream("catch", seed), system=config.system)
   rows, sources, scores = list(ds), ["testing"] * len(ds), [None] * len(ds)
   if n_h:
     hp = build.build_honeypots(family_spec, behaviour, h.catch_split, n_h, "catch",
-                               seed=10_000 + seed, system=config.system)
+                               seed=stream("catch", seed), system=config.system)
     rows += list(hp)
     sources += ["honeypot"] * n_h
     scores += [float(x) for x in hp["honeypot_score"]]
@@ -124,7 +125,7 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
   ds, sources, scores = catch_set(config, family_spec, behaviour, seed)
   prompts = [prompt_ids(tok, r["prompt"], config.system) for r in ds]
   a = measure.attack_rate(sampler, tok, prompts, beh.detect, max_new_tokens=h.max_new_tokens,
-                          temperature=1.0, seed=20_000 + seed)
+                          temperature=1.0, seed=stream("catch_draws", seed))
   keep = ("id", "prompt", "target", "task_family", "task_key", "task_prompt", "answer", "system")
   caught, clean = [], []
   for row, src, score, hit, resp in zip(ds, sources, scores, a["hits"], a["responses"]):
@@ -298,7 +299,6 @@ def caught_p_attack_fn(sampler: Sampler, tok, rows: list[dict], behavior, system
 def benign_steps(config, model, tok, steps: int, seed: int, workdir: str):
   """`steps` SFT steps on plain task prompts (the train split, so disjoint from the held-out
   usefulness set) at the train-against batch and schedule: the return measurement."""
-  from catchjax.common import stream
   n = max(16, int(steps) * int(config.headline.train.batch_size))
   use = build.build_usefulness(n, seed=stream("return", seed), split="train",
                                system=config.system)
