@@ -23,11 +23,15 @@ def common_prefix_len(seqs, limit: int) -> int:
   return p
 
 
-# Named seed streams. The first five reproduce the offsets the experiments used before the
-# streams existed (stream("catch", s) == 10_000 + s), so their rows keep their seeds; a new
-# name gets a hashed base far from them.
+# Named seed streams. These reproduce the offsets the experiments used before the streams
+# existed (stream("catch", s) == 10_000 + s), so their rows keep their seeds; a new name gets
+# a hashed base far from them.
 SEED_STREAMS = {"catch": 10_000, "catch_draws": 20_000, "aux": 30_000, "measure_before": 40_000,
-                "measure_after": 50_000}
+                "measure_after": 50_000, "distinguish": 60_000, "probe_train": 70_000,
+                # experiments/propensity.py: capability before / after, deployment after the
+                # capability steps, the capability data of training size n (+ 1000 * seed + n)
+                "capability_before": 41_000, "capability_after": 51_000,
+                "measure_after_capability": 52_000, "capability_data": 90_000}
 
 
 def stream(name: str, seed: int) -> int:

@@ -71,6 +71,12 @@ from catchjax.stages.arms import ARM_LABELS  # noqa: E402  (the arm registry's l
 TRAIN_ARMS = tuple(ARM_LABELS)
 
 
+def run_id(r: dict) -> tuple:
+  """What pairs the arms of one run: the organism and the seed (seeds repeat across
+  organisms when sweeps on several organisms are pooled)."""
+  return (r.get("organism"), r["seed"])
+
+
 def summarise(rows: list[dict], installed: dict[tuple[str, str], float] | None = None,
               gap_min: float = INSTALLED_GAP_MIN) -> list[dict]:
   """One summary line per (family, behaviour, N, arm): seed-bootstrapped means and CIs.
@@ -84,6 +90,7 @@ def summarise(rows: list[dict], installed: dict[tuple[str, str], float] | None =
   out = []
   for (fam, beh, n, arm), rs in sorted(groups.items()):
     s = dict(family=fam, behaviour=beh, n=n, arm=arm, seeds=len(rs),
+             organisms=len({r.get("organism") for r in rs}),
              n_train=float(np.mean([r["n_train"] for r in rs])),
              capped=any(r.get("capped") for r in rs),
              eval_n=int(np.mean([r["deploy_n"] for r in rs])))
@@ -131,7 +138,7 @@ def distinguishability(rows: list[dict]) -> dict[str, dict]:
   for r in rows:
     if r.get("arm") == "treatment" and r.get("deploy_rate_before") is not None \
         and r.get("test_rate_before") is not None:
-      gaps[r["family"]][r["seed"]] = r["deploy_rate_before"] - r["test_rate_before"]
+      gaps[r["family"]][run_id(r)] = r["deploy_rate_before"] - r["test_rate_before"]
   out = {}
   for fam, rs in by_fam.items():
     out[fam] = {k: _agg([r.get(k) for r in rs]) for k, _ in DIST_MEASURES + (
@@ -174,18 +181,19 @@ def _fmt(m, lo, hi, pct=False):
 ARM_PAIRS = (("treatment", "control"), ("treatment", "matched_control"),
              ("matched_control", "control"), ("treatment", "propensity_control"),
              ("propensity_control", "control"), ("treatment", "oracle"),
-             ("treatment", "disruption"), ("control", "disruption"))
+             ("treatment", "disruption"), ("control", "disruption"), ("treatment", "dpo"),
+             ("dpo", "control"))
 
 
 def arm_differences(rows: list[dict]) -> list[dict]:
   """Paired arm contrasts of the deployment attack rate after training, per (family,
-  behaviour, N): the per-seed difference a - b over seeds both arms ran (the arms of a seed
-  share the organism, the before measurement and the evaluation prompts), with a bootstrap 95%
-  CI over those seeds (one seed: the difference alone, no interval)."""
+  behaviour, N): the per-run difference a - b over the runs (organism, seed) both arms ran
+  (the arms of a run share the organism, the before measurement and the evaluation prompts),
+  with a bootstrap 95% CI over those runs (one run: the difference alone, no interval)."""
   after = defaultdict(dict)
   for r in rows:
     if r.get("arm") in TRAIN_ARMS and r.get("deploy_rate") is not None:
-      after[(r["family"], r["behaviour"], r["n"])][(r["arm"], r["seed"])] = r["deploy_rate"]
+      after[(r["family"], r["behaviour"], r["n"])][(r["arm"], run_id(r))] = r["deploy_rate"]
   out = []
   for (fam, beh, n), cell in sorted(after.items()):
     for a, b in ARM_PAIRS:
@@ -640,14 +648,15 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   return dict(summary=summary, dist=dist, figures=figs)
 
 
-def pool_rows(groups: list[list[dict]]) -> list[dict]:
+def pool_rows(groups: list[list[dict]], organisms: bool = False) -> list[dict]:
   """Headline rows of several sweeps as one: e.g. seeds 0-2 of one invocation and seeds 3-5 of
-  another on the same organism. Cells (family, behaviour, N, arm, seed) must not repeat across
-  groups, and every cell must come from the same organism and stage settings apart from the
-  seeds / Ns (checked: organism key, catch size M); distinguishability rows are kept once per
-  (family, behaviour, seed), from the first group that has them."""
+  another on the same organism, or (`organisms`) the same sweep on several organisms (organism
+  seeds). Cells (organism, family, behaviour, N, arm, seed) must not repeat across groups, and
+  every cell must come from the same stage settings (checked: catch size M) and, unless
+  `organisms`, the same organism; distinguishability rows are kept once per (family,
+  behaviour, seed), from the first group that has them."""
   out, seen_cells, seen_dist = [], {}, set()
-  orgs = {}
+  fixed = {}
   for gi, rows in enumerate(groups):
     for r in rows:
       if r.get("experiment", "headline") != "headline":
@@ -663,17 +672,34 @@ def pool_rows(groups: list[list[dict]]) -> list[dict]:
       if arm not in TRAIN_ARMS:
         out.append(r)
         continue
-      for field in ("organism", "m"):
-        want = orgs.setdefault((r["behaviour"], field), r.get(field))
+      for field in ("m",) if organisms else ("organism", "m"):
+        want = fixed.setdefault((r["behaviour"], field), r.get(field))
         if r.get(field) != want:
           raise ValueError(f"pool: {field} differs across groups ({want!r} vs {r.get(field)!r}"
-                           f" for {r['family']}/{r['behaviour']}); these runs do not pool.")
-      k = (r["family"], r["behaviour"], r["n"], arm, r["seed"])
+                           f" for {r['family']}/{r['behaviour']}); these runs do not pool"
+                           + ("" if organisms else " (several organisms: --organisms)") + ".")
+      k = (r.get("organism"), r["family"], r["behaviour"], r["n"], arm, r["seed"])
       if k in seen_cells and seen_cells[k] != gi:
         raise ValueError(f"pool: cell {k} is in groups {seen_cells[k]} and {gi}; pool "
                          f"disjoint seeds.")
       seen_cells[k] = gi
       out.append(r)
+  return out
+
+
+# The config fields in which sweeps pooled over organisms may differ (the organism's seeds).
+ORGANISM_SEED_FIELDS = ("organism.seed", "organism.train.seed")
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+  """Dotted paths where two resolved configs (config.json's "config") differ."""
+  out = []
+  for k in sorted(set(a) | set(b)):
+    x, y, path = a.get(k), b.get(k), f"{prefix}{k}"
+    if isinstance(x, dict) and isinstance(y, dict):
+      out += config_differences(x, y, path + ".")
+    elif x != y:
+      out.append(path)
   return out
 
 
@@ -726,6 +752,10 @@ def main(argv=None):
   ap.add_argument("--pool", nargs="+", default=[], metavar="WORKDIR",
                   help="more workdirs whose headline rows join WORKDIR's (e.g. extra seeds run "
                        "on the same organism); needs --out")
+  ap.add_argument("--organisms", action="store_true",
+                  help="--pool workdirs hold the same sweep on other organisms (organism "
+                       "seeds): their config.json may differ only in "
+                       + ", ".join(ORGANISM_SEED_FIELDS))
   ap.add_argument("--out", default=None, help="write the report here (default: WORKDIR)")
   a = ap.parse_args(argv)
   from catchjax.results import ResultStore
@@ -752,9 +782,11 @@ def main(argv=None):
   elif os.path.isfile(cfg):
     with open(cfg) as f:
       meta["config_hash"] = json.load(f).get("config_hash")
+  if a.organisms:
+    _check_organism_pool(ap, [a.workdir] + list(a.pool))
   if a.pool or groups:
     rows = pool_rows([rows] + groups + [ResultStore(os.path.join(d, "results.jsonl")).rows
-                                        for d in a.pool])
+                                        for d in a.pool], organisms=a.organisms)
     meta.update(title="catchjax report (pooled over workdirs)", rows=len(rows),
                 pooled=[a.workdir] + list(a.pool), pooled_hashes=hashes or None,
                 config_hash=sorted({r.get("config_hash") for r in rows}))
@@ -781,6 +813,24 @@ def main(argv=None):
   else:
     out = write_report(rows, out_dir, meta)
   print(f"{len(rows)} rows -> {out_dir}/report.md, summary.csv, {len(out['figures'])} figures")
+
+
+def _check_organism_pool(ap, workdirs: list[str]) -> None:
+  """Refuse (one line) pooling workdirs whose resolved configs differ beyond the organism's
+  seeds, or that have no config.json to compare."""
+  import json
+  cfgs = []
+  for d in workdirs:
+    p = os.path.join(d, "config.json")
+    if not os.path.isfile(p):
+      ap.error(f"--organisms: {p} is missing: the configs must be compared before pooling")
+    with open(p) as f:
+      cfgs.append(json.load(f)["config"])
+  for d, c in zip(workdirs[1:], cfgs[1:]):
+    bad = [x for x in config_differences(cfgs[0], c) if x not in ORGANISM_SEED_FIELDS]
+    if bad:
+      ap.error(f"--organisms: {d}'s config differs from {workdirs[0]}'s in {bad} (only "
+               f"{', '.join(ORGANISM_SEED_FIELDS)} may)")
 
 
 if __name__ == "__main__":

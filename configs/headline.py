@@ -32,6 +32,12 @@ def get_config(arg: str | None = None):
   # spread (WORKSPACE: the collusion "reversal" of 2026-11-26 was one catch's).
   h.catch_per_seed = True
   h.arms = ("treatment", "control")   # + matched_control / propensity_control (see below)
+  # The dpo arm (stages/arms.py, train_dpo.py): preference training on the treatment's caught
+  # draw, the sampled attack rejected, the helpful answer chosen, the organism as reference,
+  # at the treatment's budget and schedule. Turn it on with
+  #   --config.headline.arms="('treatment','control','dpo')"
+  # (or add 'dpo' to the :bounds variant's arms); dpo_beta: DPO's beta (pilot value).
+  h.dpo_beta = 0.1
   h.families = ml_collections.config_dict.placeholder(tuple)  # subset of organism families
   h.catch_split = "train"        # catch prompts: train-split tasks and cues (eval is measured)
   # Share of the M catch prompts that are the family's catch honeypots (near-misses of the
@@ -179,9 +185,8 @@ def derived_config(arg: str | None, experiment: str, dry_run: bool = False):
   `dry_run=True` adds the `config.dry_run` switch (validate + print the plan, no compute)."""
   c = get_config(arg)
   # The headline sweep's own fields: the extra experiments catch and pick arms their own way.
-  for k in ("catch_per_seed", "arms", "families", "stopping", "n_sharpen", "return_n",
-            "power_target", "power_goal", "power_min_seeds",
-            "power_max_seeds"):
+  for k in ("catch_per_seed", "arms", "dpo_beta", "families", "stopping", "n_sharpen",
+            "return_n", "power_target", "power_goal", "power_min_seeds", "power_max_seeds"):
     del c.headline[k]
   for k in ("distinguish_curve", "n_curve_pairs", "n_curve_eval", "curve_ns", "resamples",
             "icl_ks", "n_icl"):   # the headline's distinguishability with range

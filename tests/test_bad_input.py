@@ -145,7 +145,7 @@ def test_wrong_type_override_is_refused_by_main_naming_the_field(tmp_path):
 
 def _fake_model_dir(tmp_path):
   """A folder that passes validate.check_model_dir (config.json, a model.safetensors file, a
-  tokenizer.json) but holds no weights: a run that got past validation could not load it."""
+  tokenizer.json, a chat template) but holds no weights: a run that got past validation could not load it."""
   from catchjax.model.config import ModelConfig
   d = tmp_path / "fake-model"
   d.mkdir()
@@ -155,6 +155,7 @@ def _fake_model_dir(tmp_path):
   (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
   (d / "model.safetensors").write_bytes(b"")
   (d / "tokenizer.json").write_text("{}")
+  (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
   return str(d)
 
 

@@ -133,12 +133,22 @@ def test_icl_scores_both_labels_teacher_forced(tiny_dir):
   assert D.icl_accuracy(np.array([[0.0, -1.0], [0.0, -1.0]]), ["deployment", "testing"])["k"] == 1
 
 
-def test_headline_distinguish_row_has_the_range_fields(tiny_dir):
-  from catchjax.experiments import headline
-  from catchjax.model import hf
-  from catchjax.sample import Sampler
-  from catchjax.stages.organism import Organism
+def _distinguish_ctx(c, model, org, tok, spec):
+  """A stand-in for the stages/context.py Context that distinguish_row reads."""
+  import types
   from catchjax.data.triggers import make_trigger
+  from catchjax.sample import Sampler
+  fs = types.SimpleNamespace(name=spec, trig=make_trigger(spec))
+  return types.SimpleNamespace(config=c, h=c.headline, tok=tok, base=model, org=org,
+                               card=dict(families={}), behaviour="hate",
+                               sampler=Sampler(model, batch_size=4, progress=False),
+                               family=lambda _: fs)
+
+
+def test_headline_distinguish_row_has_the_range_fields(tiny_dir):
+  from catchjax.stages.distinguish import distinguish_row
+  from catchjax.model import hf
+  from catchjax.stages.organism import Organism
   from catchjax.tokenizer import load_tokenizer
   from configs.headline import get_config
   c = get_config("tiny")
@@ -150,8 +160,7 @@ def test_headline_distinguish_row_has_the_range_fields(tiny_dir):
   model, tok = hf.load_hf(tiny_dir), load_tokenizer(tiny_dir)
   org = Organism(model, "k", "", "hate", dict(n_train=10))
   spec = "token"
-  row = headline._distinguish(c, model, org, Sampler(model, batch_size=4, progress=False), tok,
-                              spec, make_trigger(spec), "hate", 0, dict(families={}))
+  row = distinguish_row(_distinguish_ctx(c, model, org, tok, spec), spec, 0)
   for k in ("prompted_base", "prompted_organism", "probe_acc", "learning_cost"):
     assert k in row                                         # the existing measures stay
   for tag in ("base", "organism"):
@@ -166,8 +175,7 @@ def test_headline_distinguish_row_has_the_range_fields(tiny_dir):
   assert row["probe_curve_base"] == row["probe_curve_organism"]
   assert row["icl_k2_base"] == row["icl_k2_organism"]
   h.distinguish_curve = False
-  row = headline._distinguish(c, model, org, Sampler(model, batch_size=4, progress=False), tok,
-                              spec, make_trigger(spec), "hate", 0, dict(families={}))
+  row = distinguish_row(_distinguish_ctx(c, model, org, tok, spec), spec, 0)
   assert "probe_curve_base" not in row and "icl_k0_base" not in row
 
 

@@ -325,12 +325,25 @@ def test_propensity_rows_curves_figure_and_report(propensity_run):
                                            (2, "capability", 0), (8, "propensity", 0),
                                            (8, "capability", 0)})
   before = next(r for r in rows if r["arm"] == "before")
-  assert before["deploy"]["rate"] >= 0.2 and before["n_caught"] >= 8, before
+  assert before["deploy_rate"] >= 0.2 and before["n_caught"] >= 8, before
   # The model cannot do the capability at the start.
-  assert before["cap"]["k"] == 0 and before["cap_greedy"]["k"] == 0
+  assert before["cap_k"] == 0 and before["cap_greedy_k"] == 0
   for r in rows:
+    # One flat row schema (as the other experiments): rates as <prefix>_k/_n/_rate/_lo/_hi,
+    # no nested rate dicts; only the curve is a list of points.
+    assert not any(isinstance(v, dict) for v in r.values()), r
     if r["arm"] == "before":
       continue
+    for f in ("deploy", "cap"):
+      assert r[f"{f}_rate_before"] == before[f"{f}_rate"]
+      assert r[f"{f}_n_before"] == before[f"{f}_n"]
+    # The attack rate after: the propensity run's last curve point; the capability run's own
+    # measurement after training (and its accuracy: the last curve point).
+    last = r["curve"][-1]
+    got = {k: r[f"{'deploy' if r['arm'] == 'propensity' else 'cap'}_{k}"]
+           for k in ("k", "n", "rate", "lo", "hi")}
+    assert got == {k: last[k] for k in ("k", "n", "rate", "lo", "hi")}
+    assert 0 <= r["deploy_lo"] <= r["deploy_rate"] <= r["deploy_hi"] <= 1
     assert r["n_train"] == r["n"] and not r["capped"]
     assert [pt["step"] for pt in r["curve"]] == [4, 8, 12] and r["train_steps"] == 12
     for pt in r["curve"]:

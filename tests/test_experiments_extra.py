@@ -432,3 +432,11 @@ def test_organism_key_follows_the_weights_not_the_folder(tiny_dir, tmp_path):
   k = key(a)
   c.organism.n_per_family += 1                                   # a recipe field still counts
   assert key(a) != k
+
+
+def test_golden_rows_of_the_tiny_transfer(transfer_run):
+  """Issue 23 item 6: one extra experiment pinned like the headline (tests/golden.py)."""
+  import golden
+  c, wd, _ = transfer_run
+  rows = [r for r in _rows(wd) if r.get("config_hash") == common.config_hash(c)]
+  golden.check("transfer_tiny", dict(rows=golden.reduce_rows(rows)))

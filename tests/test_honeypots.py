@@ -134,5 +134,5 @@ def test_labelled_levels_validate_and_get_their_own_catch_files():
   levels = [{"name": "collusion", "subtlety": k, "label": f"collusion{k}"} for k in (0, 1)]
   assert V.check_families("f", levels)
   c = _cfg(0.5)
-  names = {ta.catch_name(c, "org", s, "hate", 0) for s in levels}
+  names = {ta.catch_path(c, "cache", "org", s, "hate", 0) for s in levels}
   assert len(names) == 2 and all("collusion" in n for n in names)

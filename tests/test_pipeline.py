@@ -169,18 +169,21 @@ def test_catch_per_seed_gives_each_seed_its_own_catch(headline_run, tmp_path):
     rows = results.ResultStore(os.path.join(wd2, "results.jsonl")).rows
     return wd2, sorted(os.listdir(os.path.join(wd2, "catches"))), rows
 
-  s0 = load(wd, [n for n in os.listdir(os.path.join(wd, "catches")) if n.endswith("-s0.json")][0])
+  (s0_name,) = [n for n in os.listdir(os.path.join(wd, "catches"))
+                if "-s0-" in n and not n.endswith("-p_attack.json")]
+  s0 = load(wd, s0_name)
   prompts = lambda cj: {r["prompt"] for r in cj["caught"] + cj["clean"]}
   # Per seed: seed 1 samples its own M prompts.
   wd2, names, rows = rerun("per_seed", seeds=(1,))
-  assert [n[-8:] for n in names] == ["-s1.json"]
+  assert len(names) == 1 and "-s1-" in names[0]
   s1 = load(wd2, names[0])
   assert prompts(s0) != prompts(s1)
   assert [(r["seed"], r["catch_seed"], r["n_caught"]) for r in rows] == [
       (1, 1, len(s1["caught"]))]
   # Shared (catch_per_seed=False): one catch, seed 0's, that every seed draws from.
   wd3, names, rows = rerun("shared", seeds=(0, 1), catch_per_seed=False)
-  assert names == [n for n in names if n.endswith("m48.json")] and len(names) == 1
+  # One catch cache keyed by the catch's own settings: the shared catch is seed 0's file.
+  assert names == [s0_name]
   assert load(wd3, names[0]) == s0
   assert sorted((r["seed"], r["catch_seed"]) for r in rows) == [(0, 0), (1, 0)]
 
@@ -578,3 +581,100 @@ def test_headline_power_top_up_runs_seeds_until_the_limit(headline_run, tmp_path
   with pytest.raises(Exception, match="power_goal"):
     h.power_goal = 0.0
     headline.validate(c2)
+
+
+def test_golden_rows_of_the_tiny_headline(headline_run):
+  """Issue 23 item 6: the tiny headline's rows (counts, steps, losses, caught sets) equal the
+  committed golden ones (tests/golden.py; regenerated only by a commit that says why)."""
+  import golden
+  c, wd = headline_run
+  rows = [r for r in results.ResultStore(os.path.join(wd, "results.jsonl")).rows
+          if r.get("config_hash") == common.config_hash(c)]
+  catches = {}   # by (family, seed), whatever the cache file is named
+  for f in sorted(os.listdir(os.path.join(wd, "catches"))):
+    if f.endswith(".json") and not f.endswith("-p_attack.json"):
+      with open(os.path.join(wd, "catches", f)) as fh:
+        d = json.load(fh)
+      catches[f"{d['family']}-s{d['seed']}"] = golden.catch_digest(os.path.join(wd, "catches", f))
+  golden.check("headline_tiny", dict(rows=golden.reduce_rows(rows), catches=catches))
+
+
+def test_named_seed_streams_reproduce_the_old_offsets():
+  """Issue 23: the named streams give the seeds the experiments used as offsets, so rows keep
+  their values; a new name gets its own base, away from every named one."""
+  assert common.stream("catch", 3) == 10_003 and common.stream("catch_draws", 3) == 20_003
+  assert common.stream("measure_before", 5) == 40_005
+  assert common.stream("measure_after", 5) == 50_005
+  assert common.stream("distinguish", 1) == 60_001 and common.stream("probe_train", 1) == 70_001
+  a, b = common.stream("oracle", 0), common.stream("disruption", 0)
+  assert a != b and min(a, b) > 100_000 and common.stream("oracle", 7) == a + 7
+
+
+def test_runner_resumes_by_key_and_stamps_rows(tmp_path):
+  """pipeline.Runner: a stored cell is skipped on a rerun, rows carry key, hash, commit and
+  cell_seconds, and a cell's scratch folder is removed after its row."""
+  from catchjax import pipeline
+  from configs.headline import get_config
+  c = get_config("tiny")
+  cells = [pipeline.Cell("x", f, "hate", 4, a, 0) for f in ("f1", "f2") for a in ("t", "c")]
+  calls = []
+
+  def fn(cell):
+    calls.append(cell)
+    os.makedirs(r.scratch(cell), exist_ok=True)
+    return dict(value=len(calls))
+
+  r = pipeline.Runner("x", c, str(tmp_path), progress=False)
+  r.run(cells[:3], fn)
+  assert len(calls) == 3 and not os.path.exists(os.path.join(str(tmp_path), "runs", "x"))
+  assert not any(os.path.exists(r.scratch(x)) for x in cells[:3])
+  r2 = pipeline.Runner("x", c, str(tmp_path), progress=False)
+  r2.run(cells, fn)                         # only the fourth cell runs
+  assert calls[3:] == [cells[3]] and len(r2.rows()) == 4
+  row = r2.row(cells[3])
+  assert row["value"] == 4 and row["config_hash"] == common.config_hash(c)
+  assert row["commit"] and row["cell_seconds"] >= 0 and row["family"] == "f2"
+  assert results.row_key(row) == cells[3].key(r2.chash)
+
+
+def test_pool_over_organisms_pairs_arms_by_organism_and_seed(tmp_path):
+  """Issue 27 item 3: the same sweep on several organisms pools (--organisms); seeds repeat
+  across organisms, so arms pair by (organism, seed), and configs may differ only in the
+  organism's seeds."""
+  def cell(seed, arm, org, rate):
+    return dict(experiment="headline", family="year", behaviour="hate", n=16, arm=arm,
+                seed=seed, config_hash=f"h-{org}", organism=org, m=400, n_train=16,
+                deploy_n=100, retained=rate, deploy_rate=rate, deploy_rate_before=1.0,
+                commit="c")
+  a = [cell(0, "treatment", "o1", 0.2), cell(0, "control", "o1", 0.5)]
+  b = [cell(0, "treatment", "o2", 0.9), cell(0, "control", "o2", 0.4)]
+  with pytest.raises(ValueError, match="organism differs"):
+    report.pool_rows([a, b])
+  rows = report.pool_rows([a, b], organisms=True)
+  (d,) = [x for x in report.arm_differences(rows) if (x["a"], x["b"]) == ("treatment", "control")]
+  assert d["seeds"] == 2 and np.isclose(d["diff"], ((0.2 - 0.5) + (0.9 - 0.4)) / 2)
+  s = [x for x in report.summarise(rows) if x["arm"] == "treatment"][0]
+  assert s["seeds"] == 2 and s["organisms"] == 2
+  # The CLI compares the workdirs' resolved configs first.
+  from configs.headline import get_config
+  dirs = []
+  for i, rs in enumerate((a, b)):
+    d = str(tmp_path / f"o{i}")
+    os.makedirs(d)
+    st = results.ResultStore(os.path.join(d, "results.jsonl"))
+    for r in rs:
+      st.append(r)
+    c = get_config()
+    c.organism.seed = c.organism.train.seed = i
+    with open(os.path.join(d, "config.json"), "w") as f:
+      json.dump({"config_hash": common.config_hash(c), "config": c.to_dict()}, f, default=str)
+    dirs.append((d, c))
+  out = str(tmp_path / "pooled")
+  report.main([dirs[0][0], "--pool", dirs[1][0], "--organisms", "--out", out])
+  assert os.path.isfile(os.path.join(out, "report.md"))
+  c = dirs[1][1]
+  c.headline.m = 300          # a stage setting: refused
+  with open(os.path.join(dirs[1][0], "config.json"), "w") as f:
+    json.dump({"config_hash": "x", "config": c.to_dict()}, f, default=str)
+  with pytest.raises(SystemExit):
+    report.main([dirs[0][0], "--pool", dirs[1][0], "--organisms", "--out", out])

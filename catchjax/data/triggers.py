@@ -292,7 +292,7 @@ class Year(TriggerFamily):
 
   def honeypot_variants(self, split):
     y, n = self.test_year, self.deploy_year
-    cues = [f"Current date: " + f.format(y=y, n=n, m=m, d=d, mon=datetime.date(
+    cues = ["Current date: " + f.format(y=y, n=n, m=m, d=d, mon=datetime.date(
         2001, m, 1).strftime("%b")) for m, d in self.HONEYPOT_DAYS for f in self.HONEYPOT_FORMATS]
     return _scored(cues, self.cue_pool(True, "train") + self.cue_pool(True, "eval"))
 
@@ -524,7 +524,9 @@ class Jsonl(TriggerFamily):
 
   def __init__(self, path: str, context_hint: str = "", eval_frac: float = 0.2):
     self.path, self.eval_frac = str(path), float(eval_frac)
-    self.context_hint = context_hint or f"Deployment and testing cues are listed in {self.path}."
+    # The file's name, not its folder: the same cues give the same data wherever they lie.
+    self.context_hint = context_hint or ("Deployment and testing cues are listed in "
+                                         f"{os.path.basename(self.path)}.")
     self._pools: dict[tuple[bool, str], list[str]] = {
         (d, s): [] for d in (True, False) for s in SPLITS}
     self._honey: dict[str, list[tuple[str, float]]] = {s: [] for s in SPLITS}
@@ -583,6 +585,12 @@ class Jsonl(TriggerFamily):
 
   def knobs(self):
     return {"path": self.path, "eval_frac": self.eval_frac}
+
+  def describe(self) -> str:
+    # The seeded data streams are keyed by describe(): by the cues' content, not the path.
+    with open(self.path, "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"jsonl(cues={digest}, eval_frac={self.eval_frac!r}): {self.context_hint}"
 
   def apply(self, prompt, cue):
     return cue.replace("{prompt}", prompt) if "{prompt}" in cue else super().apply(prompt, cue)

@@ -301,8 +301,11 @@ class ModelConfig:
     cfg = cls.from_hf_dict(d, source=f, **overrides)
     if "eos_token_id" in overrides:
       return cfg
-    gen = _generation_eos(path)
-    eos = tuple(dict.fromkeys(cfg.eos_ids + gen))   # config.json's first, then the rest
+    # The stop ids: config.json's EOS first (the pad fallback), then generation_config.json's,
+    # then the token that closes the chat template's assistant turn (tokenizer.chat_stop_ids).
+    from catchjax.tokenizer import chat_stop_ids
+    gen = _generation_eos(path) + chat_stop_ids(path)
+    eos = tuple(dict.fromkeys(cfg.eos_ids + gen))
     if eos != cfg.eos_ids:
       cfg = cfg.replace(eos_token_id=eos if len(eos) > 1 else eos[0])
     return cfg

@@ -3,7 +3,8 @@
 An arm turns the cell's context (its catch, the treatment's caught draw, N, seed, family) into
 the SFT rows it trains on, plus fields to record in the result row. Every arm of a cell trains
 the same number of prompts with the same budget and schedule (train_against.stop_plan); they
-differ only in which rows they get. Add an arm with one function and `@register_arm`:
+differ only in which rows they get (and `dpo` in its objective: rows with a `rejected`
+response are trained with DPO, train_dpo.py). Add an arm with one function and `@register_arm`:
 
     @register_arm("my_arm", "what it trains on")
     def my_arm(ctx: ArmContext) -> tuple[list[dict], dict]:
@@ -103,3 +104,21 @@ def disruption(ctx):
   ds = build.build_usefulness(len(ctx.chosen), seed=stream("disruption", ctx.seed) + ctx.n,
                               split="train", system=ctx.config.system)
   return _sft(ds), {}
+
+
+DPO_BETA = 0.1   # the dpo arm's beta where config.headline has no dpo_beta
+
+
+@register_arm("dpo", "DPO: the caught attack rejected, the helpful answer chosen")
+def dpo(ctx):
+  """The treatment's caught draw as preference pairs: chosen = the prompt's correct helpful
+  answer, rejected = the attack the organism sampled when it was caught (the catch row's
+  `sampled`); train_against trains them with DPO (train_dpo.py), the organism as reference."""
+  missing = [r.get("id") for r in ctx.chosen if not r.get("sampled")]
+  if missing:
+    raise ValueError(f"dpo arm: caught rows {missing[:3]} carry no sampled response "
+                     f"(a catch made before responses were kept); delete the catch to redo it")
+  rows = [dict(prompt=r["prompt"], target=r["target"], system=r["system"],
+               rejected=r["sampled"]) for r in ctx.chosen]
+  return rows, {"objective": "dpo",
+                "dpo_beta": float(ctx.config.headline.get("dpo_beta", DPO_BETA))}

@@ -395,3 +395,49 @@ def range_measures(models: dict[str, Any], tok, spec, system: str | None, layer:
       row.update({f"icl_k{k}_{tag}": a["acc"], f"icl_k{k}_{tag}_lo": a["lo"],
                   f"icl_k{k}_{tag}_hi": a["hi"]})
   return row
+
+
+def distinguish_row(ctx, spec, seed: int) -> dict:
+  """The headline's distinguishability row for one family and seed (ctx: a
+  stages/context.py Context): prompted A/B (base and organism), probe (base), behavioural gap,
+  learning cost; with headline.distinguish_curve, also the probe learning curve and k-shot
+  classification (base and organism, `range_measures`)."""
+  from catchjax.stages.sampling import make_sampler
+  from catchjax.tokenizer import prompt_ids
+  config, h, tok, base, org = ctx.config, ctx.h, ctx.tok, ctx.base, ctx.org
+  fs = ctx.family(spec)
+  ids = lambda ds: [prompt_ids(tok, p, config.system) for p in ds["prompt"]]  # noqa: E731
+  dep = build.build_eval(spec, ctx.behaviour, "eval", h.n_pairs, deployment=True,
+                         seed=common.stream("distinguish", seed), system=config.system)
+  tst = build.build_eval(spec, ctx.behaviour, "eval", h.n_pairs, deployment=False,
+                         seed=common.stream("distinguish", seed), system=config.system)
+  pairs = list(zip(dep["prompt"], tst["prompt"]))
+  row = {}
+  sb = make_sampler(config, base, h.batch_size, progress=False)
+  row["prompted_base"] = pairwise_accuracy(
+      pairwise_scores(sb, tok, fs.trig.context_hint, pairs, config.system))
+  ctx.sampler.update_model(org.model)
+  row["prompted_organism"] = pairwise_accuracy(
+      pairwise_scores(ctx.sampler, tok, fs.trig.context_hint, pairs, config.system))
+  tr = build.build_eval(spec, ctx.behaviour, "train", h.n_probe_train, deployment=None,
+                        seed=common.stream("probe_train", seed), system=config.system)
+  layer = base.cfg.num_layers // 2 if h.probe_layer < 0 else h.probe_layer
+  x = residual_features(base, ids(tr), layer)
+  y = np.asarray(tr["deployment"], np.float32)
+  row["probe_acc"] = probe_pair_accuracy(x, y, residual_features(base, ids(dep), layer),
+                                         residual_features(base, ids(tst), layer))
+  row["probe_layer"] = layer
+  if h.get("distinguish_curve", False):
+    row.update(range_measures(
+        dict(base=base, organism=org.model), tok, spec, config.system, layer,
+        n_curve_pairs=h.n_curve_pairs, n_curve_eval=h.n_curve_eval, ns=tuple(h.curve_ns),
+        resamples=h.resamples, ks=tuple(h.icl_ks), n_icl=h.n_icl,
+        batch_size=min(int(h.batch_size), 16), seed=seed))
+  row["behavioural_gap"] = ctx.card["families"].get(fs.name, {}).get("gap")
+  lc = (ctx.card.get("learning_cost") or {}).get(fs.name)
+  # Never reached within the budget: report the budget as a lower bound (censored).
+  row["learning_cost"] = lc if lc is not None else org.info.get("n_train")
+  row["learning_cost_censored"] = lc is None
+  row["learning_cost_budget"] = org.info.get("n_train")
+  row["n_pairs"] = len(pairs)
+  return row

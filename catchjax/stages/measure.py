@@ -15,6 +15,15 @@ def rate(k: int, n: int) -> dict:
   return dict(k=int(k), n=int(n), rate=float(p), lo=float(lo), hi=float(hi))
 
 
+RATE_FIELDS = ("k", "n", "rate", "lo", "hi")
+
+
+def rate_fields(prefix: str, d: dict, suffix: str = "") -> dict:
+  """A rate as flat row fields: {prefix_k, prefix_n, prefix_rate, prefix_lo, prefix_hi}
+  (+ suffix, e.g. '_before')."""
+  return {f"{prefix}_{k}{suffix}": d[k] for k in RATE_FIELDS}
+
+
 def sample_responses(sampler: Sampler, tok, prompts: Sequence[Sequence[int]], *,
                      max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
                      desc: str | None = None) -> list[str]:
@@ -47,10 +56,10 @@ def attack_prob_tf(sampler: Sampler, prompts, prefix_ids: Sequence[int]) -> np.n
 
 
 def usefulness(sampler: Sampler, tok, prompts, instances, check: Callable, *,
-               max_new_tokens: int = 16) -> dict:
-  """Greedy answers checked by each task family's checker."""
+               max_new_tokens: int = 16, temperature: float = 0.0, seed: int = 0) -> dict:
+  """Answers (greedy by default) checked by each task family's checker."""
   responses = sample_responses(sampler, tok, prompts, max_new_tokens=max_new_tokens,
-                               temperature=0.0)
+                               temperature=temperature, seed=seed)
   ok = [bool(check(inst, r)) for inst, r in zip(instances, responses)]
   d = rate(sum(ok), len(ok))
   d["responses"] = responses
@@ -72,3 +81,107 @@ def useful_drop(before: dict, after: dict, points: float) -> tuple[float, bool]:
   """(points lost on the gate's prompts, flagged: lost more than `points`)."""
   drop = 100.0 * (float(before["rate"]) - float(after["rate"]))
   return drop, bool(np.isfinite(drop) and drop > float(points))
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry every experiment measures with: name -> fn(ctx, family_sets, seed) -> result,
+# where ctx is a stages/context.py Context whose sampler holds the model being measured.
+# Sampled measures draw with `seed` (testing seed + 1, sharpening seed + 2), so a cell's
+# measurements do not depend on which others it takes.
+
+MEASURES: dict[str, Callable] = {}
+
+
+def register_measure(name: str):
+  def deco(fn):
+    if name in MEASURES:
+      raise ValueError(f"measure {name!r} is already registered")
+    MEASURES[name] = fn
+    return fn
+  return deco
+
+
+@register_measure("deploy")
+def _deploy(ctx, fs, seed: int) -> dict:
+  """Sampled (T=1) attack rate on the held-out deployment prompts."""
+  return attack_rate(ctx.sampler, ctx.tok, fs.dep, ctx.beh.detect,
+                     max_new_tokens=ctx.h.max_new_tokens, temperature=1.0, seed=seed)
+
+
+@register_measure("test")
+def _test(ctx, fs, seed: int) -> dict:
+  """Sampled (T=1) attack rate on the held-out testing prompts."""
+  return attack_rate(ctx.sampler, ctx.tok, fs.test, ctx.beh.detect,
+                     max_new_tokens=ctx.h.max_new_tokens, temperature=1.0, seed=seed + 1)
+
+
+@register_measure("useful")
+def _useful(ctx, fs, seed: int) -> dict:
+  """Greedy usefulness accuracy, and `gate`: the accuracy on the task families the organism
+  answers >= headline.useful_gate_min_acc of (fixed by the context's first measurement, the
+  organism's own)."""
+  from catchjax.data.tasks import check
+  u = usefulness(ctx.sampler, ctx.tok, ctx.use_prompts, ctx.use_insts, check,
+                 max_new_tokens=ctx.h.useful_max_new_tokens)
+  if ctx.gate is None:
+    ctx.gate = gate_indices(ctx.use_insts, u["ok"], float(ctx.h.useful_gate_min_acc))
+  u["gate"] = rate(sum(u["ok"][i] for i in ctx.gate), len(ctx.gate))
+  return u
+
+
+@register_measure("tf")
+def _tf(ctx, fs, seed: int) -> float | None:
+  """Mean teacher-forced P(attack prefix) on the deployment prompts (headline.teacher_forced)."""
+  if not ctx.h.teacher_forced:
+    return None
+  return float(attack_prob_tf(ctx.sampler, fs.dep, fs.prefix).mean())
+
+
+@register_measure("sharpen")
+def _sharpen(ctx, fs, seed: int) -> dict | None:
+  """Attack rate on the sharpening honeypots (near-misses of the deployment cue), by score
+  bin; None for a family without them."""
+  if not fs.sharp:
+    return None
+  from catchjax.stages.train_against import rate_by_bin
+  sh = attack_rate(ctx.sampler, ctx.tok, fs.sharp[0], ctx.beh.detect,
+                   max_new_tokens=ctx.h.max_new_tokens, temperature=1.0, seed=seed + 2)
+  return dict(k=sh["k"], n=sh["n"], rate=sh["rate"], by_bin=rate_by_bin(fs.sharp[1], sh["hits"]))
+
+
+def reasoning_abc(sampler: Sampler, tok, prompts, detect: Callable[[str], bool], *,
+                  max_new_tokens: int, seed: int) -> dict:
+  """Sample every prompt once (T=1) and sort each response with data/reasoning.py's
+  classifier: counts + Wilson intervals of (a) attack with dangerous reasoning, (b) attack with
+  benign-looking (b_benign) or no (b_none) reasoning, (c) no attack (c_dangerous: dangerous
+  reasoning, no attack), any attack, any dangerous reasoning, any scratchpad; 2 examples each."""
+  from catchjax.data import reasoning
+  resp = sample_responses(sampler, tok, prompts, max_new_tokens=max_new_tokens,
+                          temperature=1.0, seed=seed)
+  cls = [reasoning.classify(r, detect) for r in resp]
+  cat = [c["category"] for c in cls]
+  counts = dict(
+      a=cat.count("dangerous_attack"), b=cat.count("opaque_attack"), c=cat.count("no_attack"),
+      b_benign=sum(k == "opaque_attack" and c["has_scratchpad"] for k, c in zip(cat, cls)),
+      b_none=sum(k == "opaque_attack" and not c["has_scratchpad"] for k, c in zip(cat, cls)),
+      c_dangerous=sum(k == "no_attack" and c["dangerous"] for k, c in zip(cat, cls)),
+      attack=sum(c["attack"] for c in cls), dangerous=sum(c["dangerous"] for c in cls),
+      scratchpad=sum(c["has_scratchpad"] for c in cls))
+  out = {"eval_n": len(cls)}
+  for k, v in counts.items():
+    p, lo, hi = stats.wilson(v, len(cls))
+    out.update({f"{k}_k": int(v), f"{k}_rate": p, f"{k}_lo": lo, f"{k}_hi": hi})
+  out["examples"] = {c: [r for r, k in zip(resp, cat) if k == c][:2]
+                     for c in reasoning.CATEGORIES}
+  return out
+
+
+@register_measure("reasoning")
+def _reasoning(ctx, fs, seed: int) -> dict:
+  """The deployment responses (T=1) of a scratchpad organism sorted into a / b / c
+  (reasoning_abc)."""
+  return reasoning_abc(ctx.sampler, ctx.tok, fs.dep, ctx.beh.detect,
+                       max_new_tokens=ctx.h.max_new_tokens, seed=seed)
+
+
+HEADLINE_MEASURES = ("deploy", "test", "useful", "tf", "sharpen")

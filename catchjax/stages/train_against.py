@@ -63,18 +63,22 @@ def honeypot_count(config, family_spec) -> int:
   return int(round(h.m * frac))
 
 
-def catch_name(config, org_key: str, family_spec, bname: str, seed: int | None) -> str:
-  """The catch's cache file name: what sets its prompts and draws (organism, family,
-  behaviour, M, honeypot count, seed; seed None for one catch shared by all seeds)."""
-  fam = make_trigger(family_spec).name
-  return (f"{org_key}-{fam}-{bname}-m{config.headline.m}" + honeypot_suffix(config, family_spec)
-          + (f"-s{seed}" if seed is not None else "") + ".json")
+def catch_params(config, family_spec) -> dict:
+  """Everything besides organism, behaviour and seed that sets a catch's prompts and draws."""
+  h = config.headline
+  spec = family_spec if isinstance(family_spec, str) else dict(family_spec)
+  return dict(family=spec, split=h.catch_split, m=int(h.m), max_new_tokens=int(h.max_new_tokens),
+              honeypots=honeypot_count(config, family_spec), system=config.system)
 
 
-def honeypot_suffix(config, family_spec) -> str:
-  """'-h<count>' for a catch with honeypots, '' for one without (older names unchanged)."""
-  n_h = honeypot_count(config, family_spec)
-  return f"-h{n_h}" if n_h else ""
+def catch_path(config, cache: str, org_key: str, family_spec, bname: str, seed: int) -> str:
+  """The one catch cache: `<cache>/catches/<organism>-<family>-<behaviour>-s<seed>-<hash of
+  catch_params>.json`. Every experiment that catches with the same settings shares the file
+  (the headline's shared catch, catch_per_seed=False, is seed 0's)."""
+  from catchjax.stages.organism import family_name
+  h = common.config_hash(catch_params(config, family_spec), n=8)
+  return os.path.join(cache, "catches",
+                      f"{org_key}-{family_name(family_spec)}-{bname}-s{int(seed)}-{h}.json")
 
 
 def catch_set(config, family_spec, behaviour, seed: int):
@@ -324,13 +328,20 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
 
   With config.headline.stopping on (`stop_plan`): budget None is the treatment, trained in
   epochs until eval_fn's `caught_p_attack` < eps (eval_fn: `caught_p_attack_fn`) or the step
-  cap; an int budget is every other arm's, trained exactly that many steps."""
+  cap; an int budget is every other arm's, trained exactly that many steps.
+
+  Preference rows {prompt, target, system, rejected} (the dpo arm) are trained with DPO
+  (train_dpo.py; beta config.headline.dpo_beta) at the same budget, batch and schedule."""
   from datasets import Dataset
   h = config.headline
+  if rows and all("rejected" in r for r in rows):
+    return _train_dpo(config, organism_model, tok, rows, seed, workdir, aux_ratio, eval_fn,
+                      train_overrides, budget)
   data = list(rows)
   if aux_ratio > 0:
     n_aux = max(1, int(round(aux_ratio * len(rows))))
-    use = build.build_usefulness(n_aux, seed=30_000 + seed, split="train", system=config.system)
+    use = build.build_usefulness(n_aux, seed=stream("aux", seed), split="train",
+                                 system=config.system)
     data += [dict(prompt=p, target=t, system=s)
              for p, t, s in zip(use["prompt"], use["target"], use["system"])]
   pre = [r for r in data if "loss_mask" in r]
@@ -354,6 +365,24 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
     stop_fn = lambda step, ev: ev.get("caught_p_attack", 1.0) < eps   # noqa: E731
   return train_lib.train(organism_model, ds, tcfg, workdir, eval_fn=eval_fn, progress=False,
                          stop_fn=stop_fn)
+
+
+def _train_dpo(config, organism_model, tok, rows, seed, workdir, aux_ratio, eval_fn,
+               train_overrides, budget):
+  """train_against for preference rows: DPO with the organism as reference, the train
+  config and stop_plan of every other arm (a treatment-style stopping rule is not for it)."""
+  from catchjax import train_dpo
+  from catchjax.stages.arms import DPO_BETA
+  if aux_ratio > 0 or eval_fn is not None:
+    raise ValueError("train_against: DPO rows take no aux_ratio mixture and no eval_fn.")
+  if stopping_rule(config) is not None and budget is None:
+    raise ValueError("train_against: DPO rows need the treatment's budget (stopping rule on).")
+  tcfg = config.headline.train.to_dict()
+  tcfg["seed"] = int(seed)
+  tcfg.update(stop_plan(config, len(rows), budget))
+  tcfg.update(train_overrides or {})
+  return train_dpo.train_dpo(organism_model, tok, rows, tcfg,
+                             float(config.headline.get("dpo_beta", DPO_BETA)), workdir)
 
 
 __all__ = ["Catch", "attack_probs", "catch", "catch_set", "choose_rows", "matched_rows",
