@@ -56,6 +56,7 @@ class Runner:
     self.store = ResultStore(os.path.join(workdir, "results.jsonl"))
     self.t0 = time.time()
     self._planned: set = set()
+    self._started = False
     self.bar = None
     if progress:
       from tqdm.auto import tqdm
@@ -101,6 +102,16 @@ class Runner:
       self.bar.update(done)
     return cells
 
+  def _start_clock(self) -> None:
+    """Before the first cell this invocation runs: restart the bar's clock and leave the
+    cells stored so far out of its rate, so the ETA is the cells' own (the organism build or
+    a resumed run's skipped cells do not count)."""
+    if self.bar is not None and not self._started:
+      self._started = True
+      self.bar.initial = self.bar.n
+      self.bar.start_t = self.bar.last_print_t = time.time()
+      self.bar.last_print_n = self.bar.n
+
   def status(self, text: str) -> None:
     if self.bar is not None:
       self.bar.set_postfix_str(text)
@@ -113,6 +124,7 @@ class Runner:
     for cell in self.plan(cells):
       if self.done(cell):
         continue
+      self._start_clock()
       t = time.time()
       fields = fn(cell)
       if fields is not None:

@@ -86,7 +86,8 @@ def _cfg(frac, m=20):
   import ml_collections
   c = ml_collections.ConfigDict()
   c.system = None
-  c.headline = ml_collections.ConfigDict(dict(m=m, catch_split="train", honeypot_frac=frac))
+  c.headline = ml_collections.ConfigDict(dict(m=m, catch_split="train", honeypot_frac=frac,
+                                              max_new_tokens=12))
   return c
 
 
