@@ -1,4 +1,5 @@
-"""Experiments: short compositions of the pipeline stages, one module each.
+"""Experiments: each a plan of cells over the pipeline stages (catchjax/pipeline.py) plus its
+report, one module each.
 
 `run(config, workdir)` resolves the workdir, writes the resolved config and its hash, then
 dispatches on `config.experiment`.
