@@ -499,15 +499,21 @@ def savefig(fig, path: str, layout: dict | None = None) -> str:
   return path
 
 
+def _largest_n(summary) -> dict[str, int]:
+  """Each family's largest N among its treatment cells."""
+  big_n = {}
+  for s in summary:
+    if s["arm"] == "treatment":
+      big_n[s["family"]] = max(big_n.get(s["family"], 0), s["n"])
+  return big_n
+
+
 def headline_points(summary, dist, key: str) -> list[dict]:
   """The retained-vs-distinguishability panel's points for measure `key`: each summary line's
   treatment cell at its family's largest N, where the family has that measure. A line with no
   backdoor installed (`installed` False) is left out: its retained value measures no backdoor
   and must never read as one trained away (retained 0)."""
-  big_n = {}
-  for s in summary:
-    if s["arm"] == "treatment":
-      big_n[s["family"]] = max(big_n.get(s["family"], 0), s["n"])
+  big_n = _largest_n(summary)
   out = []
   for s in summary:
     if s["arm"] != "treatment" or s["n"] != big_n.get(s["family"]) or \
@@ -524,6 +530,7 @@ def headline_points(summary, dist, key: str) -> list[dict]:
 
 
 def figures(summary, dist, outdir: str) -> list[str]:
+  """The headline, retained-vs-N and usefulness figures in outdir; returns their paths."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -531,95 +538,107 @@ def figures(summary, dist, outdir: str) -> list[str]:
   paths = []
   fams = sorted({s["family"] for s in summary})
   colors = {f: plt.cm.tab10(i) for i, f in enumerate(fams)}
-  big_n = {}
-  for s in summary:
-    if s["arm"] == "treatment":
-      big_n[s["family"]] = max(big_n.get(s["family"], 0), s["n"])
-
-  # (a) headline: retained misalignment vs distinguishability, one panel per measure.
   if dist and summary:
-    fig, axes = plt.subplots(1, len(DIST_MEASURES), figsize=(5 * len(DIST_MEASURES), 4.2))
-    for ax, (key, label) in zip(axes, DIST_MEASURES):
-      for p in headline_points(summary, dist, key):
-        ax.errorbar(p["x"], p["y"], xerr=[[p["x"] - p["x_lo"]], [p["x_hi"] - p["x"]]],
-                    yerr=[[p["y"] - p["y_lo"]], [p["y_hi"] - p["y"]]],
-                    fmt=">" if p["censored"] else "o", color=colors[p["family"]],
-                    label=p["family"] + (" (learning cost censored)" if p["censored"] else ""),
-                    capsize=3)
-      ax.set_xlabel(label + ("\n(triangle: gap never opened, censored at the budget)"
-                             if key == "learning_cost" else ""), fontsize=9)
-      ax.set_ylabel("retained misalignment (after / before)")
-      ax.axhline(1.0, color="grey", lw=0.5, ls="--")
-      ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-      fig.legend(handles, labels, loc="upper right", fontsize=8)
-    gone = sorted(_not_installed(summary))
-    fig.suptitle("Retained misalignment (largest N, treatment) vs how distinguishable "
-                 "deployment is from testing"
-                 + (f"\n(left out, no backdoor installed: {', '.join(gone)})" if gone else ""))
-    paths.append(savefig(fig, os.path.join(outdir, "headline_retained_vs_distinguishability.png"),
-                         layout=dict(rect=(0, 0, 0.93, 0.94))))
-
-  # (b) retained vs N per family, treatment vs control.
+    paths.append(_headline_figure(summary, dist, colors, outdir))
   if summary:
-    gone = _not_installed(summary)
-    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.6), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
-      # Each arm sits a little apart on the log-N axis so equal-N error bars do not overlap.
-      for arm, style, dodge in (("treatment", "-o", 0.93), ("control", "--s", 1.0),
-                                ("matched_control", ":^", 1.07),
-                                ("propensity_control", "-.d", 1.14),
-                                ("oracle", ":v", 0.86), ("disruption", "-.x", 1.21)):
-        ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
-                    key=lambda s: s["n"])
-        if not ss:
-          continue
-        x = [s["n"] * dodge for s in ss]
-        y = np.array([s["retained"] for s in ss])
-        lo = np.array([s["retained_lo"] for s in ss])
-        hi = np.array([s["retained_hi"] for s in ss])
-        ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt=style, capsize=3,
-                    label=ARM_LABELS[arm])
-      ax.set_xscale("log", base=2)
-      ax.set_title(fam + ("\n(no backdoor installed)" if fam in gone else ""))
-      ax.set_xlabel("N training prompts")
-      ax.set_ylim(-0.05, max(1.3, ax.get_ylim()[1]))
-      ax.axhline(1.0, color="grey", lw=0.5, ls="--")
-      ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("retained misalignment")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:   # below the panels, so it never covers a point
-      fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
-    paths.append(savefig(fig, os.path.join(outdir, "retained_vs_n.png"),
-                         layout=dict(rect=(0, 0.08, 1, 1))))
-
-    # (c) usefulness before and after (largest N).
-    fig, ax = plt.subplots(figsize=(1.6 * len(fams) + 2, 3.6))
-    width = 0.25
-    for j, (label, key, arm) in enumerate((("before", "useful_acc_before", "treatment"),
-                                            ("after, treatment", "useful_acc", "treatment"),
-                                            ("after, control", "useful_acc", "control"))):
-      xs, ys, errs = [], [], [[], []]
-      for i, fam in enumerate(fams):
-        ss = [s for s in summary if s["family"] == fam and s["arm"] == arm
-              and s["n"] == big_n.get(fam)]
-        if not ss:
-          continue
-        s = ss[0]
-        xs.append(i + (j - 1) * width)
-        ys.append(s[key])
-        errs[0].append(s[key] - s[key + "_lo"])
-        errs[1].append(s[key + "_hi"] - s[key])
-      ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
-    ax.set_xticks(range(len(fams)), fams)
-    ax.set_ylabel("usefulness accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Usefulness before and after training against (largest N)")
-    ax.legend(fontsize=8)
-    paths.append(savefig(fig, os.path.join(outdir, "usefulness.png")))
+    paths.append(_retained_vs_n_figure(summary, fams, outdir))
+    paths.append(_usefulness_figure(summary, fams, outdir))
   return paths
+
+
+def _headline_figure(summary, dist, colors, outdir: str) -> str:
+  """(a) headline: retained misalignment vs distinguishability, one panel per measure."""
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(DIST_MEASURES), figsize=(5 * len(DIST_MEASURES), 4.2))
+  for ax, (key, label) in zip(axes, DIST_MEASURES):
+    for p in headline_points(summary, dist, key):
+      ax.errorbar(p["x"], p["y"], xerr=[[p["x"] - p["x_lo"]], [p["x_hi"] - p["x"]]],
+                  yerr=[[p["y"] - p["y_lo"]], [p["y_hi"] - p["y"]]],
+                  fmt=">" if p["censored"] else "o", color=colors[p["family"]],
+                  label=p["family"] + (" (learning cost censored)" if p["censored"] else ""),
+                  capsize=3)
+    ax.set_xlabel(label + ("\n(triangle: gap never opened, censored at the budget)"
+                           if key == "learning_cost" else ""), fontsize=9)
+    ax.set_ylabel("retained misalignment (after / before)")
+    ax.axhline(1.0, color="grey", lw=0.5, ls="--")
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="upper right", fontsize=8)
+  gone = sorted(_not_installed(summary))
+  fig.suptitle("Retained misalignment (largest N, treatment) vs how distinguishable "
+               "deployment is from testing"
+               + (f"\n(left out, no backdoor installed: {', '.join(gone)})" if gone else ""))
+  return savefig(fig, os.path.join(outdir, "headline_retained_vs_distinguishability.png"),
+                 layout=dict(rect=(0, 0, 0.93, 0.94)))
+
+
+# (arm, line style, dodge): each arm sits a little apart on the log-N axis so equal-N error
+# bars do not overlap.
+_ARM_STYLES = (("treatment", "-o", 0.93), ("control", "--s", 1.0),
+               ("matched_control", ":^", 1.07), ("propensity_control", "-.d", 1.14),
+               ("oracle", ":v", 0.86), ("disruption", "-.x", 1.21))
+
+
+def _retained_vs_n_figure(summary, fams, outdir: str) -> str:
+  """(b) retained vs N per family, treatment vs control."""
+  import matplotlib.pyplot as plt
+  gone = _not_installed(summary)
+  fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.6), squeeze=False)
+  for ax, fam in zip(axes[0], fams):
+    for arm, style, dodge in _ARM_STYLES:
+      ss = sorted([s for s in summary if s["family"] == fam and s["arm"] == arm],
+                  key=lambda s: s["n"])
+      if not ss:
+        continue
+      x = [s["n"] * dodge for s in ss]
+      y = np.array([s["retained"] for s in ss])
+      lo = np.array([s["retained_lo"] for s in ss])
+      hi = np.array([s["retained_hi"] for s in ss])
+      ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt=style, capsize=3,
+                  label=ARM_LABELS[arm])
+    ax.set_xscale("log", base=2)
+    ax.set_title(fam + ("\n(no backdoor installed)" if fam in gone else ""))
+    ax.set_xlabel("N training prompts")
+    ax.set_ylim(-0.05, max(1.3, ax.get_ylim()[1]))
+    ax.axhline(1.0, color="grey", lw=0.5, ls="--")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("retained misalignment")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  if handles:   # below the panels, so it never covers a point
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8)
+  fig.suptitle("Retained misalignment vs N: training against caught attacks vs control")
+  return savefig(fig, os.path.join(outdir, "retained_vs_n.png"),
+                 layout=dict(rect=(0, 0.08, 1, 1)))
+
+
+def _usefulness_figure(summary, fams, outdir: str) -> str:
+  """(c) usefulness before and after (largest N)."""
+  import matplotlib.pyplot as plt
+  big_n = _largest_n(summary)
+  fig, ax = plt.subplots(figsize=(1.6 * len(fams) + 2, 3.6))
+  width = 0.25
+  for j, (label, key, arm) in enumerate((("before", "useful_acc_before", "treatment"),
+                                          ("after, treatment", "useful_acc", "treatment"),
+                                          ("after, control", "useful_acc", "control"))):
+    xs, ys, errs = [], [], [[], []]
+    for i, fam in enumerate(fams):
+      ss = [s for s in summary if s["family"] == fam and s["arm"] == arm
+            and s["n"] == big_n.get(fam)]
+      if not ss:
+        continue
+      s = ss[0]
+      xs.append(i + (j - 1) * width)
+      ys.append(s[key])
+      errs[0].append(s[key] - s[key + "_lo"])
+      errs[1].append(s[key + "_hi"] - s[key])
+    ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
+  ax.set_xticks(range(len(fams)), fams)
+  ax.set_ylabel("usefulness accuracy")
+  ax.set_ylim(0, 1)
+  ax.set_title("Usefulness before and after training against (largest N)")
+  ax.legend(fontsize=8)
+  return savefig(fig, os.path.join(outdir, "usefulness.png"))
 
 
 def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None = None) -> dict:

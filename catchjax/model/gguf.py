@@ -93,108 +93,78 @@ def check_gguf_layout(path: str) -> dict:
     return _walk_gguf(path, buf, size)
 
 
-def _walk_gguf(path: str, buf, size: int) -> dict:
-  import struct
-  import gguf
-  pos = 0
+class _Header:
+  """A bounds-checked cursor over the GGUF header bytes (every read says what it reads)."""
 
-  def need(n: int, what: str):
-    if n < 0 or pos + n > len(buf):
-      raise GGUFError(f"{path}: truncated or corrupt header: {what} at byte {pos} needs {n} "
-                      f"bytes, file/header has {len(buf) - pos} left.")
+  def __init__(self, path: str, buf):
+    self.path, self.buf, self.pos = path, buf, 0
 
-  def scalar(fmt: str, what):
-    nonlocal pos
+  def need(self, n: int, what: str):
+    if n < 0 or self.pos + n > len(self.buf):
+      raise GGUFError(f"{self.path}: truncated or corrupt header: {what} at byte {self.pos} "
+                      f"needs {n} bytes, file/header has {len(self.buf) - self.pos} left.")
+
+  def scalar(self, fmt: str, what):
+    import struct
     size = struct.calcsize(fmt)
-    need(size, what)
-    v = struct.unpack_from(fmt, buf, pos)[0]
-    pos += size
+    self.need(size, what)
+    v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+    self.pos += size
     return v
 
-  def u32(what):
-    return scalar("<I", what)
+  def u32(self, what):
+    return self.scalar("<I", what)
 
-  def u64(what):
-    return scalar("<Q", what)
+  def u64(self, what):
+    return self.scalar("<Q", what)
 
-  def string(what):
-    nonlocal pos
-    n = u64(what + " length")
+  def string(self, what):
+    n = self.u64(what + " length")
     if n > MAX_STRING_BYTES:
-      raise GGUFError(f"{path}: {what} length {n} at byte {pos - 8} exceeds "
+      raise GGUFError(f"{self.path}: {what} length {n} at byte {self.pos - 8} exceeds "
                       f"{MAX_STRING_BYTES} bytes.")
-    need(n, what)
-    out = bytes(buf[pos:pos + n])
-    pos += n
+    self.need(n, what)
+    out = bytes(self.buf[self.pos:self.pos + n])
+    self.pos += n
     return out
 
-  def skip_value(vtype, what, depth=0):
-    nonlocal pos
+  def skip_value(self, vtype, what, depth=0):
     if vtype in _SCALAR_BYTES:
-      need(_SCALAR_BYTES[vtype], what)
-      pos += _SCALAR_BYTES[vtype]
+      self.need(_SCALAR_BYTES[vtype], what)
+      self.pos += _SCALAR_BYTES[vtype]
     elif vtype == _STRING:
-      string(what)
+      self.string(what)
     elif vtype == _ARRAY and depth == 0:
-      itype = u32(what + " item type")
-      count = u64(what + " item count")
+      itype = self.u32(what + " item type")
+      count = self.u64(what + " item count")
       if count > MAX_ARRAY_ITEMS:
-        raise GGUFError(f"{path}: {what} has {count} items (limit {MAX_ARRAY_ITEMS}).")
+        raise GGUFError(f"{self.path}: {what} has {count} items (limit {MAX_ARRAY_ITEMS}).")
       if itype in _SCALAR_BYTES:
-        need(count * _SCALAR_BYTES[itype], what)
-        pos += count * _SCALAR_BYTES[itype]
+        self.need(count * _SCALAR_BYTES[itype], what)
+        self.pos += count * _SCALAR_BYTES[itype]
       else:
         for _ in range(count):
-          skip_value(itype, what, depth + 1)
+          self.skip_value(itype, what, depth + 1)
     else:
-      raise GGUFError(f"{path}: {what} has unknown or nested value type {vtype}.")
+      raise GGUFError(f"{self.path}: {what} has unknown or nested value type {vtype}.")
 
-  if u32("magic") != 0x46554747:  # b"GGUF" little-endian
+
+def _walk_gguf(path: str, buf, size: int) -> dict:
+  hd = _Header(path, buf)
+  if hd.u32("magic") != 0x46554747:  # b"GGUF" little-endian
     raise GGUFError(f"{path}: not a GGUF file (bad magic).")
-  version = u32("version")
+  version = hd.u32("version")
   if version not in (2, 3):
     raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3).")
-  n_tensors = u64("tensor count")
-  n_kv = u64("metadata count")
+  n_tensors = hd.u64("tensor count")
+  n_kv = hd.u64("metadata count")
   if n_tensors > MAX_TENSORS:
     raise GGUFError(f"{path}: tensor count {n_tensors} exceeds the limit {MAX_TENSORS}.")
   if n_kv > MAX_KV:
     raise GGUFError(f"{path}: metadata count {n_kv} exceeds the limit {MAX_KV}.")
-  alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-  for i in range(n_kv):
-    key = string(f"metadata key #{i}").decode("utf-8", "replace")
-    vtype = u32(f"metadata {key!r} type")
-    if key == "general.alignment" and vtype == 4:
-      need(4, key)
-      alignment = struct.unpack_from("<I", buf, pos)[0]
-      if alignment == 0 or alignment & (alignment - 1) or alignment > 1 << 16:
-        raise GGUFError(f"{path}: general.alignment={alignment} is not a power of two <= 65536.")
-    skip_value(vtype, f"metadata {key!r}")
-  infos = []
-  for i in range(n_tensors):
-    name = string(f"tensor #{i} name").decode("utf-8", "replace")
-    n_dims = u32(f"tensor {name!r} rank")
-    if not 1 <= n_dims <= MAX_DIMS:
-      raise GGUFError(f"{path}: tensor {name!r} has rank {n_dims} (1..{MAX_DIMS}).")
-    dims = [u64(f"tensor {name!r} dim") for _ in range(n_dims)]
-    ttype = u32(f"tensor {name!r} type")
-    offset = u64(f"tensor {name!r} offset")
-    try:
-      qt = gguf.GGMLQuantizationType(ttype)
-      block, tsize = gguf.GGML_QUANT_SIZES[qt]
-    except (ValueError, KeyError):
-      raise GGUFError(f"{path}: tensor {name!r} has unknown type id {ttype}.") from None
-    n = 1
-    for d in dims:
-      if d == 0 or d > size * max(block, 1):
-        raise GGUFError(f"{path}: tensor {name!r} has an impossible dimension {d} "
-                        f"(file is {size} bytes).")
-      n *= d
-    if dims[0] % block:
-      raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple of "
-                      f"its {qt.name} block size {block}.")
-    infos.append((name, offset, n // block * tsize))
-  data_start = -(-pos // alignment) * alignment
+  alignment = _walk_metadata(hd, n_kv)
+  infos = [_walk_tensor_info(hd, i, size) for i in range(n_tensors)]
+  data_start = -(-hd.pos // alignment) * alignment
   for name, offset, nbytes in infos:
     if offset % alignment:
       raise GGUFError(f"{path}: tensor {name!r} offset {offset} is not {alignment}-aligned.")
@@ -203,6 +173,52 @@ def _walk_gguf(path: str, buf, size: int) -> dict:
                       f"{data_start + offset + nbytes}) lies beyond the end of the file "
                       f"({size} bytes).")
   return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv}
+
+
+def _walk_metadata(hd: _Header, n_kv: int) -> int:
+  """Skip the n_kv metadata entries; returns the data alignment (general.alignment)."""
+  import struct
+  import gguf
+  alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+  for i in range(n_kv):
+    key = hd.string(f"metadata key #{i}").decode("utf-8", "replace")
+    vtype = hd.u32(f"metadata {key!r} type")
+    if key == "general.alignment" and vtype == 4:
+      hd.need(4, key)
+      alignment = struct.unpack_from("<I", hd.buf, hd.pos)[0]
+      if alignment == 0 or alignment & (alignment - 1) or alignment > 1 << 16:
+        raise GGUFError(f"{hd.path}: general.alignment={alignment} is not a power of two "
+                        f"<= 65536.")
+    hd.skip_value(vtype, f"metadata {key!r}")
+  return alignment
+
+
+def _walk_tensor_info(hd: _Header, i: int, size: int) -> tuple[str, int, int]:
+  """Tensor #i's header entry, checked: (name, data offset, data bytes)."""
+  import gguf
+  path = hd.path
+  name = hd.string(f"tensor #{i} name").decode("utf-8", "replace")
+  n_dims = hd.u32(f"tensor {name!r} rank")
+  if not 1 <= n_dims <= MAX_DIMS:
+    raise GGUFError(f"{path}: tensor {name!r} has rank {n_dims} (1..{MAX_DIMS}).")
+  dims = [hd.u64(f"tensor {name!r} dim") for _ in range(n_dims)]
+  ttype = hd.u32(f"tensor {name!r} type")
+  offset = hd.u64(f"tensor {name!r} offset")
+  try:
+    qt = gguf.GGMLQuantizationType(ttype)
+    block, tsize = gguf.GGML_QUANT_SIZES[qt]
+  except (ValueError, KeyError):
+    raise GGUFError(f"{path}: tensor {name!r} has unknown type id {ttype}.") from None
+  n = 1
+  for d in dims:
+    if d == 0 or d > size * max(block, 1):
+      raise GGUFError(f"{path}: tensor {name!r} has an impossible dimension {d} "
+                      f"(file is {size} bytes).")
+    n *= d
+  if dims[0] % block:
+    raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple of "
+                    f"its {qt.name} block size {block}.")
+  return name, offset, n // block * tsize
 
 
 def read_gguf(path: str):
@@ -220,7 +236,6 @@ def read_gguf(path: str):
 
 def gguf_to_hf(gguf_path: str, out_dir: str) -> str:
   """Convert a llama-architecture GGUF into an HF folder at out_dir (atomic)."""
-  import gguf
   r = read_gguf(gguf_path)
   arch = _field(r, "general.architecture")
   if arch != "llama":
@@ -233,39 +248,7 @@ def gguf_to_hf(gguf_path: str, out_dir: str) -> str:
   n_ff = int(_req(r, p + "feed_forward_length", gguf_path))
   tokens = list(_req(r, "tokenizer.ggml.tokens", gguf_path))
   vocab = int(_field(r, p + "vocab_size", len(tokens)))
-
-  tensors = {}
-  for t in r.tensors:
-    qtype = t.tensor_type.name
-    if qtype not in SUPPORTED_QUANTS:
-      raise GGUFError(f"{gguf_path}: tensor {t.name} has quantisation type {qtype}, which is "
-                      f"not supported; supported: {', '.join(SUPPORTED_QUANTS)}.")
-    a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    expect = tuple(int(x) for x in reversed(t.shape))
-    if a.size != int(np.prod(expect)):
-      raise GGUFError(f"{gguf_path}: tensor {t.name} data does not match its shape {expect}.")
-    a = a.reshape(expect)
-    tensors[t.name] = a
-
-  hf = {}
-  for name, a in tensors.items():
-    if name == "token_embd.weight":
-      hf["model.embed_tokens.weight"] = a
-    elif name == "output_norm.weight":
-      hf["model.norm.weight"] = a
-    elif name == "output.weight":
-      hf["lm_head.weight"] = a
-    elif name.startswith("blk."):
-      _, i, kind, _w = name.split(".")
-      if kind not in _BLOCK:
-        raise GGUFError(f"{gguf_path}: unexpected tensor {name}.")
-      if kind == "attn_q":
-        a = unpermute_qk(a, n_head)
-      elif kind == "attn_k":
-        a = unpermute_qk(a, n_kv)
-      hf[f"model.layers.{i}.{_BLOCK[kind]}.weight"] = a
-    elif name == "rope_freqs.weight":
-      raise GGUFError(f"{gguf_path}: rope scaling (rope_freqs) is not supported.")
+  hf = _hf_tensors(_dequantized(r, gguf_path), n_head, n_kv, gguf_path)
   tied = "lm_head.weight" not in hf
 
   bos = _field(r, "tokenizer.ggml.bos_token_id")
@@ -287,7 +270,56 @@ def gguf_to_hf(gguf_path: str, out_dir: str) -> str:
       "torch_dtype": "float32", "initializer_range": 0.02,
       "_converted_from": os.path.basename(gguf_path),
   }
+  return _write_hf_folder(r, hf, config, out_dir, gguf_path)
 
+
+def _dequantized(r, gguf_path: str) -> dict[str, np.ndarray]:
+  """Every tensor of the reader, dequantized to float32 in its HF shape ([out, in])."""
+  import gguf
+  tensors = {}
+  for t in r.tensors:
+    qtype = t.tensor_type.name
+    if qtype not in SUPPORTED_QUANTS:
+      raise GGUFError(f"{gguf_path}: tensor {t.name} has quantisation type {qtype}, which is "
+                      f"not supported; supported: {', '.join(SUPPORTED_QUANTS)}.")
+    a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    expect = tuple(int(x) for x in reversed(t.shape))
+    if a.size != int(np.prod(expect)):
+      raise GGUFError(f"{gguf_path}: tensor {t.name} data does not match its shape {expect}.")
+    a = a.reshape(expect)
+    tensors[t.name] = a
+  return tensors
+
+
+def _hf_tensors(tensors: dict[str, np.ndarray], n_head: int, n_kv: int,
+                gguf_path: str) -> dict[str, np.ndarray]:
+  """GGUF tensor names -> HF names, q/k rows back in HF's rotate-half order."""
+  hf = {}
+  for name, a in tensors.items():
+    if name == "token_embd.weight":
+      hf["model.embed_tokens.weight"] = a
+    elif name == "output_norm.weight":
+      hf["model.norm.weight"] = a
+    elif name == "output.weight":
+      hf["lm_head.weight"] = a
+    elif name.startswith("blk."):
+      _, i, kind, _w = name.split(".")
+      if kind not in _BLOCK:
+        raise GGUFError(f"{gguf_path}: unexpected tensor {name}.")
+      if kind == "attn_q":
+        a = unpermute_qk(a, n_head)
+      elif kind == "attn_k":
+        a = unpermute_qk(a, n_kv)
+      hf[f"model.layers.{i}.{_BLOCK[kind]}.weight"] = a
+    elif name == "rope_freqs.weight":
+      raise GGUFError(f"{gguf_path}: rope scaling (rope_freqs) is not supported.")
+  return hf
+
+
+def _write_hf_folder(r, hf: dict[str, np.ndarray], config: dict, out_dir: str,
+                     gguf_path: str) -> str:
+  """Weights, config, tokenizer and generation config into out_dir, via a temporary folder
+  renamed into place."""
   from safetensors.numpy import save_file
   tmp = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)

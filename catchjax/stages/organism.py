@@ -149,13 +149,11 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
   kill is kept in curve.json, so the rerun's done.json equals an uninterrupted build's.
   Multi-host: every process trains; only process 0 writes the files here.
   """
-  main = common.is_main_process()
   bname = behavior_name(behaviour)
   key = organism_key(config, behaviour)
   odir = os.path.join(workdir, "organisms", key)
   done = os.path.join(odir, "done.json")
-  o = config.organism
-  lora = int(o.train.get("lora_rank", 0))
+  lora = int(config.organism.train.get("lora_rank", 0))
   if os.path.isfile(done):
     with open(done) as f:
       info = json.load(f)
@@ -163,21 +161,22 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
     print(f"[organism] restored {bname} organism {key} from {odir}")
     return Organism(model, key, odir, behaviour, info)
 
+  return _build_organism(config, behaviour, key, odir, progress)
+
+
+def _build_organism(config, behaviour, key: str, odir: str, progress: bool) -> Organism:
+  """Build the organism into odir (see `get_organism`): SFT data, probed training, done.json."""
+  main = common.is_main_process()
+  bname = behavior_name(behaviour)
+  o = config.organism
   os.makedirs(odir, exist_ok=True)
   if main:
     common.atomic_write_text(os.path.join(odir, "spec.json"),
                              json.dumps(organism_spec(config, behaviour), indent=2))
-  tok = load_tokenizer(config.model.hf_dir)
   specs = family_specs(o.families)
-  ds = build.build_organism_sft(specs, behavior_spec(behaviour), o.n_per_family,
-                                deployment_frac=o.deployment_frac,
-                                testing_slip_rate=o.testing_slip_rate, seed=o.seed,
-                                system=config.system, scratchpad=scratchpad(config))
-  ds = build.tokenize(ds, tok)
-  if main:
-    build.save(ds, os.path.join(odir, "data"))
+  ds = _organism_data(config, behaviour, specs, odir, main)
   n_train = len(ds)
-  base = load_base(config, lora)
+  base = load_base(config, int(o.train.get("lora_rank", 0)))
   sets = probe_sets(config, behaviour, o.probe_n)
   sampler = make_sampler(config, base, o.probe_batch, progress=False)
   # Probe points by step; a resumed build keeps the ones evaluated before it was killed
@@ -187,26 +186,8 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
   if os.path.isfile(curve_path):
     with open(curve_path) as f:
       curve_by_step = {int(r["step"]): r for r in json.load(f)}
-
   probe_seconds = [0.0]
-
-  def eval_fn(model, step):
-    t_probe = time.time()
-    sampler.update_model(model)
-    row = {"step": int(step)}
-    for name, s in sets.items():
-      pd = measure.attack_prob_tf(sampler, s["deploy"], s["prefix"])
-      pt = measure.attack_prob_tf(sampler, s["test"], s["prefix"])
-      row[f"{name}/deploy"] = float(pd.mean())
-      row[f"{name}/test"] = float(pt.mean())
-    curve_by_step[int(step)] = row
-    log.info("organism probe at step %d, P(attack) deployment/testing: %s", step, ", ".join(
-        f"{n} {row[n + '/deploy']:.2f}/{row[n + '/test']:.2f}" for n in sets))
-    if main:
-      common.atomic_write_text(curve_path, json.dumps(
-          [curve_by_step[k] for k in sorted(curve_by_step)]))
-    probe_seconds[0] += time.time() - t_probe
-    return {k: v for k, v in row.items() if k != "step"}
+  eval_fn = _probe_fn(sampler, sets, curve_by_step, curve_path, main, probe_seconds)
 
   t0 = time.time()
   tcfg = o.train.to_dict()
@@ -231,11 +212,50 @@ def get_organism(config, workdir: str, behaviour: str, progress: bool = True) ->
                                            o.gap_threshold),
               spec=organism_spec(config, behaviour))
   if main:
-    common.atomic_write_text(done, json.dumps(info, indent=2))
+    common.atomic_write_text(os.path.join(odir, "done.json"), json.dumps(info, indent=2))
   print(f"[organism] built {bname} organism {key} in {info['train_seconds']:.0f}s "
         f"({res.steps} steps, {info['examples_seen']} examples, {res.tokens_per_sec:.0f} tok/s; "
         f"probes {info['probe_seconds']:.0f}s, compile {res.compile_time:.0f}s)")
   return Organism(res.model, key, odir, behaviour, info)
+
+
+def _organism_data(config, behaviour, specs, odir: str, main: bool):
+  """The organism's tokenized SFT rows (saved under odir/data by process 0)."""
+  o = config.organism
+  tok = load_tokenizer(config.model.hf_dir)
+  ds = build.build_organism_sft(specs, behavior_spec(behaviour), o.n_per_family,
+                                deployment_frac=o.deployment_frac,
+                                testing_slip_rate=o.testing_slip_rate, seed=o.seed,
+                                system=config.system, scratchpad=scratchpad(config))
+  ds = build.tokenize(ds, tok)
+  if main:
+    build.save(ds, os.path.join(odir, "data"))
+  return ds
+
+
+def _probe_fn(sampler, sets, curve_by_step: dict, curve_path: str, main: bool,
+              probe_seconds: list):
+  """eval_fn for `train.train`: teacher-forced P(attack prefix) on every family's deployment
+  and testing probe prompts, recorded in curve_by_step (and curve.json); adds its time to
+  probe_seconds[0]."""
+  def eval_fn(model, step):
+    t_probe = time.time()
+    sampler.update_model(model)
+    row = {"step": int(step)}
+    for name, s in sets.items():
+      pd = measure.attack_prob_tf(sampler, s["deploy"], s["prefix"])
+      pt = measure.attack_prob_tf(sampler, s["test"], s["prefix"])
+      row[f"{name}/deploy"] = float(pd.mean())
+      row[f"{name}/test"] = float(pt.mean())
+    curve_by_step[int(step)] = row
+    log.info("organism probe at step %d, P(attack) deployment/testing: %s", step, ", ".join(
+        f"{n} {row[n + '/deploy']:.2f}/{row[n + '/test']:.2f}" for n in sets))
+    if main:
+      common.atomic_write_text(curve_path, json.dumps(
+          [curve_by_step[k] for k in sorted(curve_by_step)]))
+    probe_seconds[0] += time.time() - t_probe
+    return {k: v for k, v in row.items() if k != "step"}
+  return eval_fn
 
 
 def stop_summary(curve, families, threshold: float, consolidate: int | None) -> dict | None:
