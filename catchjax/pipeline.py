@@ -24,7 +24,7 @@ import time
 from typing import Callable, Iterable
 
 from catchjax import common
-from catchjax.results import ResultStore
+from catchjax.results import ResultStore, row_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +79,7 @@ class Runner:
   def row(self, cell: Cell) -> dict | None:
     """The stored row of `cell` (None when it has not run)."""
     key = cell.key(self.chash)
-    return next((r for r in reversed(self.store.rows) if r.get("config_hash") == self.chash
-                 and (r["experiment"], r["family"], r["behaviour"], r["n"], r["arm"],
-                      r["seed"], r["config_hash"]) == key), None)
+    return next((r for r in reversed(self.store.rows) if row_key(r) == key), None)
 
   def scratch(self, cell: Cell) -> str:
     """The cell's scratch folder (train-against checkpoints), removed after its row."""

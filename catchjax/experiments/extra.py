@@ -27,11 +27,11 @@ from catchjax import common, pipeline, report
 from catchjax.common import stream
 from catchjax.data.behaviors import behavior_name
 from catchjax.report_extra import seed_agg  # noqa: F401 (re-exported: the tests use it)
+from catchjax.stages import measure
 from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
 from catchjax.tokenizer import load_tokenizer
 
-RATE_FIELDS = ("k", "n", "rate", "lo", "hi")
 
 
 def entry(name: str, config, workdir: str, validate, body, plan=None):
@@ -106,9 +106,8 @@ def finish(runner, workdir: str, meta: dict, write_report) -> dict:
 
 
 def rate_fields(prefix: str, d: dict | None) -> dict:
-  if d is None:
-    return {}
-  return {f"{prefix}_{k}": d[k] for k in RATE_FIELDS}
+  """measure.rate_fields, {} for a measure the experiment did not take."""
+  return {} if d is None else measure.rate_fields(prefix, d)
 
 
 def retained_fields(after: dict, before_rate: float) -> dict:

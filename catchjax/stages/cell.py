@@ -51,8 +51,7 @@ def _after_fields(b: dict, a: dict, gate_points: float) -> dict:
   d, t, u, tf = a["deploy"], a["test"], a["useful"], a["tf"]
   d0, tf0 = b["deploy"], b["tf"]
   drop, flag = measure.useful_drop(b["useful"]["gate"], u["gate"], gate_points)
-  out = {f"deploy_{k}": d[k] for k in ("k", "n", "rate", "lo", "hi")}
-  out.update({f"test_{k}": t[k] for k in ("k", "n", "rate", "lo", "hi")})
+  out = dict(measure.rate_fields("deploy", d), **measure.rate_fields("test", t))
   out.update(useful_k=u["k"], useful_n=u["n"], useful_acc=u["rate"], useful_lo=u["lo"],
              useful_hi=u["hi"], deploy_tf=tf, useful_gate=u["gate"]["rate"],
              useful_drop_points=drop, useful_flag=flag,

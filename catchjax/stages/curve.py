@@ -3,8 +3,7 @@ attack rate every `every` steps on the way (the long-trained experiment's remova
 from __future__ import annotations
 
 from catchjax.stages import train_against as ta
-
-RATE_FIELDS = ("k", "n", "rate", "lo", "hi")
+from catchjax.stages.measure import RATE_FIELDS
 
 
 def removal_curve(ctx, spec, rows: list[dict], seed: int, rdir: str, *, steps: int, every: int,
