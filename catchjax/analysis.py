@@ -81,7 +81,7 @@ def pair_rows(rows: list[dict], spec, excluded=frozenset()) -> tuple[list[dict],
         or r.get("experiment", "headline") != "headline"
         or (r.get("family"), r.get("behaviour")) in excluded):
       continue
-    k = (r["family"], r["behaviour"], r.get("organism"), r["seed"], r["arm"])
+    k = (r["family"], r["behaviour"], r.get("organism"), (r["seed"], r.get("catch")), r["arm"])
     if k in cells:
       raise ValueError(f"analysis: two rows for cell {k}; pass one sweep's rows (or pool them "
                        f"with report.pool_rows).")
@@ -95,7 +95,7 @@ def pair_rows(rows: list[dict], spec, excluded=frozenset()) -> tuple[list[dict],
     if ya is None or yb is None:
       unpaired += 1 + (rb is not None)
       continue
-    pairs.append(dict(family=k[0], behaviour=k[1], organism=k[2], seed=k[3],
+    pairs.append(dict(family=k[0], behaviour=k[1], organism=k[2], seed=k[3][0],
                       catch_seed=ra.get("catch_seed"), diff=ya - yb, a=ya, b=yb))
   unpaired += sum(1 for k in cells if k[-1] == b and k[:-1] + (a,) not in cells)
   return pairs, unpaired
@@ -407,6 +407,36 @@ def _mixed_lines(mm: dict) -> list[str]:
   return lines + [f"- note: {n}" for n in mm["notes"]]
 
 
+def crossed_markdown(rows: list[dict], n: int) -> str:
+  """Exploratory: each family's crossed catch x training-seed decomposition (rows that carry
+  a `catch`, the :crossed design) at N = n, for the deployment rate after and the retained
+  gap; '' when no row is crossed."""
+  crossed = [r for r in rows if r.get("catch") is not None and r.get("n") == n
+             and r.get("arm") in ("treatment", "control")]
+  if not crossed:
+    return ""
+  lines = ["", f"### Exploratory: variance decomposition of the crossed design (N = {n})", "",
+           "MixedLM (REML), arm fixed, catch seed and training seed crossed variance "
+           "components; binomial: mean p(1 - p) / n of the measured rates (part of the "
+           "residual).", "",
+           "| family | outcome | rows | catches x training seeds | catch var | training-seed "
+           "var | residual var | binomial var |", "|---|---|---|---|---|---|---|---|"]
+  fmt = lambda v: "n/a" if v is None else f"{v:.4f}"   # noqa: E731
+  for fam in sorted({r["family"] for r in crossed}):
+    fr = [r for r in crossed if r["family"] == fam]
+    gap_rows = [dict(r, retained_gap=report.retained_gap(r)) for r in fr]
+    for label, rs, key, nk in (("deployment rate after", fr, "deploy_rate", "deploy_n"),
+                               ("retained gap", gap_rows, "retained_gap", "_none")):
+      vc = variance_components(rs, outcome_key=key, n_key=nk)
+      if "error" in vc:
+        lines.append(f"| {fam} | {label} | {len(rs)} | | {vc['error']} | | | |")
+        continue
+      lines.append(f"| {fam} | {label} | {vc['rows']} | {vc['catches']} x {vc['train_seeds']}"
+                   f" | {fmt(vc['catch_var'])} | {fmt(vc['train_var'])} | "
+                   f"{fmt(vc['residual_var'])} | {fmt(vc['binomial_var'])} |")
+  return "\n".join(lines) + "\n"
+
+
 def _spec_from(config_report, meta: dict) -> dict:
   spec = None if config_report is None else config_report.get("primary")
   return primary_spec(spec if spec is not None else meta.get("primary"))
@@ -426,7 +456,7 @@ def primary_markdown(rows: list[dict], meta: dict, config_report=None) -> str:
             "Exploratory: everything below, and every other table and figure of this report, "
             "is not the pre-registered test (no multiplicity control)."]
   lines += _mixed_lines(mixed_model(rows, meta, spec))
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n" + crossed_markdown(rows, int(spec["n"]))
 
 
 def report_section(rows: list[dict], meta: dict, config_report=None) -> str:

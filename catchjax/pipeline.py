@@ -1,7 +1,7 @@
 """The pipeline layer: every experiment is a plan of cells run over the same stages.
 
 A **cell** is one measured unit: (experiment, family, behaviour, N, arm, seed); its key adds
-the config hash (catchjax/results.py KEY_FIELDS). An experiment builds a plan (a list of
+the config hash (catchjax/results.py KEY_FIELDS), and a crossed design's catch seed when set. An experiment builds a plan (a list of
 cells, in the order it wants them run) and a function from a cell to that cell's row fields;
 `Runner.run` does the rest, the same way for every experiment:
 
@@ -35,14 +35,17 @@ class Cell:
   n: int
   arm: str
   seed: int
+  catch: int | None = None   # crossed designs: the catch's seed apart from `seed` (training)
 
   def key(self, chash: str) -> tuple:
-    return (self.experiment, self.family, self.behaviour, int(self.n), self.arm,
-            self.seed, chash)
+    key = (self.experiment, self.family, self.behaviour, int(self.n), self.arm,
+           self.seed, chash)
+    return key if self.catch is None else key + (int(self.catch),)
 
   def fields(self) -> dict:
-    return dict(experiment=self.experiment, family=self.family, behaviour=self.behaviour,
-                n=int(self.n), arm=self.arm, seed=self.seed)
+    out = dict(experiment=self.experiment, family=self.family, behaviour=self.behaviour,
+               n=int(self.n), arm=self.arm, seed=self.seed)
+    return out if self.catch is None else dict(out, catch=int(self.catch))
 
 
 class Runner:
@@ -83,8 +86,9 @@ class Runner:
 
   def scratch(self, cell: Cell) -> str:
     """The cell's scratch folder (train-against checkpoints), removed after its row."""
+    c = "" if cell.catch is None else f"-c{cell.catch}"
     return os.path.join(self.workdir, "runs", f"{self.chash}-{cell.family}-{cell.behaviour}-"
-                        f"{cell.n}-{cell.arm}-s{cell.seed}")
+                        f"{cell.n}-{cell.arm}-s{cell.seed}{c}")
 
   # -- plans
   def plan(self, cells: Iterable[Cell]) -> list[Cell]:

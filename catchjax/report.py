@@ -73,8 +73,9 @@ TRAIN_ARMS = tuple(ARM_LABELS)
 
 def run_id(r: dict) -> tuple:
   """What pairs the arms of one run: the organism and the seed (seeds repeat across
-  organisms when sweeps on several organisms are pooled)."""
-  return (r.get("organism"), r["seed"])
+  organisms when sweeps on several organisms are pooled), and a crossed design's catch
+  (`Cell.catch`; None elsewhere)."""
+  return (r.get("organism"), r["seed"], r.get("catch"))
 
 
 def summarise(rows: list[dict], installed: dict[tuple[str, str], float] | None = None,
@@ -263,8 +264,8 @@ def contrast_half_widths(rows: list[dict], n: int,
   for r in rows:
     if r.get("n") == n and r.get("arm") in arms:
       key = (r["family"], r["behaviour"])
-      runs[key].add((r.get("organism"), r["seed"]))
-      by[key][(r.get("organism"), r["seed"])][r["arm"]] = retained_gap(r)
+      runs[key].add(run_id(r))
+      by[key][run_id(r)][r["arm"]] = retained_gap(r)
   out = {}
   for key, pairs in by.items():
     d = [p[a] - p[b] for p in pairs.values()
@@ -697,7 +698,8 @@ def pool_rows(groups: list[list[dict]], organisms: bool = False) -> list[dict]:
           raise ValueError(f"pool: {field} differs across groups ({want!r} vs {r.get(field)!r}"
                            f" for {r['family']}/{r['behaviour']}); these runs do not pool"
                            + ("" if organisms else " (several organisms: --organisms)") + ".")
-      k = (r.get("organism"), r["family"], r["behaviour"], r["n"], arm, r["seed"])
+      k = (r.get("organism"), r["family"], r["behaviour"], r["n"], arm, r["seed"],
+           r.get("catch"))
       if k in seen_cells and seen_cells[k] != gi:
         raise ValueError(f"pool: cell {k} is in groups {seen_cells[k]} and {gi}; pool "
                          f"disjoint seeds.")

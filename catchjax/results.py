@@ -11,13 +11,17 @@ import os
 from catchjax.common import atomic_write_text
 
 KEY_FIELDS = ("experiment", "family", "behaviour", "n", "arm", "seed", "config_hash")
+# A crossed design's cells also name their catch (`Cell.catch`, issue 27 item 6): rows that
+# carry the field add it to their key; rows without it keep the 7-field key.
+CROSSED_FIELD = "catch"
 
 
 def row_key(row: dict) -> tuple:
   missing = [k for k in KEY_FIELDS if k not in row]
   if missing:
     raise KeyError(f"result row lacks key fields {missing}: {sorted(row)}")
-  return tuple(row[k] for k in KEY_FIELDS)
+  key = tuple(row[k] for k in KEY_FIELDS)
+  return key + (row[CROSSED_FIELD],) if row.get(CROSSED_FIELD) is not None else key
 
 
 class ResultStore:

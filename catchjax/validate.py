@@ -305,6 +305,17 @@ def check_headline(config) -> None:
   seeds = int_tuple("config.headline.seeds", h.seeds, positive=False)
   if len(set(seeds)) != len(seeds):
     raise ConfigError(f"config.headline.seeds has repeats: {seeds}.")
+  if h.get("catch_seeds") is not None:   # the crossed design
+    cs = int_tuple("config.headline.catch_seeds", h.catch_seeds, positive=False)
+    if len(set(cs)) != len(cs):
+      raise ConfigError(f"config.headline.catch_seeds has repeats: {cs}.")
+    if not h.get("catch_per_seed", True):
+      raise ConfigError("config.headline.catch_seeds with catch_per_seed=False: a crossed "
+                        "design names its catches; set catch_per_seed=True.")
+    if int(h.power_max_seeds) > 0:
+      raise ConfigError(f"config.headline.catch_seeds with power_max_seeds="
+                        f"{h.power_max_seeds}: a crossed design is fixed; set "
+                        f"power_max_seeds=0.")
   # () skips the distinguishability measures (e.g. a sweep pooled with one that has them).
   int_tuple("config.headline.distinguish_seeds", h.distinguish_seeds, positive=False,
               nonempty=False)

@@ -16,7 +16,7 @@ from configs.common import base_config, check_variant
 
 
 # --config=configs/headline.py:<variant>; none: the default (any other variant is refused)
-VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot")
+VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot", "crossed")
 
 
 def get_config(arg: str | None = None):
@@ -31,6 +31,11 @@ def get_config(arg: str | None = None):
   # family shared by the seeds (each draws its own N from it), which hides the catch-to-catch
   # spread (WORKSPACE: the collusion "reversal" of 2026-11-26 was one catch's).
   h.catch_per_seed = True
+  # A crossed design (issue 27 item 6, the :crossed variant): every seed in `seeds` (the
+  # training draw, data order and measurement sampling) against every catch seed here, so
+  # the catch-to-catch and training-seed variances separate (analysis.variance_components).
+  # None: each seed its own catch.
+  h.catch_seeds = ml_collections.config_dict.placeholder(tuple)
   h.arms = ("treatment", "control")   # + matched_control / propensity_control (see below)
   # The dpo arm (stages/arms.py, train_dpo.py): preference training on the treatment's caught
   # draw, the sampled attack rejected, the helpful answer chosen, the organism as reference,
@@ -149,6 +154,17 @@ def get_config(arg: str | None = None):
     h.ns = (16,)
     h.seeds = tuple(range(6))
     h.power_max_seeds = 0
+  elif arg == "crossed":
+    # The crossed design of issue 27 item 6 on year at N = 16: 4 catches x 4 training seeds
+    # x 2 arms (32 cells), for the variance decomposition; fixed design, no power rule.
+    h.families = ("year",)
+    h.ns = (16,)
+    h.seeds = (0, 1, 2, 3)
+    h.catch_seeds = (0, 1, 2, 3)
+    h.arms = ("treatment", "control")
+    h.distinguish_seeds = ()
+    h.return_n = 0
+    h.power_max_seeds = 0
   elif arg == "pilot":
     # The train-against pilot (issue 26 item 2): catch / training seeds outside every sweep's
     # (which start at 0), N = 16, treatment and control only, to choose lr, warm-up, eps and
@@ -185,7 +201,7 @@ def derived_config(arg: str | None, experiment: str, dry_run: bool = False):
   `dry_run=True` adds the `config.dry_run` switch (validate + print the plan, no compute)."""
   c = get_config(arg)
   # The headline sweep's own fields: the extra experiments catch and pick arms their own way.
-  for k in ("catch_per_seed", "arms", "dpo_beta", "families", "stopping", "n_sharpen",
+  for k in ("catch_per_seed", "catch_seeds", "arms", "dpo_beta", "families", "stopping", "n_sharpen",
             "return_n", "power_target", "power_goal", "power_min_seeds", "power_max_seeds"):
     del c.headline[k]
   for k in ("distinguish_curve", "n_curve_pairs", "n_curve_eval", "curve_ns", "resamples",

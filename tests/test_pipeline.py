@@ -678,3 +678,46 @@ def test_pool_over_organisms_pairs_arms_by_organism_and_seed(tmp_path):
     json.dump({"config_hash": "x", "config": c.to_dict()}, f, default=str)
   with pytest.raises(SystemExit):
     report.main([dirs[0][0], "--pool", dirs[1][0], "--organisms", "--out", out])
+
+
+def test_crossed_design_runs_every_training_seed_against_every_catch(headline_run, tmp_path):
+  """headline.catch_seeds (issue 27 item 6): cells cross training seeds with catches; a
+  row's catch is its own key field, rows of one catch share its caught set, a rerun adds
+  nothing, and the report decomposes the variance; the validation refuses a crossed design
+  with the power rule on."""
+  from catchjax import analysis
+  from catchjax.experiments import headline
+  from catchjax.validate import ConfigError
+  c, wd = headline_run
+  c2 = c.copy_and_resolve_references()
+  h = c2.headline
+  h.families, h.arms, h.distinguish_seeds = ("jsonl",), ("treatment", "control"), ()
+  h.seeds, h.catch_seeds, h.return_n = (0, 1), (0, 1), 0
+  headline.validate(c2)
+  cells = [x for cs, _ in headline.rounds(c2, ["jsonl"], "hate") for x in cs]
+  assert sorted((x.seed, x.catch, x.arm) for x in cells) == sorted(
+      (s, k, a) for s in (0, 1) for k in (0, 1) for a in ("treatment", "control"))
+  wd2 = str(tmp_path / "crossed")
+  os.makedirs(wd2)
+  os.symlink(os.path.join(wd, "organisms"), os.path.join(wd2, "organisms"))
+  headline.run(c2, wd2)
+  rows = results.ResultStore(os.path.join(wd2, "results.jsonl")).rows
+  assert sorted((r["seed"], r["catch"], r["catch_seed"], r["arm"]) for r in rows) == sorted(
+      (s, k, k, a) for s in (0, 1) for k in (0, 1) for a in ("treatment", "control"))
+  assert len({results.row_key(r) for r in rows}) == 8
+  for k in (0, 1):   # one catch, whatever the training seed
+    assert len({r["n_caught"] for r in rows if r["catch"] == k}) == 1
+  catches = [n for n in os.listdir(os.path.join(wd2, "catches"))
+             if not n.endswith("-p_attack.json")]
+  assert len(catches) == 2
+  headline.run(c2, wd2)                    # resume: nothing new
+  assert len(results.ResultStore(os.path.join(wd2, "results.jsonl")).rows) == 8
+  pairs, unpaired = analysis.pair_rows(rows, dict(analysis.PRIMARY, n=8))
+  # treatment - control per (seed, catch): 4 pairs (a pair whose gap before is 0 has no
+  # retained gap and counts its two rows as unpaired), never two rows for one cell.
+  assert len(pairs) + unpaired / 2 == 4 and pairs
+  md = open(os.path.join(wd2, "report.md")).read()
+  assert "variance decomposition of the crossed design" in md
+  h.power_max_seeds = 3
+  with pytest.raises(ConfigError, match="catch_seeds"):
+    headline.validate(c2)

@@ -64,8 +64,11 @@ def rounds(config, names: list[str], bname: str):
   intervals early), then the other Ns. Yields (cells, report after this round)."""
   h = config.headline
   big, arms = max(h.ns), tuple(h.arms)
-  grid = lambda seeds, ns: [Cell("headline", f, bname, int(n), a, s)   # noqa: E731
-                            for s in seeds for f in names for n in ns for a in arms]
+  # A crossed design (headline.catch_seeds): every training seed against every catch.
+  catches = (None,) if h.get("catch_seeds") is None else tuple(int(c) for c in h.catch_seeds)
+  grid = lambda seeds, ns: [Cell("headline", f, bname, int(n), a, s, c)   # noqa: E731
+                            for s in seeds for f in names for n in ns for c in catches
+                            for a in arms]
   yield grid(h.seeds[:1], [big]), False
   yield [Cell("headline", f, bname, 0, "distinguish", s)
          for f in names for s in h.distinguish_seeds], True

@@ -73,7 +73,8 @@ def treatment_steps(runner, cell) -> int:
 def train_against_cell(ctx, runner, cell, primary_hash: str | None = None) -> dict:
   h = ctx.h
   spec = spec_of(ctx, cell.family)
-  c, cpath = ctx.catch(spec, cell.seed)
+  # A crossed design (headline.catch_seeds) names the catch apart from the training seed.
+  c, cpath = ctx.catch(spec, cell.seed if cell.catch is None else cell.catch)
   b = before(ctx, spec, cell.seed)
   n_train = min(int(cell.n), len(c.caught), len(c.clean))
   row = dict(organism=ctx.org.key, m=c.m, catch_seed=c.seed, n_caught=len(c.caught),
