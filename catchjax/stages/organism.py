@@ -119,9 +119,17 @@ class Organism:
 
 
 def load_base(config, lora_rank: int = 0):
+  """The base model; on several devices its weights load straight into the sampler mesh's
+  shardings (the training loop reshards to its own mesh when that differs)."""
+  import jax
+  from catchjax.stages import sampling
+  mesh = rules = None
+  if jax.device_count() > 1:
+    mesh, rules, _ = sampling.sampler_mesh(config)
   return hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
                     param_dtype=config.model.param_dtype, lora_rank=lora_rank,
-                    scan_unroll=int(config.model.get("scan_unroll", 0)))
+                    scan_unroll=int(config.model.get("scan_unroll", 0)), mesh=mesh,
+                    rules=rules)
 
 
 def probe_sets(config, behaviour, n: int, seed: int = 1234):
