@@ -65,15 +65,17 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
 
 
 def _load_jax(args):
+  from catchjax import common
   from catchjax.model import hf
   from catchjax.model.config import ModelConfig
   from flax import nnx
   if args.random_init:
     from catchjax.model.llama import Llama
     cfg = ModelConfig.from_hf_dir(args.model_dir, dtype=args.dtype,
-                                  scan_unroll=args.scan_unroll)
+                                  scan_unroll=common.resolve_scan_unroll(args.scan_unroll))
     return Llama(cfg, nnx.Rngs(0))
-  return hf.load_hf(args.model_dir, dtype=args.dtype, scan_unroll=args.scan_unroll)
+  return hf.load_hf(args.model_dir, dtype=args.dtype,
+                    scan_unroll=common.resolve_scan_unroll(args.scan_unroll))
 
 
 def run_jax(args) -> dict:
@@ -81,7 +83,12 @@ def run_jax(args) -> dict:
   from catchjax import train as T
   from catchjax.sample import Sampler, SamplingParams
   from catchjax.tokenizer import load_tokenizer
+  from catchjax import common
   out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+  # The shared persistent XLA cache (common.xla_cache_dir), unless --cold_compile: compile
+  # seconds from a warm cache are load times, so the JSON says which they are.
+  out["xla_cache"] = None if args.cold_compile else common.enable_compile_cache(
+      common.xla_cache_dir())
   peak = matmul_peak(args.dtype, n=8192 if jax.default_backend() == "gpu" else 2048)
   out["matmul_peak_flops"] = peak
   model = _load_jax(args)
@@ -234,9 +241,12 @@ def main(argv=None):
   ap.add_argument("--hf_batches", type=int, nargs="+", default=[32, 128])
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--only", choices=["jax", "torch"], default=None)
-  ap.add_argument("--scan_unroll", type=int, default=0,
-                  help="layers per lax.scan iteration in the training / scoring pass (0: all)")
+  ap.add_argument("--scan_unroll", type=int, default=-1,
+                  help="layers per lax.scan iteration in the training / scoring pass (0: all, "
+                       "-1: auto, 0 on CPU and 1 on GPU / TPU)")
   ap.add_argument("--smoke", action="store_true", help="seconds-long sizes (CI)")
+  ap.add_argument("--cold_compile", action="store_true",
+                  help="no persistent XLA cache (honest compile seconds)")
   ap.add_argument("--out", default="bench.json")
   args = ap.parse_args(argv)
   if args.smoke:

@@ -140,6 +140,58 @@ class workdir_lock:
     self.fh.close()
 
 
+def xla_cache_dir() -> str | None:
+  """The one persistent XLA compilation cache every workdir, the bench and the tests share
+  (issue 24 item 5): $CATCHJAX_XLA_CACHE (a folder, or "off": None), else
+  $XDG_CACHE_HOME/catchjax/xla (~/.cache/catchjax/xla). Entries are keyed by the program, the
+  jax/XLA version and the devices, so one folder serves every experiment safely."""
+  env = os.environ.get("CATCHJAX_XLA_CACHE")
+  if env is not None:
+    return None if env in ("", "off") else env
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "catchjax", "xla")
+
+
+def resolve_scan_unroll(value: int | None, platform: str | None = None) -> int:
+  """config.model.scan_unroll -> ModelConfig.scan_unroll. -1 (auto, the default): 0 (the
+  layer loop fully unrolled: fastest on XLA:CPU, WORKSPACE.md) on CPU, 1 (a rolled scan:
+  compile time independent of depth) on GPU / TPU. Any value >= 0 is kept."""
+  v = -1 if value is None else int(value)
+  if v >= 0:
+    return v
+  if platform is None:
+    import jax
+    platform = jax.default_backend()
+  return 0 if platform == "cpu" else 1
+
+
+# Compile seconds of every program this process compiled (issue 24 item 5): the sampler's
+# AOT programs and the train step record here; reports print the sum.
+COMPILE_SECONDS: dict[str, list] = {}
+
+
+def record_compile(program: str, seconds: float) -> None:
+  n_s = COMPILE_SECONDS.setdefault(program, [0, 0.0])
+  n_s[0] += 1
+  n_s[1] += float(seconds)
+
+
+def compile_summary() -> dict:
+  """{total_seconds, programs: {name: {compiles, seconds}}} of this process so far."""
+  progs = {k: dict(compiles=n, seconds=round(s, 1)) for k, (n, s) in
+           sorted(COMPILE_SECONDS.items())}
+  return dict(total_seconds=round(sum(s for _, s in COMPILE_SECONDS.values()), 1),
+              programs=progs)
+
+
+def compile_line() -> str:
+  """compile_summary as one report-header line."""
+  cs = compile_summary()
+  parts = ", ".join(f"{k} {v['compiles']} x / {v['seconds']:.1f} s"
+                    for k, v in cs["programs"].items())
+  return f"{cs['total_seconds']:.1f} s" + (f" ({parts})" if parts else "")
+
+
 def enable_compile_cache(cache_dir: str | None) -> str | None:
   """Persist XLA compilations under cache_dir (a rerun of an experiment then skips the ~20 s
   sampler and train-step compiles). None or "off" leaves JAX's default (no cache)."""

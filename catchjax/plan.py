@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from catchjax import common
 from catchjax import sharding as shd
 from catchjax import train as train_lib
 from catchjax.model import llama
@@ -337,6 +338,15 @@ def format_plan(plan: dict) -> str:
 
 
 # ---------------------------------------------------------------------- experiments
+def _target_platform(config) -> str | None:
+  """The platform a dry run plans for: an accelerator when the host is a CPU and the config
+  names the target's memory (dry_run_device_gb > 0: the host is not the target), else the
+  host's own (None)."""
+  if jax.default_backend() == "cpu" and float(config.get("dry_run_device_gb", 0.0) or 0.0) > 0:
+    return "accelerator"
+  return None
+
+
 def experiment_plan(config, experiment: str) -> dict:
   """The plan of the organism / headline experiment from its config (`--config.dry_run=True`):
   the organism's training step (config.organism.train), for the headline also the
@@ -346,7 +356,8 @@ def experiment_plan(config, experiment: str) -> dict:
   from catchjax.model.config import ModelConfig
   m = config.model
   mc = ModelConfig.from_hf_dir(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype,
-                               scan_unroll=int(m.get("scan_unroll", 0)))
+                               scan_unroll=common.resolve_scan_unroll(
+                                   m.get("scan_unroll"), _target_platform(config)))
   extra = {}
   if experiment == "headline":
     h = config.headline

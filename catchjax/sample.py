@@ -90,7 +90,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from catchjax import sharding
+from catchjax import common, sharding
 from catchjax.common import common_prefix_len
 from catchjax.model import llama
 
@@ -634,6 +634,7 @@ class Sampler:
                                       name), **static)
       compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
       _COMPILE_CACHE[full_key] = (compiled, time.perf_counter() - t0)
+      common.record_compile(f"sampler {name}", _COMPILE_CACHE[full_key][1])
     compiled, secs = _COMPILE_CACHE[full_key]
     self.compile_seconds.setdefault(key, secs)
     return compiled(*args)

@@ -263,6 +263,10 @@ def check_common(config) -> None:
   if m.param_dtype not in DTYPES:
     raise ConfigError(f"config.model.param_dtype={m.param_dtype!r}; one of {DTYPES}.")
   check_model_dir("config.model.hf_dir", m.hf_dir, shapes_only=shapes_only)
+  su = m.get("scan_unroll", -1)
+  if isinstance(su, bool) or not isinstance(su, int) or su < -1:
+    raise ConfigError(f"config.model.scan_unroll={su!r}: an int, -1 (auto: unrolled on CPU, "
+                      f"a rolled scan on GPU / TPU), 0 (fully unrolled) or layers per step.")
   gb = config.get("dry_run_device_gb", 0.0)
   if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
     raise ConfigError(f"config.dry_run_device_gb must be a number >= 0 (GiB per device; 0: "

@@ -35,10 +35,11 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dry_run_device_gb = 0.0
   c.model = ml_collections.ConfigDict(dict(
       hf_dir="artifacts/smollm2-135m-instruct", dtype="float32", param_dtype="float32",
-      # Layers per lax.scan iteration in the training / scoring pass; 0: all (fastest on CPU,
-      # but slow to compile on an accelerator, WORKSPACE.md: try 1 there). Same math, so not
-      # part of the organism cache key.
-      scan_unroll=0))
+      # Layers per lax.scan iteration in the training / scoring pass; 0: all (fastest on
+      # CPU), 1: a rolled scan (compile time independent of depth); -1 (auto): 0 on CPU, 1
+      # on GPU / TPU (common.resolve_scan_unroll). Same math, so not part of the organism
+      # cache key.
+      scan_unroll=-1))
   # Where sampling / scoring runs (catchjax/stages/sampling.py make_sampler, used by every
   # experiment and stage): a ('data', 'fsdp', 'tensor') mesh over all devices (-1 = the rest;
   # default like training: all on 'fsdp') and the logical-axis rules the weights and the batch

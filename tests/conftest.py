@@ -7,6 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+  """The tests share the project's one persistent XLA cache (common.xla_cache_dir;
+  CATCHJAX_XLA_CACHE=off turns it off)."""
+  from catchjax import common
+  common.enable_compile_cache(common.xla_cache_dir())
 SMOLLM2_DIR = os.environ.get("CATCHJAX_MODEL_DIR",
                              os.path.join(REPO, "artifacts", "smollm2-135m-instruct"))
 

@@ -48,10 +48,9 @@ def run(config, workdir: str | None = None):
     common.atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(
         {"config_hash": common.config_hash(config), "config": config.to_dict()}, indent=2,
         default=str))
-  # Persistent XLA compilation cache in the workdir (CATCHJAX_XLA_CACHE=off disables it, or
-  # points it elsewhere, e.g. one cache shared by several workdirs). Not for a dry run: its
-  # compile plan reports compile times, and keeps nothing.
+  # The one persistent XLA compilation cache (common.xla_cache_dir: shared by every workdir,
+  # the bench and the tests; CATCHJAX_XLA_CACHE=off disables it, or points it elsewhere).
+  # Not for a dry run: its compile plan reports compile times, and keeps nothing.
   if not dry:
-    common.enable_compile_cache(os.environ.get("CATCHJAX_XLA_CACHE",
-                                               os.path.join(workdir, "xla_cache")))
+    common.enable_compile_cache(common.xla_cache_dir())
   return mod.run(config, workdir)

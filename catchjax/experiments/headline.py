@@ -179,6 +179,7 @@ def _report_meta(config, runner, power, installed):
   return dict(title="catchjax headline: retained misalignment vs distinguishability",
               config_hash=runner.chash, commit=commit,
               wall_seconds_this_invocation=round(time.time() - runner.t0),
+              compile_seconds_this_invocation=common.compile_line(),
               runtime=(f"{len(secs)} train-against cells at a mean {np.mean(secs):.0f} s each "
                        f"({steps} + sampled deployment / testing / usefulness "
                        "measurements); "

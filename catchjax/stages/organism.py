@@ -128,7 +128,7 @@ def load_base(config, lora_rank: int = 0):
     mesh, rules, _ = sampling.sampler_mesh(config)
   return hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
                     param_dtype=config.model.param_dtype, lora_rank=lora_rank,
-                    scan_unroll=int(config.model.get("scan_unroll", 0)), mesh=mesh,
+                    scan_unroll=common.resolve_scan_unroll(config.model.get("scan_unroll")), mesh=mesh,
                     rules=rules)
 
 

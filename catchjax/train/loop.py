@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from catchjax import common
 from catchjax import sharding as shd
 from catchjax.checkpoint import Checkpointer
 from catchjax.model import llama
@@ -316,6 +317,7 @@ def _compile(run: _Run, state: _State, batch) -> tuple[Any, float]:
   if COMPILE_COUNT["train_step"] == n_traced:
     return compiled, 0.0
   compile_time = time.perf_counter() - t0
+  common.record_compile("train step", compile_time)
   if run.main:
     log.info("train: step compiled in %.1fs", compile_time)
   return compiled, compile_time
