@@ -357,7 +357,8 @@ def experiment_plan(config, experiment: str) -> dict:
   m = config.model
   mc = ModelConfig.from_hf_dir(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype,
                                scan_unroll=common.resolve_scan_unroll(
-                                   m.get("scan_unroll"), _target_platform(config)))
+                                   m.get("scan_unroll"), _target_platform(config)),
+                               attention=m.get("attention", "auto"))
   extra = {}
   if experiment == "headline":
     h = config.headline

@@ -267,6 +267,10 @@ def check_common(config) -> None:
   if isinstance(su, bool) or not isinstance(su, int) or su < -1:
     raise ConfigError(f"config.model.scan_unroll={su!r}: an int, -1 (auto: unrolled on CPU, "
                       f"a rolled scan on GPU / TPU), 0 (fully unrolled) or layers per step.")
+  from catchjax.model.attention import ATTENTION_IMPLS
+  if m.get("attention", "auto") not in ATTENTION_IMPLS:
+    raise ConfigError(f"config.model.attention={m.get('attention')!r}; one of "
+                      f"{ATTENTION_IMPLS}.")
   gb = config.get("dry_run_device_gb", 0.0)
   if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
     raise ConfigError(f"config.dry_run_device_gb must be a number >= 0 (GiB per device; 0: "

@@ -39,7 +39,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # CPU), 1: a rolled scan (compile time independent of depth); -1 (auto): 0 on CPU, 1
       # on GPU / TPU (common.resolve_scan_unroll). Same math, so not part of the organism
       # cache key.
-      scan_unroll=-1))
+      scan_unroll=-1,
+      # Attention of training / scoring / prefill: auto (jax.nn.dot_product_attention on GPU,
+      # explicit einsum dots elsewhere), einsum or dot_product (model/attention.py).
+      attention="auto"))
   # Where sampling / scoring runs (catchjax/stages/sampling.py make_sampler, used by every
   # experiment and stage): a ('data', 'fsdp', 'tensor') mesh over all devices (-1 = the rest;
   # default like training: all on 'fsdp') and the logical-axis rules the weights and the batch

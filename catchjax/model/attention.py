@@ -98,6 +98,33 @@ def write_cache(kcs, vcs, k_BxTxKVxH, v_BxTxKVxH, i, cache_index, cd):
   return kcs, vcs, k_all, v_all
 
 
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product")
+
+
+def use_dot_product(cfg: ModelConfig, T: int) -> bool:
+  """Whether a T-query call goes through jax.nn.dot_product_attention (cfg.attention; never
+  for single-token decode or with a score soft-cap, which it does not take)."""
+  if cfg.attention not in ATTENTION_IMPLS:
+    raise ValueError(f"attention={cfg.attention!r}; one of {ATTENTION_IMPLS}.")
+  if T == 1 or cfg.attn_softcap is not None or cfg.attention == "einsum":
+    return False
+  return cfg.attention == "dot_product" or jax.default_backend() == "gpu"
+
+
+def dot_product_attend(cfg: ModelConfig, qg_BxTxKVxGxH, k_BxSxKVxH, v_BxSxKVxH, bias_BxTxS):
+  """jax.nn.dot_product_attention over grouped queries (GQA: heads of one kv head adjacent,
+  as the einsum path groups them), the additive mask bias broadcast over heads."""
+  B, T, KV, G, hd = qg_BxTxKVxGxH.shape
+  q = qg_BxTxKVxGxH.reshape(B, T, KV * G, hd)
+  # The mask's float32-min bias would overflow to -inf in bf16 (a fully masked padding row
+  # would then be NaN): clamp it to half the compute dtype's range first.
+  bias = jnp.maximum(bias_BxTxS, jnp.finfo(q.dtype).min / 2)[:, None].astype(q.dtype)
+  o = jax.nn.dot_product_attention(
+      q, k_BxSxKVxH.astype(q.dtype), v_BxSxKVxH.astype(q.dtype), bias=bias,
+      scale=float((cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5))
+  return o.reshape(B, T, KV * G * hd)
+
+
 def attend(cfg: ModelConfig, qg_BxTxKVxGxH, k, v, bias_BxTxS, kcs=None, vcs=None, i=None,
            cache_index=None):
   """Softmax attention of the grouped queries over the T keys given (kcs None) or over the
@@ -105,6 +132,11 @@ def attend(cfg: ModelConfig, qg_BxTxKVxGxH, k, v, bias_BxTxS, kcs=None, vcs=None
   cd = cfg.compute_dtype
   B, T = qg_BxTxKVxGxH.shape[:2]
   qg = qg_BxTxKVxGxH
+  if use_dot_product(cfg, T):
+    if kcs is not None:   # prefill: attend over the cache's slots (keys [B, KV, hd, S])
+      kcs, vcs, k_all, v_all = write_cache(kcs, vcs, k, v, i, cache_index, cd)
+      k, v = k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3)
+    return dot_product_attend(cfg, qg, k, v, bias_BxTxS), kcs, vcs
   if kcs is not None:
     kcs, vcs, k_all, v_all = write_cache(kcs, vcs, k, v, i, cache_index, cd)
     if T == 1:

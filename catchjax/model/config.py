@@ -81,6 +81,11 @@ class ModelConfig:
   # Layers per lax.scan iteration in the full-sequence (training / scoring) pass; 0 = all of
   # them (fully unrolled: lower peak RSS; the speed gain is within noise, see WORKSPACE.md).
   scan_unroll: int = 0
+  # Attention of many-token calls (training, scoring, prefill; decode keeps its own dots):
+  # "einsum" (explicit dots, fp32 scores), "dot_product" (jax.nn.dot_product_attention: cuDNN
+  # flash on GPU where it applies, XLA elsewhere), or "auto": dot_product on GPU, einsum
+  # elsewhere. Gemma 2's score soft-cap always takes the einsum path.
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.layer_windows is not None:

@@ -128,8 +128,8 @@ def load_base(config, lora_rank: int = 0):
     mesh, rules, _ = sampling.sampler_mesh(config)
   return hf.load_hf(config.model.hf_dir, dtype=config.model.dtype,
                     param_dtype=config.model.param_dtype, lora_rank=lora_rank,
-                    scan_unroll=common.resolve_scan_unroll(config.model.get("scan_unroll")), mesh=mesh,
-                    rules=rules)
+                    scan_unroll=common.resolve_scan_unroll(config.model.get("scan_unroll")),
+                    attention=config.model.get("attention", "auto"), mesh=mesh, rules=rules)
 
 
 def probe_sets(config, behaviour, n: int, seed: int = 1234):
