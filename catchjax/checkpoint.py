@@ -87,6 +87,10 @@ class Checkpointer:
 
   def save(self, step: int, params, opt_state, meta: dict[str, Any]):
     meta = dict(meta, checksum=[float(v) for v in np.asarray(checksum(params))])
+    floats = {str(x.dtype) for x in jax.tree.leaves(params)
+              if jnp.issubdtype(x.dtype, jnp.floating)}
+    if len(floats) == 1:   # the saved weights' dtype (master weights may differ from the model's)
+      meta["params_dtype"] = floats.pop()
     self.mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -178,12 +182,21 @@ def restore_params(workdir_or_ckpt_dir: str, model, step: int | None = None):
                          f"model has none of that kind (a LoRA run: load the model with "
                          f"lora_rank={meta.get('lora_rank')}).")
       try:
+        # Restored in the dtype they were saved in (fp32 master weights of a bf16 model), so
+        # the checksum compares like with like, then cast to the model's own dtypes.
+        saved = meta.get("params_dtype")
+        like = pure if saved is None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(saved) if jnp.issubdtype(
+                x.dtype, jnp.floating) else x.dtype, sharding=getattr(x, "sharding", None)),
+            pure)
         r = mngr.restore(s, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(pure))))["params"]
+            params=ocp.args.StandardRestore(_abstract(like))))["params"]
         if "checksum" in meta:
           got = [float(v) for v in np.asarray(checksum(r))]
           if not np.allclose(got, meta["checksum"], rtol=1e-5, atol=1e-6, equal_nan=True):
             raise ValueError(f"params checksum {got} != saved {meta['checksum']}")
+        r = jax.tree.map(lambda x, want: x.astype(want.dtype) if x.dtype != want.dtype else x,
+                         r, pure)
       except Exception as e:
         if step is not None:
           raise

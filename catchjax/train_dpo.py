@@ -162,7 +162,8 @@ def train_dpo(model: llama.Llama, tok, pairs: list[dict], cfg, beta: float,
     history.append(dict(m, step=step + 1, lr=float(sched(step)), tokens=ntok,
                         tokens_per_sec=ntok / dt, step_time=dt, examples=int(b["pair_w"].sum())))
   return train_lib.TrainResult(
-      model=nnx.merge(graphdef, trainable, frozen), history=history, steps=len(order),
+      model=nnx.merge(graphdef, train_lib.from_master(trainable, model.cfg), frozen),
+      history=history, steps=len(order),
       wall_time=time.perf_counter() - t_start, dropped=dropped,
       tokens_per_sec=tok_sum / time_sum if time_sum else 0.0, evals=[], stopped=False)
 

@@ -24,7 +24,7 @@ from catchjax.train.data import (BATCH_DTYPES, DataPlan, RetiringPlan, _Examples
                                  shared_prefix, tokenize_chat_example)
 from catchjax.train.loop import TrainingDivergedError, TrainResult, train
 from catchjax.train.step import (COMPILE_COUNT, StepSetup, StepSpec, _opt_key, _token_ce,
-                                 eval_loss, loss_sum, lr_schedule, make_optimizer,
+                                 eval_loss, from_master, to_master, loss_sum, lr_schedule, make_optimizer,
                                  make_train_step, prepare_model, split_trainable, step_setup,
                                  training_model_config)
 
@@ -32,7 +32,7 @@ __all__ = [
     "BATCH_DTYPES", "COMPILE_COUNT", "DECAYS", "DataPlan", "RetiringPlan", "StepSetup",
     "StepSpec", "TOO_LONG_RULES", "TrainResult", "TrainingDivergedError", "_Examples",
     "_merge_config", "_opt_key", "_token_ce", "batch_tails", "default_train_config",
-    "device_batch", "eval_loss", "first_fit", "loss_slots", "loss_sum", "lr_schedule",
+    "device_batch", "eval_loss", "from_master", "to_master", "first_fit", "loss_slots", "loss_sum", "lr_schedule",
     "make_optimizer", "make_train_step", "prepare_examples", "prepare_model", "restore_params",
     "shared_prefix", "split_trainable", "step_setup", "tokenize_chat_example", "train",
     "training_model_config",

@@ -35,6 +35,11 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0        # decoupled; never applied to norms or biases
   c.clip = 1.0                # global-norm clip; 0 = off
   # What is trained and how.
+  # Master weights: the trained weights and the optimizer state are held in this dtype
+  # whatever the model's storage dtype (param_dtype=bfloat16: fp32 master weights and AdamW
+  # moments; the forward casts weights to the compute dtype at use). The trained model comes
+  # back in its own param_dtype. "param": keep them in param_dtype (bf16 AdamW state).
+  c.master_dtype = "float32"
   c.lora_rank = 0             # > 0: LoRA adapters of this rank only (base frozen)
   c.lora_alpha = 16.0
   c.remat = "none"            # none | full | dots (the training graph's remat policy)
@@ -91,6 +96,9 @@ def _validate(c) -> None:
   if c.share_prefix and not c.pack:
     raise ValueError("share_prefix=True needs pack=True (it stores the common prefix once per "
                      "packed row).")
+  if c.master_dtype not in ("param", "float32", "bfloat16", "float16"):
+    raise ValueError(f"master_dtype={c.master_dtype!r}; 'float32' (master weights) or 'param' "
+                     f"(the model's own param_dtype).")
   if c.batch_size % c.grad_accum:
     raise ValueError(f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}.")
   if c.steps <= 0 and c.epochs <= 0:

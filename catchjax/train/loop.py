@@ -31,8 +31,8 @@ from catchjax.model import llama
 from catchjax.train.config import _merge_config
 from catchjax.train.data import (DataPlan, RetiringPlan, _Examples, device_batch, loss_slots,
                                  prepare_examples)
-from catchjax.train.step import (COMPILE_COUNT, StepSetup, prepare_model, split_trainable,
-                                 step_setup)
+from catchjax.train.step import (COMPILE_COUNT, StepSetup, from_master, prepare_model,
+                                 split_trainable, step_setup)
 
 log = logging.getLogger("catchjax.train")
 
@@ -428,7 +428,8 @@ def _result(run: _Run, state: _State, meter: _Meter, evals: _EvalHook, compile_t
             wall: float) -> TrainResult:
   ex, history = run.ex, state.history
   steps_run = history[-1]["step"] if history else state.start
-  res = TrainResult(model=nnx.merge(run.graphdef, state.trainable, run.frozen),
+  res = TrainResult(model=nnx.merge(run.graphdef, from_master(state.trainable, run.mcfg),
+                                    run.frozen),
                     history=history, steps=steps_run, wall_time=wall, dropped=ex.dropped,
                     truncated=ex.truncated, skipped_no_loss=ex.no_loss,
                     resumed_from=state.resumed, compile_time=compile_time,

@@ -214,7 +214,33 @@ def split_trainable(model: llama.Llama, cfg):
   (nnx.eval_shape) too, whose leaves are then ShapeDtypeStructs."""
   filt = llama.LoRAParam if cfg.lora_rank > 0 else nnx.Param
   graphdef, tr_state, fr_state = nnx.split(model, filt, ...)
-  return graphdef, nnx.to_pure_dict(tr_state), nnx.to_pure_dict(fr_state)
+  trainable = to_master(nnx.to_pure_dict(tr_state), cfg)
+  return graphdef, trainable, nnx.to_pure_dict(fr_state)
+
+
+def to_master(trainable, cfg):
+  """The trained weights in cfg.master_dtype (floating leaves; 'param': unchanged). The
+  optimizer state follows them (tx.init), so bf16 models train with fp32 master weights and
+  AdamW moments; the forward casts every weight to the compute dtype at use."""
+  md = cfg.get("master_dtype", "param") if hasattr(cfg, "get") else "param"
+  if md == "param":
+    return trainable
+  want = jnp.dtype(md)
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == want:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, want, sharding=x.sharding)
+    return x.astype(want)
+  return jax.tree.map(cast, trainable)
+
+
+def from_master(trainable, mcfg):
+  """The trained weights back in the model's own param_dtype (floating leaves)."""
+  want = jnp.dtype(mcfg.param_dtype)
+  return jax.tree.map(lambda x: x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating)
+                      and x.dtype != want else x, trainable)
 
 
 # ------------------------------------------------------------------------------ setup
