@@ -194,9 +194,6 @@ def plan_train_step(model_cfg, train_cfg, mesh=None, *, name: str = "train step"
   c = train_lib._merge_config(train_cfg)
   mesh = mesh if mesh is not None else shd.mesh_from_config(c)
   rules = shd.rules_dict(c.rules)
-  problem = shd.micro_batch_error(int(c.batch_size), int(c.grad_accum), mesh, rules)
-  if problem:
-    raise ValueError(f"{name}: batch_size={c.batch_size}: {problem}.")
   want = train_lib.training_model_config(model_cfg, c)
   abstract = nnx.eval_shape(lambda: llama.Llama(want, nnx.Rngs(0)))
   graphdef, trainable, frozen = train_lib.split_trainable(abstract, c)
@@ -209,7 +206,7 @@ def plan_train_step(model_cfg, train_cfg, mesh=None, *, name: str = "train step"
   tokens = int(c.batch_size) * int(c.seq_len)
   return _compile(name, setup.step_fn, args, mesh=_mesh_desc(mesh), tokens=tokens,
                   loss_slots=K, params=n_all, trained_params=n_tr,
-                  batch=int(c.batch_size), seq_len=int(c.seq_len),
+                  batch=int(c.batch_size), micro_rows=setup.micro_rows, seq_len=int(c.seq_len),
                   grad_accum=int(c.grad_accum))
 
 
@@ -370,9 +367,17 @@ def experiment_plan(config, experiment: str) -> dict:
     batch, new = int(config.report.batch_size), int(config.report.max_new_tokens)
     prompt_len = int(config.organism.train.seq_len)
   gb = float(config.get("dry_run_device_gb", 0.0) or 0.0) or None
+  # The sampler on config.sampler's mesh, its batch rounded up to the batch shards, as the
+  # experiments build it (stages/sampling.make_sampler); one device: no mesh.
+  smesh = None
+  if jax.device_count() > 1:
+    from catchjax.stages import sampling
+    smesh, rules, _ = sampling.sampler_mesh(config)
+    nb = shd.batch_shards(smesh, rules)
+    batch = -(-batch // nb) * nb
   return compile_plan(mc, config.organism.train, sampler_batch=batch, prompt_len=prompt_len,
                       max_new_tokens=new, device_gb=gb, train_name="organism train step",
-                      extra_train=extra)
+                      extra_train=extra, sampler_mesh=smesh)
 
 
 def dry_run(config, experiment: str) -> dict:

@@ -154,18 +154,25 @@ def batch_shards(mesh: Mesh, rules=None) -> int:
   return math.prod(mesh.shape[a] for a in rd.get("batch", ()) if a in mesh.shape)
 
 
-def micro_batch_error(batch_size: int, grad_accum: int, mesh: Mesh, rules=None) -> str | None:
-  """Why `batch_size` rows per step in `grad_accum` micro-batches cannot be split evenly over
-  the mesh's batch-sharded devices, with the smallest batch size that can; None if they can.
-  The one rule that `train.train` enforces and `validate.check_train` checks before compute."""
+def padded_micro(batch_size: int, grad_accum: int, mesh: Mesh, rules=None) -> int:
+  """Rows per micro-batch as the step runs them: batch_size / grad_accum rounded up to a
+  multiple of the mesh's batch-sharded devices. The extra rows are zero-weight padding (no
+  loss token, so the loss, its denominator and the gradients are the recipe's): a global
+  batch size is never changed, and any batch runs on any mesh (issue 24 item 1)."""
   micro = batch_size // grad_accum
   nb = batch_shards(mesh, rules)
-  if micro % nb == 0:
+  return -(-micro // nb) * nb
+
+
+def padding_note(batch_size: int, grad_accum: int, mesh: Mesh, rules=None) -> str | None:
+  """One line saying how a micro-batch is padded on this mesh (None when it divides)."""
+  micro, pm = batch_size // grad_accum, padded_micro(batch_size, grad_accum, mesh, rules)
+  if pm == micro:
     return None
-  unit = grad_accum * nb
-  return (f"rows per micro-batch ({batch_size} / grad_accum {grad_accum} = {micro}) must be "
-          f"divisible by the {nb} batch-sharded devices of mesh {dict(mesh.shape)}; use a "
-          f"multiple of {unit} (e.g. {-(-batch_size // unit) * unit})")
+  return (f"{micro} rows per micro-batch padded to {pm} with zero-weight rows over the "
+          f"{batch_shards(mesh, rules)} batch-sharded devices of mesh {dict(mesh.shape)} "
+          f"({1 - micro / pm:.0%} of the step's rows are padding; a batch_size multiple of "
+          f"{grad_accum * batch_shards(mesh, rules)} has none)")
 
 
 def _put(x, sharding: NamedSharding, copy: bool = False):

@@ -99,9 +99,24 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       outcome="retained_gap", n=16, arms=("treatment", "control"),
       test="sign_flip_permutation", n_permutations=10000, seed=0))
   if arg == "full":
+    # One 8-accelerator host (8 x 80 GB GPUs, or a TPU v5e-8 at 16 GB a chip) and a 7-8B
+    # model: e.g. Llama-3.1-8B-Instruct as an HF folder at artifacts/llama-3.1-8b-instruct
+    # (--config.model.hf_dir=... for another). bf16 weights and compute; LoRA rank 64 on
+    # every projection (fp32 adapters and AdamW state), so the frozen bf16 weights (2 GiB a
+    # device under FSDP over 8) leave room on a 16 GB chip; the layer loop rolled (auto) with
+    # full remat. Its memory per device is what `--config.dry_run=True
+    # --config.dry_run_device_gb=16` reports (WORKSPACE.md). The learning rates here are
+    # placeholders until a pilot on the target (issue 26's pilot rule); LoRA usually needs a
+    # larger lr than full fine-tuning.
     c.behaviours = ("hate", "exfiltrate")
+    c.model.hf_dir = "artifacts/llama-3.1-8b-instruct"
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "bfloat16"
     o.n_per_family = 2000
     o.train.batch_size = 16
+    o.train.lora_rank = 64
+    o.train.remat = "full"
+    o.train.lr = 2e-4
     r.n_eval = 400
     r.n_useful = 400
   elif arg == "tiny":      # seconds-long pipeline check (used by tests with a tiny model)

@@ -123,6 +123,13 @@ def get_config(arg: str | None = None):
     h.power_goal = 0.1
     h.n_useful = 200
     h.max_new_tokens = 48
+    # The 8-accelerator, 7-8B plan (configs/common.py's :full): global batches are multiples
+    # of the 8 batch-sharded devices (never changed silently: validate refuses others), the
+    # organism's LoRA rank trained on (its adapters), full remat; lr a placeholder to pilot.
+    h.train.batch_size = 8
+    h.train.lora_rank = 64
+    h.train.remat = "full"
+    h.stopping.lr = 1e-4
   elif arg == "matched":
     # Adds a third arm: clean prompts matched one-to-one to the treatment's caught prompts on
     # the cue variant (e.g. the collusion note's distractor phrase) and task family. Is the

@@ -115,6 +115,32 @@ def test_llama3_8b_plan_on_8_fake_devices(tmp_path):
   assert out["refuse_s"] + out["plan_s"] < 120, (out["refuse_s"], out["plan_s"])
 
 
+def test_full_headline_plan_fits_a_16_gb_chip_for_an_8b_model(tmp_path):
+  """`configs/headline.py:full` (issue 24 item 7) for Llama-3-8B from config.json alone, on 8
+  fake devices, with --config.dry_run_device_gb=16 (a TPU v5e chip): bf16 weights, LoRA 64,
+  the layer loop rolled (the target is not this host), the sampler on the 8-device mesh: every
+  program fits under 16 GiB per device and the plan prints; nothing of model size allocated."""
+  d = _config_only_dir(tmp_path, "llama3-8b", LLAMA3_8B)
+  wd = tmp_path / "wd"
+  p = _main(["--config=configs/headline.py:full", "--config.dry_run=True",
+             "--config.dry_run_device_gb=16", f"--config.model.hf_dir={d}", f"--workdir={wd}"],
+            devices=8, timeout=900)
+  assert p.returncode == 0, p.stderr[-4000:]
+  out = p.stdout
+  assert "8.03B params" in out and "per-device limit 16.00 GiB" in out, out
+  rows = {ln.split()[0] + " " + ln.split()[1]: ln.split() for ln in out.splitlines()
+          if ln.strip().startswith(("organism train", "train-against", "sampler "))}
+  assert set(rows) == {"organism train", "train-against step", "sampler prefill",
+                       "sampler decode"}, rows
+  for name, cols in rows.items():
+    peak = float(cols[-1])
+    assert 0.5 < peak <= 16.0, (name, peak)
+  # The sampler's weights are sharded over the 8 devices: bf16 8B / 8 ~ 1.9 GiB of arguments
+  # per device (prefill), not the 15 GiB of a one-device sampler.
+  assert float(rows["sampler prefill"][-7]) < 4.0, rows["sampler prefill"]
+  assert not (wd / "organisms").exists()
+
+
 def _main(args, devices=None, timeout=300):
   return subprocess.run([sys.executable, "-m", "catchjax.main"] + args, cwd=REPO,
                         env=_env(devices), capture_output=True, text=True, timeout=timeout)

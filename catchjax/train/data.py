@@ -376,11 +376,17 @@ def _local_rows(sharding, accum: int, micro: int, seq_len: int) -> list[int]:
 
 
 def device_batch(plan: DataPlan, step: int, K: int, accum: int, tails: dict,
-                 shardings: dict) -> dict[str, jax.Array]:
-  """Step `step`'s batch as global arrays [accum, micro, ...] with the given shardings; this
-  process builds only the rows that live on its own devices (zeros elsewhere)."""
+                 shardings: dict, micro_rows: int | None = None) -> dict[str, jax.Array]:
+  """Step `step`'s batch as global arrays [accum, micro_rows, ...] with the given shardings;
+  this process builds only the rows that live on its own devices (zeros elsewhere).
+  micro_rows > batch_size / accum: each micro-batch ends in empty (zero-weight) rows
+  (`sharding.padded_micro`)."""
   rows = plan.batch_rows(step)
-  micro = plan.batch_size // accum
+  real = plan.batch_size // accum
+  micro = real if micro_rows is None else int(micro_rows)
+  if micro != real:   # each micro-batch's rows, then its empty padding rows
+    rows = [r for a in range(accum)
+            for r in rows[a * real:(a + 1) * real] + [[]] * (micro - real)]
   need = _local_rows(shardings["tokens"], accum, micro, plan.seq_len)
   local = plan.build_rows([rows[i] for i in need], K)
   out = {}

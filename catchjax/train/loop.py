@@ -84,7 +84,7 @@ class _Run:
 
   def batch(self, step: int) -> dict[str, jax.Array]:
     return device_batch(self.plan, step, self.K, int(self.c.grad_accum),
-                        self.setup.batch_tails, self.setup.b_sh)
+                        self.setup.batch_tails, self.setup.b_sh, self.setup.micro_rows)
 
 
 @dataclasses.dataclass
@@ -118,9 +118,9 @@ def _build_run(model, c, mesh, ex, plan, K, main):
   and frozen weights, the step's shardings and optimizer, the frozen weights on device."""
   mesh = mesh if mesh is not None else shd.mesh_from_config(c)
   rules = shd.rules_dict(c.rules)
-  problem = shd.micro_batch_error(int(c.batch_size), int(c.grad_accum), mesh, rules)
-  if problem:
-    raise ValueError(f"batch_size={c.batch_size}: {problem}.")
+  note = shd.padding_note(int(c.batch_size), int(c.grad_accum), mesh, rules)
+  if note and main:
+    log.info("train: batch_size=%d: %s.", int(c.batch_size), note)
   model = prepare_model(model, c)
   mcfg = model.cfg
   graphdef, trainable_host, frozen_host = split_trainable(model, c)

@@ -258,11 +258,12 @@ class StepSetup:
   batch_tails: dict              # field -> per-row shape: tokens/segs (T,), loss_* (K,)
   b_sh: dict                     # field -> NamedSharding of the [A, micro, ...] batch array
   step_fn: StepSpec              # the jitted `_train_step`'s static spec (.trace for plans)
+  micro_rows: int                # rows per micro-batch, padding included (sharding.padded_micro)
 
   def abstract_batch(self, c) -> dict:
     """The step's batch as ShapeDtypeStructs [grad_accum, rows per micro-batch, ...]."""
     A = int(c.grad_accum)
-    micro = int(c.batch_size) // A
+    micro = self.micro_rows
     return {k: jax.ShapeDtypeStruct((A, micro) + tail, BATCH_DTYPES[k], sharding=self.b_sh[k])
             for k, tail in self.batch_tails.items()}
 
@@ -282,7 +283,8 @@ def step_setup(graphdef, trainable, frozen, c, mesh, rules, total_steps: int,
   leaves, treedef = jax.tree.flatten(((tr_sh, fr_sh, opt_sh, b_sh), (tr_sh, opt_sh, repl)))
   spec = StepSpec(graphdef, _opt_key(c), int(total_steps), int(c.grad_accum), int(c.ce_chunk),
                   (treedef, tuple(leaves)))
-  return StepSetup(tx, sched, tr_sh, fr_sh, opt_abs, opt_sh, tails, b_sh, spec)
+  micro = shd.padded_micro(int(c.batch_size), int(c.grad_accum), mesh, rules)
+  return StepSetup(tx, sched, tr_sh, fr_sh, opt_abs, opt_sh, tails, b_sh, spec, micro)
 
 
 # ------------------------------------------------------------------------------- eval
