@@ -56,6 +56,21 @@ def main(out: str):
   info["resumed_from"] = r2.resumed_from
   again = gathered(r2.model)
   info["restore_max_diff"] = max(float(np.max(np.abs(again[k] - full[k]))) for k in full)
+  # Sampling on the same 8-device mesh (multi-host when 2 processes): the trained weights
+  # stay sharded, greedy tokens and teacher-forced scores come back on every process.
+  import ml_collections
+  from catchjax.sample import SamplingParams
+  from catchjax.stages.sampling import make_sampler
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in rng.integers(3, 9, size=6)]
+  conts = [rng.integers(3, 256, size=3).tolist() for _ in prompts]
+  sc = ml_collections.ConfigDict(dict(sampler=dict(mesh_shape=(2, 4, 1))))
+  s = make_sampler(sc, r.model, 6, prompt_buckets=(16,), eos_ids=[], progress=False)
+  info["sample_tokens"] = [list(map(int, t)) for t in
+                           s.generate(prompts, SamplingParams(max_new_tokens=6)).tokens]
+  info["sampled_tokens"] = [list(map(int, t)) for t in s.generate(
+      prompts, SamplingParams(max_new_tokens=6, temperature=1.0), seeds=7).tokens]
+  info["sample_scores"] = [float(x) for x in s.score_sum(prompts, conts)]
   # Writes: every process calls the writers on its own folder; only process 0 may write.
   d = f"{out}.writes.p{pi}"
   os.makedirs(d, exist_ok=True)

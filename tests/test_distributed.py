@@ -1,7 +1,8 @@
 """Multi-host, simulated on this machine: 2 `jax.distributed` processes on localhost (4 fake
 CPU devices each, CPU collectives over gloo) train a tiny model through `catchjax.train.train`
-on one 8-device mesh, save and restore orbax checkpoints together, and must match one process
-with 8 fake devices; only process 0 writes results and reports."""
+on one 8-device mesh, save and restore orbax checkpoints together, sample and score on that
+mesh, and must match one process with 8 fake devices; only process 0 writes results and
+reports."""
 import json
 import os
 import socket
@@ -71,6 +72,11 @@ def test_two_processes_match_one_process(tmp_path):
     # Both processes restored the multi-host orbax checkpoint of the last step.
     assert g["resumed_from"] == 4 and g["restore_max_diff"] == 0.0
     assert g["rows_in_memory"] == 1
+    # Multi-host sampling (issue 24 item 2): the same greedy tokens as one process, scores to
+    # float32 round-off, on both processes.
+    assert g["sample_tokens"] == ref["sample_tokens"]
+    assert g["sampled_tokens"] == ref["sampled_tokens"]      # T = 1, the same seeds
+    assert g["sample_scores"] == pytest.approx(ref["sample_scores"], rel=1e-5, abs=1e-4)
   # Only process 0 wrote results and reports (process 1 wrote nothing, lock included).
   assert {"results.jsonl", "report.md", "summary.csv"} <= set(got[0]["wrote"])
   assert got[1]["wrote"] == []
