@@ -456,7 +456,7 @@ def primary_markdown(rows: list[dict], meta: dict, config_report=None) -> str:
             "Exploratory: everything below, and every other table and figure of this report, "
             "is not the pre-registered test (no multiplicity control)."]
   lines += _mixed_lines(mixed_model(rows, meta, spec))
-  return "\n".join(lines) + "\n" + crossed_markdown(rows, int(spec["n"]))
+  return "\n".join(lines) + "\n"
 
 
 def report_section(rows: list[dict], meta: dict, config_report=None) -> str:
@@ -464,8 +464,14 @@ def report_section(rows: list[dict], meta: dict, config_report=None) -> str:
   arms at its N (e.g. another experiment, or a sweep without the control arm), a one-line
   note when the analysis fails, so the rest of the report always builds."""
   try:
+    crossed = "".join(crossed_markdown(rows, n) for n in sorted(
+        {r["n"] for r in rows if r.get("catch") is not None}))
+  except Exception as e:   # nor the crossed design's decomposition
+    crossed = f"\nvariance decomposition of the crossed design failed: {e!r}\n"
+  try:
     if not pair_rows(rows, _spec_from(config_report, meta))[0]:
-      return ""
-    return primary_markdown(rows, meta, config_report)
+      return crossed
+    return primary_markdown(rows, meta, config_report) + crossed
   except Exception as e:   # the primary must never stop the report
-    return f"## Primary analysis (pre-registered)\n\nprimary analysis failed: {e!r}\n"
+    return (f"## Primary analysis (pre-registered)\n\nprimary analysis failed: {e!r}\n"
+            + crossed)

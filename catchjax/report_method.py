@@ -73,13 +73,17 @@ def gate_lines(rows) -> list[str]:
   out = ["", "## Usefulness gate (exploratory)", "",
          "Accuracy on the gate's prompts (task families the organism answers >= 40% of) before "
          "and after training; a run losing more than the configured points is flagged. Flagged "
-         "runs stay in every analysis.", "",
-         "| family | arm | N | runs | flagged | mean points lost |", "|---|---|---|---|---|---|"]
+         "runs stay in every analysis. KL: the mean per-token KL(organism || trained model) on "
+         "benign prompts (the organism's own T = 1 continuations), mean over runs [min, max].",
+         "", "| family | arm | N | runs | flagged | mean points lost | KL from the organism |",
+         "|---|---|---|---|---|---|---|"]
   for (fam, arm, n), rs in sorted(by.items()):
     drops = [r["useful_drop_points"] for r in rs if r.get("useful_drop_points") is not None]
     mean = f"{sum(drops) / len(drops):+.1f}" if drops else "n/a"
+    kls = [r["kl"] for r in rs if r.get("kl") is not None]
+    kl = (f"{sum(kls) / len(kls):.4f} [{min(kls):.4f}, {max(kls):.4f}]" if kls else "n/a")
     out.append(f"| {fam} | {arm} | {n} | {len(rs)} | {sum(bool(r['useful_flag']) for r in rs)} "
-               f"| {mean} |")
+               f"| {mean} | {kl} |")
   return out
 
 

@@ -59,6 +59,9 @@ def get_config(arg: str | None = None):
   # flags a run that loses more than useful_gate_points (flagged runs stay in the primary
   # analysis; the report adds a sensitivity analysis without them).
   h.n_useful = 300
+  # The KL measure (issue 26 item 2): mean per-token KL(organism || trained model) on the first
+  # n_kl usefulness prompts, from the organism's own T = 1 continuations; 0 turns it off.
+  h.n_kl = 64
   h.useful_gate_min_acc = 0.4
   h.useful_gate_points = 5.0
   # The treatment's stopping rule: epochs over its N caught prompts (N does not change
@@ -190,6 +193,7 @@ def get_config(arg: str | None = None):
     h.n_eval = 8
     h.n_test = 8
     h.n_useful = 8
+    h.n_kl = 4
     h.n_pairs = 4
     h.n_probe_train = 8
     h.n_curve_pairs, h.n_curve_eval, h.curve_ns, h.resamples, h.n_icl = 8, 4, (4, 8), 3, 4

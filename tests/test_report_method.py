@@ -46,3 +46,20 @@ def test_power_rule_on_the_paired_contrast():
   arms = report.point_half_widths(rows, 16)[("year", "hate")]
   assert arms["half_width"] > 0.005
   assert not report.needs_seed(pt, 0.15, 6, 40) and report.needs_seed(arms, 0.001, 6, 40)
+
+
+def test_kl_estimate_is_the_mean_log_ratio_with_a_bootstrap_interval():
+  """stages/measure.kl_estimate (issue 26's KL from the organism): sum(log p_org - log p) over
+  tokens; 0 for the organism itself; the interval covers the estimate."""
+  import numpy as np
+  from catchjax.stages.measure import kl_estimate
+  rng = np.random.default_rng(0)
+  ref = [rng.normal(-2, 1, int(n)) for n in rng.integers(1, 20, 40)]
+  same = kl_estimate(ref, ref)
+  assert same["kl"] == 0.0 and same["n_prompts"] == 40
+  moved = [a - rng.uniform(0.05, 0.15, len(a)) for a in ref]
+  k = kl_estimate(ref, moved)
+  want = sum(float(np.sum(a - b)) for a, b in zip(ref, moved)) / sum(len(a) for a in ref)
+  assert abs(k["kl"] - want) < 1e-12 and 0.05 < k["kl"] < 0.15
+  assert k["lo"] <= k["kl"] <= k["hi"] and k["hi"] - k["lo"] < 0.05
+  assert k["n_tokens"] == sum(len(a) for a in ref)

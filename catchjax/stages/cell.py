@@ -9,7 +9,8 @@ Context; cell.family names one of the organism's families). Its row:
   useful_gate_before, deploy_tf_before, sharpen_before), seed stream "measure_before";
 * the arm's fields (stages/arms.py), the stopping rule's curve (treatment), train loss and
   steps;
-* the "after" measures (deploy_*, test_*, useful_*, deploy_tf, sharpen), stream
+* the "after" measures (deploy_*, test_*, useful_*, deploy_tf, sharpen, kl: the mean
+  per-token KL from the organism on benign prompts), stream
   "measure_after"; retained = deploy after / before; the usefulness gate's drop and flag;
 * at N = headline.return_n (treatment and control): the return measurement.
 """
@@ -57,6 +58,9 @@ def _after_fields(b: dict, a: dict, gate_points: float) -> dict:
              useful_drop_points=drop, useful_flag=flag,
              retained=(d["rate"] / d0["rate"]) if d0["rate"] > 0 else None,
              retained_tf=(tf / tf0) if tf0 else None, deploy_examples=d["responses"][:2])
+  kl = a.get("kl")
+  if kl is not None:    # mean per-token KL from the organism on benign prompts
+    out.update(kl=kl["kl"], kl_lo=kl["lo"], kl_hi=kl["hi"], kl_tokens=kl["n_tokens"])
   return out
 
 

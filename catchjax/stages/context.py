@@ -68,6 +68,7 @@ class Context:
     self.gate: list[int] | None = None   # set by the first usefulness measurement
     self.befores: dict = {}              # (family, seed) -> the organism's measures
     self._families, self._catches, self._p, self._card = {}, {}, {}, None
+    self._kl_ref = None
 
   @property
   def card(self) -> dict:
@@ -140,8 +141,28 @@ class Context:
     return d
 
   # -- measures
+  def kl_reference(self):
+    """(prompts, the organism's T = 1 continuations, their per-token log-probs under the
+    organism) for the KL measure: the first headline.n_kl usefulness prompts, seed stream
+    "kl_reference"; None when n_kl is 0. Built with the organism in the sampler (Context.measure
+    builds it before loading the measured model)."""
+    n = min(int(self.h.get("n_kl", 0)), len(self.use_prompts))
+    if n <= 0:
+      return None
+    if self._kl_ref is None:
+      from catchjax.sample import SamplingParams
+      self.sampler.update_model(self.org.model)
+      prompts = self.use_prompts[:n]
+      sp = SamplingParams(max_new_tokens=int(self.h.useful_max_new_tokens), temperature=1.0)
+      conts = self.sampler.generate(prompts, sp,
+                                    seeds=common.stream("kl_reference", 0)).tokens
+      self._kl_ref = (prompts, conts, self.sampler.score(prompts, conts))
+    return self._kl_ref
+
   def measure(self, model, spec, seed: int, names=measure.HEADLINE_MEASURES) -> dict:
     """{name: result} of the registry's measures (stages/measure.py MEASURES) on `model`."""
+    if "kl" in names:
+      self.kl_reference()     # built on the organism, before `model` is loaded
     self.sampler.update_model(model)
     fs = self.family(spec)
     return {name: measure.MEASURES[name](self, fs, seed) for name in names}

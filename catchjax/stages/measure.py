@@ -184,4 +184,38 @@ def _reasoning(ctx, fs, seed: int) -> dict:
                        max_new_tokens=ctx.h.max_new_tokens, seed=seed)
 
 
-HEADLINE_MEASURES = ("deploy", "test", "useful", "tf", "sharpen")
+def kl_estimate(ref_lps, lps) -> dict:
+  """Mean per-token KL(organism || model) from the organism's own T = 1 continuations: the
+  unbiased Monte-Carlo estimate sum(log p_org - log p_model) / tokens over the prompts, with a
+  95% percentile bootstrap interval over prompts (scipy.stats.bootstrap, paired, ratio of
+  sums). ref_lps / lps: per-token log-probs of the same continuations under each model."""
+  import scipy.stats
+  d = np.array([float(np.sum(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+                for a, b in zip(ref_lps, lps)])
+  t = np.array([len(a) for a in ref_lps], np.float64)
+  keep = t > 0
+  d, t = d[keep], t[keep]
+  if not len(t):
+    return dict(kl=None, lo=None, hi=None, n_prompts=0, n_tokens=0)
+  kl = float(d.sum() / t.sum())
+  lo = hi = kl
+  if len(t) > 1 and np.ptp(d / t) > 0:
+    ci = scipy.stats.bootstrap((d, t), lambda a, b: np.sum(a) / np.sum(b), paired=True,
+                               vectorized=False, n_resamples=1000, method="percentile",
+                               random_state=0).confidence_interval
+    lo, hi = float(ci.low), float(ci.high)
+  return dict(kl=kl, lo=lo, hi=hi, n_prompts=int(len(t)), n_tokens=int(t.sum()))
+
+
+@register_measure("kl")
+def _kl(ctx, fs, seed: int) -> dict | None:
+  """Mean per-token KL from the organism on benign prompts (the first headline.n_kl usefulness
+  prompts, the organism's own T = 1 continuations: Context.kl_reference); None when off."""
+  ref = ctx.kl_reference()
+  if ref is None:
+    return None
+  prompts, conts, ref_lps = ref
+  return kl_estimate(ref_lps, ctx.sampler.score(prompts, conts))
+
+
+HEADLINE_MEASURES = ("deploy", "test", "useful", "tf", "sharpen", "kl")
