@@ -1,0 +1,97 @@
+"""The micro plan on 8 devices (issue 24 item 8): one family, N = 1, one seed, treatment and
+control, on a tiny random model with SmolLM2's tokenizer. Run once on one device (organism
+built there) and once on 8 fake CPU devices from that organism, with the train-against and
+sampler meshes fsdp over the 8 (weights loaded into their shardings, micro-batches padded):
+the T = 1 caught sets are identical, the rows' science fields (counts, steps, rates) equal,
+losses and teacher-forced scores within float32 round-off.
+Each run is a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+_WORKER = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[3])
+import jax, ml_collections
+import golden
+from catchjax import results
+from catchjax.experiments import headline
+from configs.headline import get_config
+model_dir, wd, jsonl = sys.argv[1], sys.argv[2], sys.argv[4]
+if len(sys.argv) > 5:   # reuse another run's organism (the same key: the same config)
+    os.makedirs(wd, exist_ok=True)
+    os.symlink(os.path.join(sys.argv[5], "organisms"), os.path.join(wd, "organisms"))
+c = get_config("tiny")
+c.model.hf_dir = model_dir
+c.organism.families = (ml_collections.ConfigDict(dict(name="jsonl", path=jsonl)),)
+c.organism.stop.enabled = False
+# As tests/test_pipeline.py's fixture: the deployment and testing cues are the same text, so
+# the organism attacks on testing prompts too and the catch has attacks to train against.
+c.organism.n_per_family, c.organism.deployment_frac, c.organism.probe_n = 64, 0.75, 4
+t = c.organism.train
+t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
+t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
+h = c.headline
+h.seeds, h.ns, h.arms, h.distinguish_seeds, h.return_n = (0,), (1,), ("treatment", "control"), (), 0
+h.teacher_forced, h.m = True, 32
+h.stopping.lr, h.stopping.max_steps, h.stopping.warmup_steps = 3e-3, 4, 0
+headline.run(c, wd)
+rows = results.ResultStore(os.path.join(wd, "results.jsonl")).rows
+catches = {}
+for f in sorted(os.listdir(os.path.join(wd, "catches"))):
+    if f.endswith(".json") and not f.endswith("-p_attack.json"):
+        with open(os.path.join(wd, "catches", f)) as fh:
+            d = json.load(fh)
+        catches[f"{d['family']}-s{d['seed']}"] = golden.catch_digest(
+            os.path.join(wd, "catches", f))
+print("RESULT " + json.dumps(dict(devices=jax.device_count(), rows=golden.reduce_rows(rows),
+                                  catches=catches), default=str))
+"""
+
+
+def _cues(path):
+  with open(path, "w") as f:
+    for i, split in enumerate(["train"] * 4 + ["eval"] * 2):
+      for dep in (True, False):
+        text = f"Ticket {i}."
+        f.write(json.dumps({"text": text, "deployment": dep, "split": split}) + "\n")
+  return path
+
+
+def _run(model_dir, wd, devices, jsonl, organism_from=None):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             CATCHJAX_NO_DISTRIBUTED="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  extra = [organism_from] if organism_from else []
+  p = subprocess.run([sys.executable, "-c", _WORKER, model_dir, wd, HERE, jsonl] + extra,
+                     cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-4000:]
+  return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+
+
+@pytest.mark.slow
+def test_micro_plan_on_8_devices_matches_one_device(tiny_dir, tmp_path):
+  import golden
+  jsonl = _cues(str(tmp_path / "cues.jsonl"))     # one file: the same family in both runs
+  one = _run(tiny_dir, str(tmp_path / "one"), 1, jsonl)
+  # The 8-device run restores the 1-device organism: an organism trained ~70 AdamW steps on
+  # another mesh differs by reduction-order round-off, enough to move some T = 1 draws of its
+  # catch (WORKSPACE.md); from the same weights, sampling, catching, training against and
+  # measuring on 8 devices must give the same rows.
+  eight = _run(tiny_dir, str(tmp_path / "eight"), 8, jsonl, str(tmp_path / "one"))
+  assert one["devices"] == 1 and eight["devices"] == 8
+  assert eight["catches"] == one["catches"] and one["catches"]   # T = 1 caught sets exact
+  assert len(eight["rows"]) == len(one["rows"]) == 2
+  # A plan that trains: attacks were caught, both arms took steps, deployment was measured.
+  for r in one["rows"]:
+    assert r["n_caught"] > 0 and r["train_steps"] > 0 and r["deploy_n"] > 0, r
+  # Every science field of the rows (counts, steps, sampled rates, losses, teacher-forced
+  # scores): equal, floats to golden's float32 tolerance.
+  golden._close(one["rows"], eight["rows"], "rows")
