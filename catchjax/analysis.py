@@ -275,7 +275,7 @@ def mixed_model(rows: list[dict], meta: dict, spec=None) -> dict:
 
 
 def variance_components(rows: list[dict], outcome_key: str = "deploy_rate",
-                        n_key: str = "deploy_n", catch_key: str = "catch_seed",
+                        n_key: str | None = "deploy_n", catch_key: str = "catch_seed",
                         train_key: str = "seed") -> dict:
   """Crossed catch x training-seed decomposition of one family's rows (issue 27 item 6):
   MixedLM with one group, no group intercept and catch and training seed as variance
@@ -288,7 +288,8 @@ def variance_components(rows: list[dict], outcome_key: str = "deploy_rate",
     raise ValueError(f"variance_components: rows of one family, got {sorted(fams, key=str)}")
   df = pd.DataFrame([dict(y=float(r[outcome_key]), arm=str(r.get("arm")),
                           catch=str(r[catch_key]), train=str(r[train_key]), one=1,
-                          n=r.get(n_key)) for r in rows if r.get(outcome_key) is not None])
+                          n=r.get(n_key) if n_key else None)
+                     for r in rows if r.get(outcome_key) is not None])
   nc, nt = (df["catch"].nunique(), df["train"].nunique()) if len(df) else (0, 0)
   if nc < 2 or nt < 2:
     return dict(error=f"needs >= 2 catch seeds and >= 2 training seeds (got {nc}, {nt})")
@@ -426,7 +427,7 @@ def crossed_markdown(rows: list[dict], n: int) -> str:
     fr = [r for r in crossed if r["family"] == fam]
     gap_rows = [dict(r, retained_gap=report.retained_gap(r)) for r in fr]
     for label, rs, key, nk in (("deployment rate after", fr, "deploy_rate", "deploy_n"),
-                               ("retained gap", gap_rows, "retained_gap", "_none")):
+                               ("retained gap", gap_rows, "retained_gap", None)):
       vc = variance_components(rs, outcome_key=key, n_key=nk)
       if "error" in vc:
         lines.append(f"| {fam} | {label} | {len(rs)} | | {vc['error']} | | | |")

@@ -138,10 +138,9 @@ def _host_model(model):
   if jax.process_count() == 1:
     return model
   from flax import nnx
-  from jax.experimental import multihost_utils
+  from catchjax.sharding import to_host
   graphdef, state = nnx.split(model)
-  state = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                       if isinstance(x, jax.Array) else x, state)
+  state = jax.tree.map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, state)
   return nnx.merge(graphdef, state)
 
 

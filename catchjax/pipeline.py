@@ -1,9 +1,10 @@
 """The pipeline layer: every experiment is a plan of cells run over the same stages.
 
 A **cell** is one measured unit: (experiment, family, behaviour, N, arm, seed); its key adds
-the config hash (catchjax/results.py KEY_FIELDS), and a crossed design's catch seed when set. An experiment builds a plan (a list of
-cells, in the order it wants them run) and a function from a cell to that cell's row fields;
-`Runner.run` does the rest, the same way for every experiment:
+the config hash (catchjax/results.py KEY_FIELDS), and a crossed design's catch seed when set.
+An experiment builds a plan (a list of cells, in the order it wants them run) and a function
+from a cell to that cell's row fields; `Runner.run` does the rest, the same way for every
+experiment:
 
 * resume by key: a cell whose row is already in results.jsonl is skipped;
 * one progress bar whose total is every cell planned so far, and whose ETA counts only the

@@ -373,8 +373,7 @@ def experiment_plan(config, experiment: str) -> dict:
   if jax.device_count() > 1:
     from catchjax.stages import sampling
     smesh, rules, _ = sampling.sampler_mesh(config)
-    nb = shd.batch_shards(smesh, rules)
-    batch = -(-batch // nb) * nb
+    batch = shd.padded_rows(batch, smesh, rules)
   return compile_plan(mc, config.organism.train, sampler_batch=batch, prompt_len=prompt_len,
                       max_new_tokens=new, device_gb=gb, train_name="organism train step",
                       extra_train=extra, sampler_mesh=smesh)

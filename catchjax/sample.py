@@ -487,15 +487,6 @@ def _auto_prefill_rows(batch_size: int) -> int:
   return min(ds, key=lambda d: (abs(d - _PREFILL_ROWS), d)) if ds else 0
 
 
-def _host(x) -> np.ndarray:
-  """A device result on the host: gathered from every process when it spans devices of other
-  processes (multi-host sampling), else a plain transfer."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 def _auto_mesh(mesh: Mesh) -> Mesh:
   """The same mesh with Auto axes (with_sharding_constraint needs Auto axes)."""
   types = getattr(mesh, "axis_types", None)
@@ -754,18 +745,18 @@ class Sampler:
       t = int(t_d)
       if t >= max_new:
         break
-      done_h = _host(done)
+      done_h = sharding.to_host(done)
       if done_h.all():
         break
       n = _round_up(int((~done_h).sum()), g)
       if n < len(rows):
         keep = np.concatenate([np.flatnonzero(~done_h), np.flatnonzero(done_h)])[:n]
-        out_toks[rows], out_lps[rows] = _host(toks), _host(lps)
+        out_toks[rows], out_lps[rows] = sharding.to_host(toks), sharding.to_host(lps)
         cache, tok, done, toks, lps, lens_d, sd_d = self._run(
             "compact", ("compact", len(rows), n, Pb + Ts + N),
             (cache, tok, done, toks, lps, lens_d, sd_d, jnp.asarray(keep, jnp.int32)), {})
         rows = rows[keep]
-    out_toks[rows], out_lps[rows] = _host(toks), _host(lps)
+    out_toks[rows], out_lps[rows] = sharding.to_host(toks), sharding.to_host(lps)
     return out_toks, out_lps, t
 
   # -- generation
@@ -859,7 +850,7 @@ class Sampler:
       Pb, T = prefix.shape[0], suffix.shape[1]
       cmax = max(max(len(cs[i]) for i in idx), 1)
       C = min(1 << (cmax - 1).bit_length(), T - 1)
-      lp = _host(self._run(
+      lp = sharding.to_host(self._run(
           "score", ("score", B, Pb, T, C),
           (self.state, prefix, p, self._put(suffix), self._put(lens)), dict(cont_len=C)))
       for r, i in enumerate(idx):
@@ -889,5 +880,5 @@ class Sampler:
       res = self._run("next_token", ("next", B, prefix.shape[0], suffix.shape[1], cand.size),
                       (self.state, prefix, p, self._put(suffix), self._put(lens),
                        jnp.asarray(cand)), {})
-      out[idx] = _host(res)[:len(idx)]
+      out[idx] = sharding.to_host(res)[:len(idx)]
     return out

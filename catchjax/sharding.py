@@ -154,14 +154,19 @@ def batch_shards(mesh: Mesh, rules=None) -> int:
   return math.prod(mesh.shape[a] for a in rd.get("batch", ()) if a in mesh.shape)
 
 
+def padded_rows(rows: int, mesh: Mesh, rules=None) -> int:
+  """`rows` rounded up to a multiple of the mesh's batch-sharded devices (the padded rows of a
+  training micro-batch or a sampler batch are dummies that change no result)."""
+  nb = batch_shards(mesh, rules)
+  return -(-int(rows) // nb) * nb
+
+
 def padded_micro(batch_size: int, grad_accum: int, mesh: Mesh, rules=None) -> int:
   """Rows per micro-batch as the step runs them: batch_size / grad_accum rounded up to a
   multiple of the mesh's batch-sharded devices. The extra rows are zero-weight padding (no
   loss token, so the loss, its denominator and the gradients are the recipe's): a global
   batch size is never changed, and any batch runs on any mesh (issue 24 item 1)."""
-  micro = batch_size // grad_accum
-  nb = batch_shards(mesh, rules)
-  return -(-micro // nb) * nb
+  return padded_rows(batch_size // grad_accum, mesh, rules)
 
 
 def padding_note(batch_size: int, grad_accum: int, mesh: Mesh, rules=None) -> str | None:
@@ -180,6 +185,15 @@ def _put(x, sharding: NamedSharding, copy: bool = False):
     return jax.device_put(x, sharding)
   host = np.array(x, copy=True) if copy else np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(x) -> np.ndarray:
+  """A jax Array on the host: gathered from every process when it spans devices of other
+  processes (multi-host), else a plain transfer."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def shard_state(tree, shardings, copy: bool = False):

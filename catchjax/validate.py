@@ -197,11 +197,10 @@ def check_train_mesh(field: str, t) -> None:
   except ValueError as e:
     raise ConfigError(f"{field}: {e}") from e
   try:
-    mesh = sharding.mesh_from_config(c)
-    rules = sharding.rules_dict(c.rules)
+    sharding.mesh_from_config(c)
+    sharding.rules_dict(c.rules)
   except ValueError as e:
     raise ConfigError(f"{field}.mesh_shape={tuple(c.mesh_shape)}: {e}") from e
-  del mesh, rules
 
 
 def check_sampler(field: str, s) -> None:

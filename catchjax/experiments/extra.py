@@ -33,7 +33,6 @@ from catchjax.stages import train_against as ta
 from catchjax.tokenizer import load_tokenizer
 
 
-
 def entry(name: str, config, workdir: str, validate, body, plan=None):
   """Every experiment's `run`: refuse bad input before any compute, print the plan and stop on
   `config.dry_run` (when the experiment has a `plan`), else hold the workdir lock and run

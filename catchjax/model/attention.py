@@ -132,13 +132,13 @@ def attend(cfg: ModelConfig, qg_BxTxKVxGxH, k, v, bias_BxTxS, kcs=None, vcs=None
   cd = cfg.compute_dtype
   B, T = qg_BxTxKVxGxH.shape[:2]
   qg = qg_BxTxKVxGxH
+  if kcs is not None:
+    kcs, vcs, k_all, v_all = write_cache(kcs, vcs, k, v, i, cache_index, cd)
   if use_dot_product(cfg, T):
     if kcs is not None:   # prefill: attend over the cache's slots (keys [B, KV, hd, S])
-      kcs, vcs, k_all, v_all = write_cache(kcs, vcs, k, v, i, cache_index, cd)
       k, v = k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3)
     return dot_product_attend(cfg, qg, k, v, bias_BxTxS), kcs, vcs
   if kcs is not None:
-    kcs, vcs, k_all, v_all = write_cache(kcs, vcs, k, v, i, cache_index, cd)
     if T == 1:
       # Single-token decode: no size-1 query axis in the dots (XLA:CPU then emits plain
       # batched matrix-vector products, faster than the general form).

@@ -36,7 +36,8 @@ def before(ctx, spec, seed: int) -> dict:
   """The organism's measures for (family, seed), computed once per context."""
   key = (org_stage.family_name(spec), int(seed))
   if key not in ctx.befores:
-    ctx.befores[key] = ctx.measure(ctx.org.model, spec, common.stream("measure_before", seed))
+    ctx.befores[key] = ctx.measure(ctx.org.model, spec, common.stream("measure_before", seed),
+                                   names=measure.BEFORE_MEASURES)
   return ctx.befores[key]
 
 

@@ -219,3 +219,5 @@ def _kl(ctx, fs, seed: int) -> dict | None:
 
 
 HEADLINE_MEASURES = ("deploy", "test", "useful", "tf", "sharpen", "kl")
+# The organism's own "before" measures: its KL from itself is 0, so not computed.
+BEFORE_MEASURES = tuple(m for m in HEADLINE_MEASURES if m != "kl")

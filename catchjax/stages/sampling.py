@@ -52,6 +52,5 @@ def make_sampler(config, model, batch_size: int = 64, **kw) -> Sampler:
   mesh, rules, axes = sampler_mesh(config)
   if mesh.size == 1:
     return Sampler(model, batch_size=batch_size, **kw)
-  nb = sharding.batch_shards(mesh, rules)
-  padded = -(-int(batch_size) // nb) * nb
+  padded = sharding.padded_rows(batch_size, mesh, rules)
   return Sampler(model, batch_size=padded, mesh=mesh, batch_axes=axes, rules=rules, **kw)
