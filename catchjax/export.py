@@ -9,7 +9,7 @@ tokenizer files, README.md), in the base config's param_dtype; the stage calls
       [--organism=KEY] [--run=workdirs/headline/runs/<cell>] [--out=DIR] [--dtype=bfloat16]
 
 exports the config's organisms (or organism KEY of the workdir), or a train-against run folder
-(kept only with config.headline.keep_runs=True), to DIR (default: organisms/<key>/hf or
+(kept only with config.train_against.keep_runs=True), to DIR (default: organisms/<key>/hf or
 <run>/hf). Every card opens with CARD_OPENING: these models are backdoored on purpose.
 """
 from __future__ import annotations
@@ -199,20 +199,20 @@ def export_organism(config, org, card: dict | None = None, out: str | None = Non
 def export_run(config, org, run_dir: str, out: str | None = None,
                dtype: str | None = None) -> str:
   """Restore the train-against run in `run_dir` (its checkpoint, kept with
-  config.headline.keep_runs=True) onto organism `org` and export it (default `<run_dir>/hf`;
+  config.train_against.keep_runs=True) onto organism `org` and export it (default `<run_dir>/hf`;
   a complete folder is left as it is)."""
   from flax import nnx
   from catchjax import train as train_lib
   from catchjax.model import hf
-  h = config.headline
+  t = config.train_against
   out = out or os.path.join(run_dir, "hf")
   if _skip(out):
     return out
   model = org.model
-  r = int(h.train.get("lora_rank", 0))
+  r = int(t.train.get("lora_rank", 0))
   if r > 0 and model.cfg.lora_rank == 0:   # the run trained fresh adapters on the organism
     model = hf.model_from_pure_dict(
-        model.cfg.replace(lora_rank=r, lora_alpha=float(h.train.get("lora_alpha", 16.0))),
+        model.cfg.replace(lora_rank=r, lora_alpha=float(t.train.get("lora_alpha", 16.0))),
         nnx.to_pure_dict(nnx.state(model)))
   model = train_lib.restore_params(run_dir, model)
   card = None
@@ -221,8 +221,8 @@ def export_run(config, org, run_dir: str, out: str | None = None,
       card = json.load(f)
   spec = org.info.get("spec") or _organism_spec(config, org.behaviour)
   dtype = dtype or _export_dtype(config)
-  run = dict(name=os.path.basename(os.path.normpath(run_dir)), train=h.train.to_dict(),
-             aux_ratio=h.get("aux_ratio"))
+  run = dict(name=os.path.basename(os.path.normpath(run_dir)), train=t.train.to_dict(),
+             aux_ratio=t.get("aux_ratio"))
   readme = model_card(spec, card, key=org.key, dtype=dtype, base_dir=config.model.hf_dir,
                       run=run)
   export_model(model, out, readme, config.model.hf_dir, dtype=dtype)

@@ -70,9 +70,30 @@ def _all_paths(node, prefix="config"):
       yield from _all_paths(node[k], f"{prefix}.{k}")
 
 
+def _moved_field(path: str):
+  """The message for an override of a field that moved to a stage section (issue 23), e.g.
+  --config.headline.m -> config.catch.m; None for any other path."""
+  try:
+    from configs.common import MOVED
+  except ImportError:   # configs/ not importable (run outside the repository root)
+    return None
+  parts = path.split(".")
+  for i in range(len(parts), 0, -1):
+    old = ".".join(parts[:i])
+    if old in MOVED:
+      rest = ".".join(parts[i:])
+      new = MOVED[old] + (f".{rest}" if rest and " and " not in MOVED[old] else "")
+      return (f"config.{old} has moved: it is config.{new} now (one config section per "
+              f"stage); give --config.{new}=...")
+  return None
+
+
 def _unknown_field(config, path: str):
   """The message for the first part of override `path` (e.g. 'organism.n_per_famliy') that is
   not a field of `config`, naming the nearest valid fields; None if every part exists."""
+  moved = _moved_field(path)
+  if moved:
+    return moved
   node, where = config, "config"
   for part in path.split("."):
     if not _is_section(node):

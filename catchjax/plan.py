@@ -347,9 +347,10 @@ def _target_platform(config) -> str | None:
 def experiment_plan(config, experiment: str) -> dict:
   """The plan of the organism / headline experiment from its config (`--config.dry_run=True`):
   the organism's training step (config.organism.train), for the headline also the
-  train-against step (config.headline.train), and the measurement sampler (organism:
-  config.report batch and new tokens; headline: config.headline.batch_size and its longest
-  max_new_tokens), prompts bounded by the training rows' seq_len. Only config.json is read."""
+  train-against step (config.train_against.train), and the measurement sampler (organism:
+  config.report batch and new tokens; headline: config.sampler.batch_size and the longest
+  max_new_tokens of config.catch / config.measure), prompts bounded by the training rows'
+  seq_len. Only config.json is read."""
   from catchjax.model.config import ModelConfig
   m = config.model
   mc = ModelConfig.from_hf_dir(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype,
@@ -358,11 +359,12 @@ def experiment_plan(config, experiment: str) -> dict:
                                attention=m.get("attention", "auto"))
   extra = {}
   if experiment == "headline":
-    h = config.headline
-    extra["train-against step"] = h.train
-    batch = int(h.batch_size)
-    new = max(int(h.max_new_tokens), int(h.get("useful_max_new_tokens", 0)))
-    prompt_len = int(h.train.seq_len)
+    t, ms = config.train_against.train, config.measure
+    extra["train-against step"] = t
+    batch = int(config.sampler.batch_size)
+    new = max(int(config.catch.max_new_tokens), int(ms.max_new_tokens),
+              int(ms.useful_max_new_tokens))
+    prompt_len = int(t.seq_len)
   else:
     batch, new = int(config.report.batch_size), int(config.report.max_new_tokens)
     prompt_len = int(config.organism.train.seq_len)

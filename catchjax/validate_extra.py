@@ -1,5 +1,5 @@
 """Validators of the extra experiments' config sections (config.transfer, config.coherence,
-config.long_trained) and the headline stage fields they share (`check_stages`). Each raises a
+config.long_trained) and the stage sections they share (`check_stages`). Each raises a
 ValueError (catchjax.validate.ConfigError) that names the field, before any compute."""
 from __future__ import annotations
 
@@ -11,18 +11,13 @@ SCALES = ("examples", "epochs")         # long_trained's budget scales
 
 
 def check_stages(config) -> None:
-  """What every extra experiment shares: catchjax.validate.check_common (model folder,
-  behaviours, families, organism recipe) plus the headline stage fields they use."""
-  V.check_common(config)
+  """What every extra experiment shares: catchjax.validate.check_stages (model folder,
+  behaviours, families, organism recipe, sampler, report, the stage sections), unique family
+  names and the organism cache folder."""
+  V.check_stages(config)
   names = [org_stage.family_name(f) for f in config.organism.families]
   if len(set(names)) != len(names):
     raise V.ConfigError(f"config.organism.families: duplicate family names {names}.")
-  h = config.headline
-  for f in ("m", "max_new_tokens", "useful_max_new_tokens", "batch_size"):
-    V.positive_int(f"config.headline.{f}", h[f])
-  if h.catch_split not in ("train", "eval"):
-    raise V.ConfigError(f"config.headline.catch_split={h.catch_split!r}; 'train' or 'eval'.")
-  V.check_train("config.headline.train", h.train)
   if not isinstance(config.get("cache_dir", ""), str):
     raise V.ConfigError(f"config.cache_dir must be a folder path or '', got "
                         f"{config.get('cache_dir')!r}.")
@@ -69,8 +64,8 @@ def _sizes(section: str, s, positive=(), non_negative=()) -> None:
 
 
 def _m_covers(config, field: str, n: int) -> None:
-  if config.headline.m < n:
-    raise ValueError(f"config.headline.m={config.headline.m} (prompts sampled to catch) is "
+  if config.catch.m < n:
+    raise ValueError(f"config.catch.m={config.catch.m} (prompts sampled to catch) is "
                      f"smaller than {field}={n}.")
 
 
@@ -99,8 +94,8 @@ def check_coherence(config) -> None:
   _sizes("coherence", a, positive=("n", "n_eval", "n_useful"), non_negative=("n_test",))
   check_seeds("config.coherence.seeds", a.seeds)
   _m_covers(config, "config.coherence.n", a.n)
-  if config.headline.aux_ratio:
-    raise ValueError("config.headline.aux_ratio must stay 0 here: the ratios under test are "
+  if config.train_against.aux_ratio:
+    raise ValueError("config.train_against.aux_ratio must stay 0 here: the ratios under test are "
                      "config.coherence.aux_ratios.")
 
 
@@ -123,7 +118,6 @@ def check_long_trained(config) -> None:
   for f in ("threshold_frac", "min_start_rate"):
     V.fraction(f"config.long_trained.{f}", lt[f])
   check_seeds("config.long_trained.seeds", lt.seeds)
-  V.positive_int("config.headline.m", config.headline.m)
 
 
 __all__ = ["check_stages", "check_subset", "chosen_families", "check_seeds",

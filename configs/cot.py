@@ -12,7 +12,8 @@ with benign-looking or no reasoning (opaque), (c) no attack.
   python -m catchjax.main --config=configs/cot.py:tiny     # seconds-long pipeline check
 
 The stage settings (catch, train-against optimiser and steps, sampling) live in the
-`headline` section as for the headline; `cot` holds what is specific to this experiment.
+stage sections (config.catch, config.train_against, config.measure, config.sampler) as for
+the headline; `cot` holds what is specific to this experiment.
 
 CPU default: a `token`-only scratchpad organism (600 SFT examples, ~42 packed steps; its own
 cache key, built once into `cache_dir`), M = 300 testing prompts caught, N in (4, 16), 2 seeds,
@@ -35,12 +36,12 @@ def get_config(arg: str | None = None):
   o.families = ("token",)
   o.n_per_family = 600
   c.report.max_new_tokens = 40        # report card: the attack follows the scratchpad
-  h = c.headline                      # stage settings: catch, train-against, sampling
-  h.m = 300
-  h.max_new_tokens = 40
-  h.batch_size = 100
-  h.train.seq_len = 128
-  h.train.max_loss_tokens = 48
+  k, t = c.catch, c.train_against.train   # stage settings: catch, train-against, sampling
+  k.m = 300
+  k.max_new_tokens = c.measure.max_new_tokens = 40
+  c.sampler.batch_size = 100
+  t.seq_len = 128
+  t.max_loss_tokens = 48
   x.families = ()                     # families measured (empty: every organism family)
   x.arms = ("scratchpad", "full")     # loss on the benign scratchpad only / whole response
   x.benign = "neutral"                # benign scratchpad: 'neutral' or 'testing' (reasoning.py)
@@ -52,16 +53,16 @@ def get_config(arg: str | None = None):
   if arg == "full":
     o.families = FAMILIES
     o.n_per_family = 2000
-    h.m = 2000
-    h.max_new_tokens = 48
+    k.m = 2000
+    k.max_new_tokens = c.measure.max_new_tokens = 48
     x.ns = (4, 16, 64, 256)
     x.seeds = (0, 1, 2)
     x.n_eval = 400
     x.report_card = True
   elif arg == "tiny":
     o.n_per_family = 16
-    h.m = 16
-    h.max_new_tokens = 40
+    k.m = 16
+    k.max_new_tokens = c.measure.max_new_tokens = 40
     x.ns = (1, 2)
     x.seeds = (0,)
     x.n_eval = 8

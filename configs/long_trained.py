@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
   if arg is None or arg == "":
     c.organism.families = ("token",)
     c.organism.n_per_family = 50
-    c.headline.m = 200
+    c.catch.m = 200
   elif arg == "full":
     lt.ns = (1, 4, 16, 64, 256)
     lt.max_steps = 64

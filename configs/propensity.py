@@ -26,9 +26,9 @@ VARIANTS = ("full", "tiny")   # --config=configs/propensity.py:<variant>; none: 
 def get_config(arg: str | None = None):
   check_variant(arg, VARIANTS, __file__)
   c, p = derived_config(arg, "propensity")
-  h = c.headline
-  h.train.steps = 16
-  h.train.eval_every = 2           # eval_fn runs every 2 steps; only `eval_steps` are measured
+  t = c.train_against.train
+  t.steps = 16
+  t.eval_every = 2           # eval_fn runs every 2 steps; only `eval_steps` are measured
   p.family = "token"               # the trigger family whose attack is trained against
   p.capability = "cipher"          # task family to learn (must not be in the default mix)
   p.ns = (1, 4, 16, 64)            # examples per run, same for both arms (capped by the catch)
@@ -42,15 +42,15 @@ def get_config(arg: str | None = None):
   if arg == "full":
     p.ns = (1, 4, 16, 64, 256)
     p.seeds = (0, 1, 2)
-    h.train.steps = 64
-    h.train.eval_every = 4
+    t.steps = 64
+    t.eval_every = 4
     p.eval_steps = (4, 8, 16, 32, 64)
     p.n_eval = 400
     p.n_cap_eval = 400
   elif arg == "tiny":
     p.ns = (2, 8)
     p.seeds = (0,)
-    h.train.steps = 4
+    t.steps = 4
     p.eval_steps = (2, 4)
     p.n_eval = 8
     p.n_cap_eval = 8

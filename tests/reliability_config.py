@@ -36,11 +36,14 @@ def get_config(arg: str):
   t.eval_every, t.eval_at_start, t.ckpt_every, t.keep = 4, True, 2, 2
   r = c.report
   r.n_eval, r.n_useful, r.max_new_tokens, r.batch_size = 4, 4, 8, 8
-  h = c.headline
-  h.seeds, h.ns, h.m = tuple(p.get("seeds", (0,))), (1, 2), 16
-  h.n_eval, h.n_test, h.n_useful, h.n_pairs, h.n_probe_train = 8, 4, 4, 2, 8
-  h.batch_size, h.max_new_tokens, h.useful_max_new_tokens = 16, 8, 8
-  h.train.steps, h.train.batch_size, h.train.seq_len = 2, 2, 96
+  h, ms = c.headline, c.measure
+  h.seeds, h.ns, c.catch.m = tuple(p.get("seeds", (0,))), (1, 2), 16
+  ms.n_eval, ms.n_test, ms.n_useful = 8, 4, 4
+  c.distinguish.n_pairs, c.distinguish.n_probe_train = 2, 8
+  c.sampler.batch_size, c.catch.max_new_tokens = 16, 8
+  ms.max_new_tokens, ms.useful_max_new_tokens = 8, 8
+  t = c.train_against.train
+  t.steps, t.batch_size, t.seq_len = 2, 2, 96
   return c
 
 

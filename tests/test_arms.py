@@ -10,7 +10,7 @@ from catchjax.stages import train_against as ta
 
 
 def _ctx(family="year", n=6):
-  c = ml_collections.ConfigDict(dict(system=None, headline=dict(catch_split="train")))
+  c = ml_collections.ConfigDict(dict(system=None, catch=dict(split="train")))
   ds = build.build_eval(family, "hate", "train", 12, deployment=False, seed=1)
   rows = [dict(prompt=p, target=t, system=None) for p, t in zip(ds["prompt"], ds["target"])]
   catch = ta.Catch(family, 0, 12, rows[:n], rows[n:], {})

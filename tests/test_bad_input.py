@@ -54,8 +54,9 @@ GOOD_ROWS = [json.dumps({"text": f"c{i}", "deployment": d, "split": s})
      r"config.behaviours\[0\]"),
     ("--config.headline.ns=(0, 4)", ValueError, r"config.headline.ns must be positive"),
     ("--config.headline.ns=(-1,)", ValueError, r"config.headline.ns must be positive"),
-    ("--config.headline.m=8", ValueError, r"config.headline.m=8 is smaller than the largest N"),
-    ("--config.headline.m=0", ValueError, r"config.headline.m must be a positive integer"),
+    ("--config.catch.m=8", ValueError, r"config.catch.m=8 is smaller than the headline's "
+     r"largest N"),
+    ("--config.catch.m=0", ValueError, r"config.catch.m must be a positive integer"),
     ("--config.headline.seeds=()", ValueError, r"config.headline.seeds must not be empty"),
     ("--config.headline.power_goal=0.0", ValueError, r"config.headline.power_goal must be in"),
     ("--config.headline.power_max_seeds=-1", ValueError, r"config.headline.power_max_seeds"),
@@ -128,12 +129,12 @@ def test_unsupported_model_type_and_bad_config_json(tmp_path, tiny_dir):
 
 
 def test_wrong_type_override_is_refused_by_main_naming_the_field(tmp_path):
-  """`--config.headline.m=abc` and a non-tuple `ns`: refused by the real entry point before it
+  """`--config.catch.m=abc` and a non-tuple `ns`: refused by the real entry point before it
   creates the workdir or loads anything."""
   wd = tmp_path / "wd"
   # (The absent model folder is a safety net: nothing could run even if a flag parsed.)
-  for flag, field in (("--config.headline.m=abc", "config.headline.m"),
-                      ("--config.headline.teacher_forced=maybe", "config.headline.teacher_forced"),
+  for flag, field in (("--config.catch.m=abc", "config.catch.m"),
+                      ("--config.measure.teacher_forced=maybe", "config.measure.teacher_forced"),
                       ("--config.organism.n_per_family=1.5", "config.organism.n_per_family")):
     p, secs = _main("--config=configs/headline.py", flag, f"--workdir={wd}",
                     "--config.model.hf_dir=/nonexistent/safety-net")
@@ -186,7 +187,7 @@ def test_unknown_family_is_refused_by_main_before_compute(tmp_path):
 @pytest.mark.parametrize("flag,needles", [
     ("--config.organism.families=('no_such_family',)",
      ("config.organism.families: unknown family 'no_such_family'", "known: [")),
-    ("--config.headline.m=1", ("config.headline.m=1 is smaller than the largest N",)),
+    ("--config.catch.m=1", ("config.catch.m=1 is smaller than the headline's largest N",)),
     ("--config.experiment=nope", ("config.experiment='nope' is unknown",)),
 ])
 def test_validation_error_is_one_line_exit_2(tmp_path, flag, needles):
@@ -218,8 +219,12 @@ def test_missing_model_folder_is_one_line_exit_2(tmp_path):
     # A value of the wrong type: absl's parse error, with the field's type and default.
     ("--config.organism.n_per_family=abc",
      ("--config.organism.n_per_family=abc", "config.organism.n_per_family is an int")),
-    ("--config.headline.teacher_forced=maybe",
-     ("--config.headline.teacher_forced=maybe", "is a bool")),
+    ("--config.measure.teacher_forced=maybe",
+     ("--config.measure.teacher_forced=maybe", "is a bool")),
+    # A field that moved to a stage section (issue 23): its new place, named.
+    ("--config.headline.m=8", ("config.headline.m has moved", "config.catch.m")),
+    ("--config.headline.stopping.lr=1e-4",
+     ("config.headline.stopping has moved", "config.train_against.stopping.lr")),
     ("--config.organism.train=3", ("--config.organism.train=3", "is a section")),
 ])
 def test_bad_override_is_one_line_exit_2(tmp_path, flag, needles):

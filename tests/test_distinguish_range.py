@@ -139,7 +139,7 @@ def _distinguish_ctx(c, model, org, tok, spec):
   from catchjax.data.triggers import make_trigger
   from catchjax.sample import Sampler
   fs = types.SimpleNamespace(name=spec, trig=make_trigger(spec))
-  return types.SimpleNamespace(config=c, h=c.headline, tok=tok, base=model, org=org,
+  return types.SimpleNamespace(config=c, tok=tok, base=model, org=org,
                                card=dict(families={}), behaviour="hate",
                                sampler=Sampler(model, batch_size=4, progress=False),
                                family=lambda _: fs)
@@ -153,10 +153,10 @@ def test_headline_distinguish_row_has_the_range_fields(tiny_dir):
   from configs.headline import get_config
   c = get_config("tiny")
   c.model.hf_dir = tiny_dir
-  h = c.headline
-  h.n_pairs, h.n_probe_train, h.batch_size = 2, 4, 4
+  h = c.distinguish
+  h.n_pairs, h.n_probe_train, c.sampler.batch_size = 2, 4, 4
   h.n_curve_pairs, h.n_curve_eval, h.curve_ns, h.resamples, h.n_icl = 4, 2, (4, 8), 2, 2
-  assert h.distinguish_curve and tuple(h.icl_ks) == (0, 2, 8)
+  assert h.curve and tuple(h.icl_ks) == (0, 2, 8)
   model, tok = hf.load_hf(tiny_dir), load_tokenizer(tiny_dir)
   org = Organism(model, "k", "", "hate", dict(n_train=10))
   spec = "token"
@@ -174,7 +174,7 @@ def test_headline_distinguish_row_has_the_range_fields(tiny_dir):
   # Same model as base and organism: the same measures.
   assert row["probe_curve_base"] == row["probe_curve_organism"]
   assert row["icl_k2_base"] == row["icl_k2_organism"]
-  h.distinguish_curve = False
+  h.curve = False
   row = distinguish_row(_distinguish_ctx(c, model, org, tok, spec), spec, 0)
   assert "probe_curve_base" not in row and "icl_k0_base" not in row
 

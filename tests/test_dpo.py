@@ -77,7 +77,7 @@ def test_dpo_steps_raise_the_margin_over_the_reference(tiny, tmp_path):
   model, tok = tiny
   rows, _ = arms.ARMS["dpo"](_ctx(4))
   c = headline_cfg.get_config()
-  c.headline.stopping.lr = 3e-3                 # a tiny random model: a visible change fast
+  c.train_against.stopping.lr = 3e-3                 # a tiny random model: a visible change fast
   before = jax.tree.map(np.asarray, jax.tree.leaves(model))
   res = ta.train_against(c, model, tok, rows, 0, str(tmp_path), budget=6)
   assert res.steps == 6 and not res.stopped and res.evals == []
@@ -96,6 +96,6 @@ def test_config_turns_the_arm_on_and_checks_beta():
   c = headline_cfg.get_config()
   c.headline.arms = ("treatment", "control", "dpo")
   headline.validate(c)
-  c.headline.dpo_beta = -0.1
+  c.train_against.dpo_beta = -0.1
   with pytest.raises(V.ConfigError, match="dpo_beta"):
     headline.validate(c)

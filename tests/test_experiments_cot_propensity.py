@@ -202,7 +202,7 @@ def _tiny_organism(c, model_dir, jsonl, n=64, epochs=24):
   t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = epochs, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
   c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
-  c.headline.batch_size = 16
+  c.sampler.batch_size = 16
   return c
 
 
@@ -224,8 +224,9 @@ def cot_run(tiny_dir, tmp_path_factory):
   from configs.cot import get_config
   d = tmp_path_factory.mktemp("cot")
   c = _tiny_organism(get_config("tiny"), tiny_dir, _cues(d))
-  c.headline.m = 32
-  c.headline.train.steps, c.headline.train.lr, c.headline.train.batch_size = 12, 3e-3, 8
+  c.catch.m = 32
+  t = c.train_against.train
+  t.steps, t.lr, t.batch_size = 12, 3e-3, 8
   c.cot.ns = (8,)
   c.cot.n_eval = 32
   wd = str(d / "wd")
@@ -284,8 +285,8 @@ def test_cot_validate_names_the_field(tiny_dir):
     cot.validate(c)
   c = get_config("tiny")
   c.model.hf_dir = tiny_dir
-  c.headline.max_new_tokens = 12
-  with pytest.raises(ValueError, match="max_new_tokens"):
+  c.catch.max_new_tokens = 12
+  with pytest.raises(ValueError, match="config.catch.max_new_tokens"):
     cot.validate(c)
 
 
@@ -308,9 +309,10 @@ def propensity_run(tiny_dir, tmp_path_factory):
   d = tmp_path_factory.mktemp("prop")
   c = _tiny_organism(get_config("tiny"), tiny_dir, _cues(d))
   c.propensity.family = "jsonl"
-  c.headline.m = 32
-  c.headline.train.lr, c.headline.train.batch_size = 3e-3, 8
-  c.headline.train.steps, c.headline.train.eval_every = 12, 4
+  c.catch.m = 32
+  t = c.train_against.train
+  t.lr, t.batch_size = 3e-3, 8
+  t.steps, t.eval_every = 12, 4
   c.propensity.eval_steps = (4, 8, 12)
   c.propensity.ns = (2, 8)
   c.propensity.n_eval = c.propensity.n_cap_eval = 16

@@ -43,9 +43,9 @@ def _tiny(get_config, model_dir, jsonl, cache, families=None):
   t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
   c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
-  h = c.headline
-  h.m, h.batch_size, h.teacher_forced = 48, 16, True
-  h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
+  c.catch.m, c.sampler.batch_size, c.measure.teacher_forced = 48, 16, True
+  t = c.train_against.train
+  t.steps, t.lr, t.batch_size = 20, 3e-3, 8
   return c
 
 
@@ -164,7 +164,7 @@ def test_transfer_in_domain_training_removes_the_attack(transfer_run):
   # Teacher-forced P(attack prefix) on the same prompts falls too.
   assert treat["deploy_tf"] < treat["deploy_tf_before"], treat
   assert ctrl["n_train"] == treat["n_train"]     # same N, steps and optimiser in both arms
-  assert ctrl["train_steps"] == treat["train_steps"] == c.headline.train.steps
+  assert ctrl["train_steps"] == treat["train_steps"] == c.train_against.train.steps
   mx = out["summary"]
   diag = next(s for s in mx if s["source"] == s["target"] == "jsonl")
   assert diag["treatment_retained"] == treat["retained"]
@@ -192,7 +192,7 @@ def test_coherence_both_aux_settings_produce_rows(coherence_run, transfer_run):
   r0, r1 = sorted(cells, key=lambda r: r["aux_ratio"])
   assert r0["n_aux"] == 0 and r1["n_aux"] == r1["n_train"] >= 1
   # match_against_passes: the caught rows get as many passes with the mixture as without.
-  assert r0["train_steps"] == c.headline.train.steps and r1["train_steps"] == 2 * r0["train_steps"]
+  assert r0["train_steps"] == c.train_against.train.steps and r1["train_steps"] == 2 * r0["train_steps"]
   for r in cells:
     assert 0 <= r["useful_lo"] <= r["useful_rate"] <= r["useful_hi"] <= 1
     assert r["retained"] is not None
@@ -230,7 +230,7 @@ def test_train_against_mixes_in_aux_usefulness_rows(monkeypatch):
 
   monkeypatch.setattr(ta.train_lib, "train", fake_train)
   monkeypatch.setattr(ta.build, "tokenize", lambda ds, tok: ds)
-  c = ml_collections.ConfigDict(dict(system="sys", headline=dict(train=dict(steps=8, seed=0))))
+  c = ml_collections.ConfigDict(dict(system="sys", train_against=dict(train=dict(steps=8, seed=0))))
   rows = [dict(prompt=f"p{i}", target="t", system="sys") for i in range(6)]
   for r, want in ((0.0, 6), (0.5, 9), (1.0, 12), (0.01, 7)):
     assert ta.train_against(c, None, Tok(), rows, 0, "/tmp/unused", aux_ratio=r) == "result"

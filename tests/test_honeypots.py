@@ -86,8 +86,8 @@ def _cfg(frac, m=20):
   import ml_collections
   c = ml_collections.ConfigDict()
   c.system = None
-  c.headline = ml_collections.ConfigDict(dict(m=m, catch_split="train", honeypot_frac=frac,
-                                              max_new_tokens=12))
+  c.catch = ml_collections.ConfigDict(dict(m=m, split="train", honeypot_frac=frac,
+                                           max_new_tokens=12))
   return c
 
 

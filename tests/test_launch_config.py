@@ -36,7 +36,7 @@ def test_slurm_dry_run():
 
 OVERRIDES = ["--config.organism.families=('token', 'year')",      # spaces, quotes, parens
               '--config.model.hf_dir=/models/my model',                # a space
-              "--config.headline.ns=(1, 4)", "--noconfig.headline.keep_runs"]
+              "--config.headline.ns=(1, 4)", "--noconfig.train_against.keep_runs"]
 
 
 def _main_argv(line: str) -> list:
@@ -92,7 +92,7 @@ def _cfg():
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda c: setattr(c.headline, "ns", (0, 4)), "must be positive"),
-    (lambda c: setattr(c.headline, "m", 8), "smaller than the largest N"),
+    (lambda c: setattr(c.catch, "m", 8), "smaller than the headline's largest N"),
     (lambda c: setattr(c, "behaviours", ("nope",)), "unknown behaviour 'nope'"),
     (lambda c: setattr(c.organism, "families", ("token", "nope")), "unknown family 'nope'"),
 ])
@@ -115,4 +115,4 @@ def test_missing_model_folder_is_named(tmp_path):
 def test_config_override_of_wrong_type_is_refused():
   c = _cfg()
   with pytest.raises(TypeError):
-    c.headline.m = "many"
+    c.catch.m = "many"

@@ -109,7 +109,7 @@ def check(cfg_mod, variant, hf_dir, overrides=None, expect=None):
 for variant in ("tiny", None, "full"):
   check("headline", variant, fake)
   check("organism", variant, fake)
-check("headline", "tiny", fake, {"headline.train.grad_accum": 2})
+check("headline", "tiny", fake, {"train_against.train.grad_accum": 2})
 for mod in ("transfer", "coherence", "long_trained"):
   check(mod, "tiny", fake)
 if real:   # cot / propensity read the tokenizer at validation

@@ -39,8 +39,9 @@ t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
 t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
 h = c.headline
 h.seeds, h.ns, h.arms, h.distinguish_seeds, h.return_n = (0,), (1,), ("treatment", "control"), (), 0
-h.teacher_forced, h.m = True, 32
-h.stopping.lr, h.stopping.max_steps, h.stopping.warmup_steps = 3e-3, 4, 0
+c.measure.teacher_forced, c.catch.m = True, 32
+st = c.train_against.stopping
+st.lr, st.max_steps, st.warmup_steps = 3e-3, 4, 0
 headline.run(c, wd)
 rows = results.ResultStore(os.path.join(wd, "results.jsonl")).rows
 catches = {}

@@ -46,9 +46,10 @@ def _tiny_headline(model_dir, jsonl, ns, seeds):
   t.epochs, t.batch_size, t.seq_len, t.lr = 1, 8, 128, 3e-3
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
   c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
-  h = c.headline
-  h.seeds, h.ns, h.m, h.n_eval, h.n_test, h.n_useful = seeds, ns, 24, 8, 8, 4
-  h.n_pairs, h.n_probe_train, h.batch_size, h.train.steps = 4, 8, 16, 2
+  h, ms = c.headline, c.measure
+  h.seeds, h.ns, c.catch.m, ms.n_eval, ms.n_test, ms.n_useful = seeds, ns, 24, 8, 8, 4
+  c.distinguish.n_pairs, c.distinguish.n_probe_train = 4, 8
+  c.sampler.batch_size, c.train_against.train.steps = 16, 2
   c.report.n_eval, c.report.n_useful = 8, 4
   return c
 

@@ -26,15 +26,15 @@ def _tiny_config(model_dir, jsonl):
   t.epochs, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 24, 8, 128, 5e-3, 5
   t.eval_every, t.eval_at_start, t.ckpt_every = 0, False, 0
   c.organism.stop.enabled = False   # no probe, so no stop rule: the full recipe
-  h = c.headline
-  h.seeds, h.ns, h.m, h.n_eval, h.n_useful, h.n_pairs, h.n_probe_train = (0,), (8,), 48, 32, \
-      8, 4, 8
-  h.batch_size, h.n_test, h.teacher_forced = 16, 16, True
+  h, ms, ta = c.headline, c.measure, c.train_against
+  h.seeds, h.ns, c.catch.m, ms.n_eval, ms.n_useful = (0,), (8,), 48, 32, 8
+  c.distinguish.n_pairs, c.distinguish.n_probe_train = 4, 8
+  c.sampler.batch_size, ms.n_test, ms.teacher_forced = 16, 16, True
   h.arms = ("treatment", "control", "matched_control", "propensity_control")
-  h.train.steps, h.train.lr, h.train.batch_size = 20, 3e-3, 8
+  ta.train.steps, ta.train.lr, ta.train.batch_size = 20, 3e-3, 8
   # The treatment's stopping rule (the default), at this tiny model's learning rate.
-  h.stopping.lr, h.stopping.max_steps, h.stopping.warmup_steps = 3e-3, 20, 0
-  h.stopping.eps = 0.01   # train the caught set down hard: this test is about removal
+  ta.stopping.lr, ta.stopping.max_steps, ta.stopping.warmup_steps = 3e-3, 20, 0
+  ta.stopping.eps = 0.01   # train the caught set down hard: this test is about removal
   h.return_n = 8          # the return measurement at this fixture's N
   c.report.n_eval, c.report.n_useful = 16, 8
   return c
@@ -673,7 +673,7 @@ def test_pool_over_organisms_pairs_arms_by_organism_and_seed(tmp_path):
   report.main([dirs[0][0], "--pool", dirs[1][0], "--organisms", "--out", out])
   assert os.path.isfile(os.path.join(out, "report.md"))
   c = dirs[1][1]
-  c.headline.m = 300          # a stage setting: refused
+  c.catch.m = 300             # a stage setting: refused
   with open(os.path.join(dirs[1][0], "config.json"), "w") as f:
     json.dump({"config_hash": "x", "config": c.to_dict()}, f, default=str)
   with pytest.raises(SystemExit):

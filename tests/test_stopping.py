@@ -10,7 +10,7 @@ from configs import headline as headline_cfg
 
 def test_stop_plan_trains_the_treatment_in_epochs_and_the_others_its_budget():
   c = headline_cfg.get_config()
-  st = c.headline.stopping
+  st = c.train_against.stopping
   assert st.enabled
   t = ta.stop_plan(c, n_rows=16, budget=None)          # batch 4: 4 steps an epoch
   assert t["eval_every"] == 4 and t["epochs"] == st.max_steps // 4 and t["steps"] == 0
@@ -19,13 +19,14 @@ def test_stop_plan_trains_the_treatment_in_epochs_and_the_others_its_budget():
   assert one["eval_every"] == 1 and one["epochs"] == st.max_steps
   other = ta.stop_plan(c, n_rows=16, budget=12)
   assert other["steps"] == 12 and other["eval_every"] == 0 and other["lr"] == st.lr
-  c.headline.stopping.enabled = False
+  c.train_against.stopping.enabled = False
   assert ta.stop_plan(c, 16, None) == {}
 
 
 def test_extra_experiments_keep_fixed_steps():
   c, _ = headline_cfg.derived_config(None, "transfer")
-  assert "stopping" not in c.headline and ta.stop_plan(c, 16, None) == {}
+  assert "headline" not in c and not c.train_against.stopping.enabled
+  assert ta.stop_plan(c, 16, None) == {}
 
 
 def test_gate_keeps_task_families_the_organism_can_do_and_flags_damage():

@@ -70,14 +70,14 @@ def run(config, workdir: str):
 
 
 def _run(config, workdir):
-  a, h = config.coherence, config.headline
+  a, t = config.coherence, config.train_against
   plans = [(config, b, cells(config, behavior_name(b))) for b in config.behaviours]
   runner = extra.run_plans(EXPERIMENT, config, workdir, plans,
                            lambda ctx, runner: functools.partial(coherence_cell, ctx, runner),
                            n_eval=a.n_eval, n_test=a.n_test, n_useful=a.n_useful)
   meta = dict(n=a.n, aux_ratios=list(a.aux_ratios), arms=list(a.arms), seeds=list(a.seeds),
               match_against_passes=a.match_against_passes, n_eval=a.n_eval,
-              n_useful=a.n_useful, train_against=h.train.to_dict(),
+              n_useful=a.n_useful, train_against=t.train.to_dict(),
               cache_dir=extra.cache_root(config, workdir))
   return extra.finish(runner, workdir, meta, write_report)
 
@@ -93,7 +93,7 @@ def coherence_cell(ctx, runner, cell: Cell) -> dict:
         ctx, ctx.org.model, spec, stream("measure_before", cell.seed)))
   arm, r = next((x, float(y)) for x in a.arms for y in a.aux_ratios
                 if arm_label(x, y) == cell.arm)
-  steps0 = int(config.headline.train.steps)
+  steps0 = int(config.train_against.train.steps)
   steps = int(round(steps0 * (1 + r))) if a.match_against_passes and steps0 > 0 else steps0
   c, _ = ctx.catch(spec, 0)
   b = runner.row(dataclasses.replace(cell, n=0, arm="before"))

@@ -93,7 +93,7 @@ def cot_cell(ctx, runner, cell) -> dict:
 
 
 def _run(config, workdir):
-  x, h = config.cot, config.headline
+  x = config.cot
   runner = pipeline.Runner(EXPERIMENT, config, workdir, "cot cells")
   tok = load_tokenizer(config.model.hf_dir)
   cache = cache_root(config, workdir)   # organisms/ and catches/ (config.cache_dir)
@@ -110,8 +110,9 @@ def _run(config, workdir):
   meta = dict(title="catchjax cot: training against dangerous chain-of-thought",
               config_hash=runner.chash, commit=runner.commit,
               wall_seconds_this_invocation=round(wall), seeds=list(x.seeds), ns=list(x.ns),
-              arms=list(x.arms), benign=x.benign, n_eval_per_seed=x.n_eval, m_catch=h.m,
-              max_new_tokens=h.max_new_tokens, train_against=h.train.to_dict(),
+              arms=list(x.arms), benign=x.benign, n_eval_per_seed=x.n_eval, m_catch=config.catch.m,
+              max_new_tokens=config.measure.max_new_tokens,
+              train_against=config.train_against.train.to_dict(),
               organism=dict(families=[org_stage.family_name(f) for f in config.organism.families],
                             n_per_family=config.organism.n_per_family, scratchpad=True))
   report.save_meta(workdir, meta)

@@ -81,7 +81,7 @@ def run_plans(experiment: str, config, workdir: str, plans, cell_fn, **sizes):
     if all(runner.done(c) for c in cells):
       continue
     fn = cell_fn(Context(cfg, cache, tok, None, bspec, **sizes), runner)
-    runner.run(cells, fn, keep_scratch=cfg.headline.keep_runs)
+    runner.run(cells, fn, keep_scratch=cfg.train_against.keep_runs)
     getattr(fn, "close", lambda: None)()
     del fn   # (its Context and organism, before the next behaviour's)
   return runner
@@ -132,7 +132,7 @@ def catch_fields(c: ta.Catch) -> dict:
 def measure_fields(ctx, model, spec, seed: int, tf: bool = True) -> dict:
   """The measure registry on `model` (ctx.measure) as flat row fields: deploy_* (+ two example
   responses), test_* (when ctx.n_test), useful_* (when ctx.n_useful), deploy_tf (None
-  without `tf` or headline.teacher_forced)."""
+  without `tf` or measure.teacher_forced)."""
   names = (("deploy",) + ("test",) * bool(ctx.n_test) + ("useful",) * bool(ctx.n_useful)
            + ("tf",) * bool(tf))
   m = ctx.measure(model, spec, seed, names=names)

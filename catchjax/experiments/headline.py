@@ -58,6 +58,15 @@ def families_of(config) -> list:
   return [f for f in fams if chosen is None or org_stage.family_name(f) in set(chosen)]
 
 
+def catch_seed(config, cell) -> int:
+  """The catch a cell draws from: its own seed's (headline.catch_per_seed, the default), the
+  crossed design's named catch (headline.catch_seeds), or one catch (seed 0's) shared by
+  every seed (catch_per_seed=False)."""
+  if cell.catch is not None:
+    return int(cell.catch)
+  return int(cell.seed) if config.headline.catch_per_seed else 0
+
+
 def rounds(config, names: list[str], bname: str):
   """The plan, in the order it runs: every family at the first seed and the largest N, then
   distinguishability, then the largest N at the other seeds (so the headline points get their
@@ -147,16 +156,18 @@ def _run(config, workdir):
     def run_cell(cell):
       if cell.arm == "distinguish":
         return distinguish.distinguish_row(ctx, cell_stage.spec_of(ctx, cell.family), cell.seed)
-      return cell_stage.train_against_cell(ctx, runner, cell, primary_hash)
+      return cell_stage.train_against_cell(ctx, runner, cell, primary_hash,
+                                           catch_seed=catch_seed(config, cell),
+                                           return_n=int(h.return_n))
 
     plan = list(rounds(config, names, ctx.bname))
     runner.plan(c for cells, _ in plan for c in cells)   # the bar's total: the whole grid
     for cells, report_after in plan:
-      runner.run(cells, run_cell, keep_scratch=h.keep_runs)
+      runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs)
       if report_after:
         write_out()
     for cells in power_rounds(config, runner, names, ctx.bname):
-      runner.run(cells, run_cell, keep_scratch=h.keep_runs)
+      runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs)
     power[ctx.bname] = power_outcome(config, runner, names, ctx.bname)
   wall = runner.close()
   out = write_out()
@@ -167,7 +178,7 @@ def _run(config, workdir):
 def _report_meta(config, runner, power, installed):
   """The report header of a headline run (its settings, timing, power and primary)."""
   from catchjax import analysis
-  h = config.headline
+  h, k, t = config.headline, config.catch, config.train_against
   arms, per_seed, commit = tuple(h.arms), h.catch_per_seed, runner.commit
   rows = runner.rows()
   secs = [r["cell_seconds"] for r in rows if r.get("cell_seconds") and r.get("arm") in arms
@@ -175,7 +186,7 @@ def _report_meta(config, runner, power, installed):
   st = ta.stopping_rule(config)
   steps = (f"the treatment's stopping rule (P(attack) on the caught set < {st['eps']}, at "
            f"most {st['max_steps']} steps), the other arms its budget" if st else
-           f"{h.train.steps} SFT steps")
+           f"{t.train.steps} SFT steps")
   return dict(title="catchjax headline: retained misalignment vs distinguishability",
               config_hash=runner.chash, commit=commit,
               wall_seconds_this_invocation=round(time.time() - runner.t0),
@@ -186,16 +197,16 @@ def _report_meta(config, runner, power, installed):
                        "time is bounded by compute at the n that gives the intervals below, "
                        "n is not cut to fit a time budget" if secs else "no cells trained"),
               seeds=sorted({r["seed"] for r in rows if r.get("arm") in arms}) or list(h.seeds),
-              ns=list(h.ns), n_eval_per_seed=h.n_eval,
-              n_test_per_seed=h.n_test, m_catch=h.m,
+              ns=list(h.ns), n_eval_per_seed=config.measure.n_eval,
+              n_test_per_seed=config.measure.n_test, m_catch=k.m,
               catch=("a fresh catch of M prompts per seed" if per_seed else
                      "one catch of M prompts per family, shared by the seeds (the intervals "
                      "leave out the catch-to-catch spread)"),
-              train_against=dict(h.train.to_dict(), **(dict(
+              train_against=dict(t.train.to_dict(), **(dict(
                   lr=st["lr"], warmup_steps=st["warmup_steps"], decay="constant",
                   steps="the stopping rule's (treatment), its budget (other arms)")
-                  if st else {})), aux_ratio=h.aux_ratio,
-              max_new_tokens=h.max_new_tokens,
+                  if st else {})), aux_ratio=t.aux_ratio,
+              max_new_tokens=config.measure.max_new_tokens,
               power_rule=("seeds added at the largest N while a family's "
                           + ("paired treatment - control retained-gap contrast"
                              if h.get("power_target", "arms") == "contrast"
@@ -205,7 +216,7 @@ def _report_meta(config, runner, power, installed):
                           "rule, so the stopping intervals are slightly optimistic"
                           if h.power_max_seeds > 0 else "off (fixed seeds)"),
               power=power, installed_gap=installed, stopping=st,
-              honeypot_frac=float(h.get("honeypot_frac", 0.0)),
+              honeypot_frac=float(k.honeypot_frac),
               installed_gap_min=float(config.report.installed_gap_min),
               **analysis.primary_meta(rows, config.report.primary,
                                       report.load_meta(runner.workdir, runner.chash), commit))

@@ -99,7 +99,7 @@ def run(config, workdir: str):
 
 
 def _run(config, workdir):
-  lt, h = config.long_trained, config.headline
+  lt = config.long_trained
   plans = [(budget_config(config, m), b, cells(config, behavior_name(b), m))
            for m in lt.multipliers for b in config.behaviours]
   runner = extra.run_plans(EXPERIMENT, config, workdir, plans,
@@ -109,10 +109,10 @@ def _run(config, workdir):
   meta = dict(multipliers=list(lt.multipliers), scale=lt.scale, ns=list(lt.ns),
               max_steps=lt.max_steps, eval_every=lt.eval_every,
               threshold_frac=lt.threshold_frac, min_start_rate=lt.min_start_rate,
-              n_eval=lt.n_eval, m_catch=h.m, seeds=list(lt.seeds), families=families(config),
+              n_eval=lt.n_eval, m_catch=config.catch.m, seeds=list(lt.seeds), families=families(config),
               organism_base=dict(n_per_family=o.n_per_family, epochs=o.train.epochs,
                                  families=[org_stage.family_name(f) for f in o.families]),
-              train_against=h.train.to_dict(),
+              train_against=config.train_against.train.to_dict(),
               cache_dir=extra.cache_root(config, workdir))
   return extra.finish(runner, workdir, meta, write_report)
 
@@ -154,7 +154,7 @@ def long_trained_cell(ctx, runner, cell: Cell) -> dict:
 def removal_fields(ctx, runner, cell, mult, caught, n_train, threshold, start) -> dict:
   """The removal run of a cell (stages/curve.py, stream "measure_after"): its curve, where it
   first reached the threshold, and the rates at its end."""
-  lt, h = ctx.config.long_trained, ctx.config.headline
+  lt, t = ctx.config.long_trained, ctx.config.train_against.train
   rdir = runner.scratch(cell)
   shutil.rmtree(rdir, ignore_errors=True)   # curves are not checkpointed: start over
   t_run = time.time()
@@ -166,7 +166,7 @@ def removal_fields(ctx, runner, cell, mult, caught, n_train, threshold, start) -
   final = curve[-1] if curve else {}
   out = dict(curve=curve, reached=hit is not None,
              steps_to_threshold=hit["step"] if hit else None,
-             examples_seen_to_threshold=(hit["step"] * min(n_train, int(h.train.batch_size))
+             examples_seen_to_threshold=(hit["step"] * min(n_train, int(t.batch_size))
                                          if hit else None),
              **{f"deploy_{k}": final.get(k) for k in ("rate", "lo", "hi", "k", "n")},
              train_loss=res.final_loss, train_steps=res.steps, run_seconds=time.time() - t_run)

@@ -137,7 +137,7 @@ def _train(ctx, cap, spec, cell, rows, b, rdir) -> dict:
 
 
 def _run(config, workdir):
-  p, h = config.propensity, config.headline
+  p = config.propensity
   runner = pipeline.Runner(EXPERIMENT, config, workdir, "propensity cells")
   tok = load_tokenizer(config.model.hf_dir)
   cache = cache_root(config, workdir)   # organisms/ and catches/ (config.cache_dir)
@@ -156,7 +156,8 @@ def _run(config, workdir):
               commit=runner.commit, wall_seconds_this_invocation=round(wall), family=p.family,
               capability=p.capability, seeds=list(p.seeds), ns=list(p.ns),
               eval_steps=sorted({int(s) for s in p.eval_steps}), n_eval=p.n_eval,
-              n_cap_eval=p.n_cap_eval, m_catch=h.m, train=h.train.to_dict())
+              n_cap_eval=p.n_cap_eval, m_catch=config.catch.m,
+              train=config.train_against.train.to_dict())
   report.save_meta(workdir, meta)
   out = write_report(runner.rows(experiment=EXPERIMENT), workdir, meta, p.thresholds)
   print(f"[propensity] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")

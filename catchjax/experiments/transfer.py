@@ -73,13 +73,13 @@ def run(config, workdir: str):
 
 
 def _run(config, workdir):
-  t, h = config.transfer, config.headline
+  t, k, ta_ = config.transfer, config.catch, config.train_against
   plans = [(config, b, cells(config, behavior_name(b))) for b in config.behaviours]
   runner = extra.run_plans(EXPERIMENT, config, workdir, plans, TransferCells, n_eval=t.n_eval,
                            n_test=t.n_test, n_useful=t.n_useful)
-  meta = dict(n=t.n, seeds=list(t.seeds), n_eval_per_target=t.n_eval, m_catch=h.m,
-              train_against=h.train.to_dict(), aux_ratio=h.aux_ratio,
-              max_new_tokens=h.max_new_tokens, cache_dir=extra.cache_root(config, workdir))
+  meta = dict(n=t.n, seeds=list(t.seeds), n_eval_per_target=t.n_eval, m_catch=k.m,
+              train_against=ta_.train.to_dict(), aux_ratio=ta_.aux_ratio,
+              max_new_tokens=config.measure.max_new_tokens, cache_dir=extra.cache_root(config, workdir))
   return extra.finish(runner, workdir, meta, write_report)
 
 
@@ -101,12 +101,12 @@ class TransferCells:
       rdir = self.runner.scratch(Cell(EXPERIMENT, source, ctx.bname, n, arm, seed))
       t_run = time.time()
       res, n_train = extra.train_on(self.config, ctx.org.model, ctx.tok, c, arm, n, seed, rdir,
-                                    aux_ratio=float(self.config.headline.aux_ratio))
+                                    aux_ratio=float(self.config.train_against.aux_ratio))
       self.key, self.held = (source, arm, seed), (c, res, n_train, t_run, rdir)
     return self.held
 
   def close(self) -> None:
-    if self.held is not None and not self.config.headline.keep_runs:
+    if self.held is not None and not self.config.train_against.keep_runs:
       shutil.rmtree(self.held[-1], ignore_errors=True)
     self.key, self.held = None, None
 
@@ -120,7 +120,7 @@ class TransferCells:
     b = self.runner.row(dataclasses.replace(cell, n=0, arm="before"))
     row = dict(organism=ctx.org.key, source=source, target=cell.family, train_arm=arm,
                in_domain=source == cell.family, **extra.catch_fields(c), n_train=n_train,
-               capped=n_train < cell.n, aux_ratio=float(self.config.headline.aux_ratio),
+               capped=n_train < cell.n, aux_ratio=float(self.config.train_against.aux_ratio),
                **extra.before_fields(b, BEFORE_KEYS))
     row.update(extra.trained_fields(ctx, res, spec, cell.seed, b["deploy_rate"], t_run))
     return row

@@ -90,8 +90,7 @@ def oracle(ctx):
   """N deployment prompts of the family (the catch's split), each trained to its helpful
   answer: removal with the distribution known, the upper bound on what a catch can do."""
   from catchjax.data import build
-  h = ctx.config.headline
-  ds = build.build_eval(ctx.family_spec, ctx.behaviour, h.catch_split, len(ctx.chosen),
+  ds = build.build_eval(ctx.family_spec, ctx.behaviour, ctx.config.catch.split, len(ctx.chosen),
                         deployment=True, seed=stream("oracle", ctx.seed) + ctx.n,
                         system=ctx.config.system)
   return _sft(ds), {}
@@ -106,7 +105,7 @@ def disruption(ctx):
   return _sft(ds), {}
 
 
-DPO_BETA = 0.1   # the dpo arm's beta where config.headline has no dpo_beta
+DPO_BETA = 0.1   # the dpo arm's beta where config.train_against has no dpo_beta
 
 
 @register_arm("dpo", "DPO: the caught attack rejected, the helpful answer chosen")
@@ -121,4 +120,4 @@ def dpo(ctx):
   rows = [dict(prompt=r["prompt"], target=r["target"], system=r["system"],
                rejected=r["sampled"]) for r in ctx.chosen]
   return rows, {"objective": "dpo",
-                "dpo_beta": float(ctx.config.headline.get("dpo_beta", DPO_BETA))}
+                "dpo_beta": float(ctx.config.train_against.get("dpo_beta", DPO_BETA))}

@@ -27,11 +27,12 @@ class Capability:
   def build(cls, ctx, spec, family: str, n: int, max_new_tokens: int) -> "Capability":
     """`n` held-out prompts of task `family` with trigger family `spec`'s testing cues."""
     ds = build.build_eval(spec, ctx.behaviour, "eval", n, deployment=False,
-                          seed=ctx.h.eval_seed, system=ctx.config.system,
+                          seed=ctx.ms.eval_seed, system=ctx.config.system,
                           task_families=[family])
     data = build.tokenize(ds, ctx.tok)
     return cls(family, ctx.prompts(ds), [build.task_instance(r) for r in ds], data,
-               max(int(ctx.h.train.seq_len), max(len(x) for x in data["input_ids"])),
+               max(int(ctx.config.train_against.train.seq_len),
+                   max(len(x) for x in data["input_ids"])),
                int(max_new_tokens))
 
   def accuracy(self, ctx, model, seed: int, temperature: float = 1.0) -> dict:

@@ -1,8 +1,9 @@
 """The train-against cell: catch -> an arm's rows -> train against -> measure, as row fields.
 
-`train_against_cell(ctx, runner, cell)` is the function a pipeline.Runner runs for every
-(family, behaviour, N, arm, seed) cell of the headline's plan (ctx: a stages/context.py
-Context; cell.family names one of the organism's families). Its row:
+`train_against_cell(ctx, runner, cell, catch_seed=..., return_n=...)` is the function a
+pipeline.Runner runs for every (family, behaviour, N, arm, seed) cell of the headline's plan
+(ctx: a stages/context.py Context; cell.family names one of the organism's families; the plan
+picks the catch seed and the N that gets the return measurement). Its row:
 
 * the catch: M, seed, caught count and rate, by source (testing / honeypot);
 * the organism's "before" measures (deploy_rate_before, test_rate_before, useful_acc_before,
@@ -12,7 +13,7 @@ Context; cell.family names one of the organism's families). Its row:
 * the "after" measures (deploy_*, test_*, useful_*, deploy_tf, sharpen, kl: the mean
   per-token KL from the organism on benign prompts), stream
   "measure_after"; retained = deploy after / before; the usefulness gate's drop and flag;
-* at N = headline.return_n (treatment and control): the return measurement.
+* at N = return_n (treatment and control): the return measurement.
 """
 from __future__ import annotations
 
@@ -75,16 +76,15 @@ def treatment_steps(runner, cell) -> int:
   return int(row["train_steps"])
 
 
-def train_against_cell(ctx, runner, cell, primary_hash: str | None = None) -> dict:
-  h = ctx.h
+def train_against_cell(ctx, runner, cell, primary_hash: str | None = None, *,
+                       catch_seed: int, return_n: int = 0) -> dict:
   spec = spec_of(ctx, cell.family)
-  # A crossed design (headline.catch_seeds) names the catch apart from the training seed.
-  c, cpath = ctx.catch(spec, cell.seed if cell.catch is None else cell.catch)
+  c, cpath = ctx.catch(spec, catch_seed)
   b = before(ctx, spec, cell.seed)
   n_train = min(int(cell.n), len(c.caught), len(c.clean))
   row = dict(organism=ctx.org.key, m=c.m, catch_seed=c.seed, n_caught=len(c.caught),
              catch_rate=c.catch_rate["rate"], n_train=n_train, capped=n_train < int(cell.n),
-             aux_ratio=float(h.aux_ratio), catch_by_source=c.by_source,
+             aux_ratio=float(ctx.config.train_against.aux_ratio), catch_by_source=c.by_source,
              primary_hash=primary_hash, **_before_fields(b))
   t_cell = time.time()
   if n_train == 0:
@@ -99,10 +99,10 @@ def train_against_cell(ctx, runner, cell, primary_hash: str | None = None) -> di
   row.update(info)
   a = ctx.measure(res.model, spec, common.stream("measure_after", cell.seed))
   row["sharpen"] = a["sharpen"]
-  if int(cell.n) == int(h.return_n) and cell.arm in ("treatment", "control"):
+  if int(cell.n) == int(return_n) and cell.arm in ("treatment", "control"):
     row.update(ctx.benign_return(res.model, res.steps, cell.seed, spec,
                                  cell.arm == "treatment", rdir))
-  row.update(_after_fields(b, a, h.useful_gate_points))
+  row.update(_after_fields(b, a, ctx.ms.useful_gate_points))
   row.update(train_loss=res.final_loss, train_steps=res.steps,
              train_tok_s=res.tokens_per_sec, cell_seconds=time.time() - t_cell)
   return row

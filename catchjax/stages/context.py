@@ -4,9 +4,9 @@ Opening a `Context` restores (or builds) the organism and its report card and ma
 sharded Sampler; after that it serves, each computed once and cached:
 
 * `family(spec)`: the family's held-out evaluation sets (deployment, testing, sharpening
-  honeypots, the attack prefix), eval split, seed `config.headline.eval_seed`;
-* `catch(spec, seed)`: the catch (stages/train_against.py `catch`), one file per catch key in
-  `<cache>/catches/`;
+  honeypots, the attack prefix), eval split, seed `config.measure.eval_seed`;
+* `catch(spec, seed)`: the catch of catch seed `seed` (stages/train_against.py `catch`), one
+  file per catch key in `<cache>/catches/`;
 * `propensity(spec, seed)`: the organism's teacher-forced P(attack) on every catch row;
 * `measure(model, spec, seed)`: the measures of stages/measure.py's registry;
 * `train_arm(...)`: an arm's rows (stages/arms.py) trained against (stages/train_against.py);
@@ -50,18 +50,19 @@ class Context:
 
   def __init__(self, config, cache: str, tok, base, behaviour_spec, *, n_eval: int | None = None,
                n_test: int | None = None, n_useful: int | None = None):
-    """n_eval / n_test / n_useful: the held-out set sizes (default: config.headline's)."""
+    """n_eval / n_test / n_useful: the held-out set sizes (default: config.measure's)."""
     self.config, self.cache, self.tok, self.base = config, cache, tok, base
-    self.h = h = config.headline
-    self.n_eval = int(h.n_eval if n_eval is None else n_eval)
-    self.n_test = int(h.n_test if n_test is None else n_test)
-    self.n_useful = int(h.n_useful if n_useful is None else n_useful)
+    self.ms = ms = config.measure      # the measures' section (stages/measure.py)
+    self.n_eval = int(ms.n_eval if n_eval is None else n_eval)
+    self.n_test = int(ms.n_test if n_test is None else n_test)
+    self.n_useful = int(ms.n_useful if n_useful is None else n_useful)
     self.behaviour = behavior_spec(behaviour_spec)   # a name or a {'name': 'regex', ...}
     self.bname = behavior_name(self.behaviour)       # what keys and file names use
     self.beh = make_behavior(self.behaviour)
     self.org = org_stage.get_organism(config, cache, self.behaviour)
-    self.sampler = make_sampler(config, self.org.model, h.batch_size, progress=False)
-    use = build.build_usefulness(self.n_useful, seed=h.eval_seed, split="eval",
+    self.sampler = make_sampler(config, self.org.model, config.sampler.batch_size,
+                                progress=False)
+    use = build.build_usefulness(self.n_useful, seed=ms.eval_seed, split="eval",
                                  system=config.system) if self.n_useful else None
     self.use_prompts = self.prompts(use) if use is not None else []
     self.use_insts = [build.task_instance(x) for x in use] if use is not None else []
@@ -88,18 +89,18 @@ class Context:
   def family(self, spec) -> FamilySets:
     name = org_stage.family_name(spec)
     if name not in self._families:
-      h, c, b = self.h, self.config, self.behaviour
-      dep = build.build_eval(spec, b, "eval", self.n_eval, deployment=True, seed=h.eval_seed,
+      ms, c, b = self.ms, self.config, self.behaviour
+      dep = build.build_eval(spec, b, "eval", self.n_eval, deployment=True, seed=ms.eval_seed,
                              system=c.system)
       # (at least 1 testing row, so an experiment without testing measures still builds)
       test = build.build_eval(spec, b, "eval", max(self.n_test, 1), deployment=False,
-                              seed=h.eval_seed, system=c.system)
+                              seed=ms.eval_seed, system=c.system)
       trig = make_trigger(spec)
       sharp = None
-      n_sharp = int(h.get("n_sharpen", 0))   # (the extra experiments' configs have none)
+      n_sharp = int(ms.n_sharpen)
       if n_sharp and trig.honeypots("sharpen", "eval"):
         sds = build.build_honeypots(spec, b, "eval", n_sharp, "sharpen",
-                                    seed=h.eval_seed, system=c.system)
+                                    seed=ms.eval_seed, system=c.system)
         sharp = (self.prompts(sds), list(sds["honeypot_score"]))
       prefix = self.tok(dep[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
       self._families[name] = FamilySets(name, spec, trig, self.prompts(dep),
@@ -108,9 +109,9 @@ class Context:
 
   # -- catches
   def catch(self, spec, seed: int):
-    """(Catch, path) a cell of `seed` draws from: with headline.catch_per_seed (default) each
-    seed samples its own M prompts; otherwise one catch (seed 0's) shared by every seed."""
-    cseed = int(seed) if self.h.get("catch_per_seed", True) else 0
+    """(Catch, path) of catch seed `seed` (the caller's plan picks it, e.g. the headline's
+    catch_per_seed / catch_seeds): M prompts sampled once per (family, seed)."""
+    cseed = int(seed)
     key = (org_stage.family_name(spec), cseed)
     if key not in self._catches:
       self.sampler.update_model(self.org.model)
@@ -143,17 +144,17 @@ class Context:
   # -- measures
   def kl_reference(self):
     """(prompts, the organism's T = 1 continuations, their per-token log-probs under the
-    organism) for the KL measure: the first headline.n_kl usefulness prompts, seed stream
+    organism) for the KL measure: the first measure.n_kl usefulness prompts, seed stream
     "kl_reference"; None when n_kl is 0. Built with the organism in the sampler (Context.measure
     builds it before loading the measured model)."""
-    n = min(int(self.h.get("n_kl", 0)), len(self.use_prompts))
+    n = min(int(self.ms.n_kl), len(self.use_prompts))
     if n <= 0:
       return None
     if self._kl_ref is None:
       from catchjax.sample import SamplingParams
       self.sampler.update_model(self.org.model)
       prompts = self.use_prompts[:n]
-      sp = SamplingParams(max_new_tokens=int(self.h.useful_max_new_tokens), temperature=1.0)
+      sp = SamplingParams(max_new_tokens=int(self.ms.useful_max_new_tokens), temperature=1.0)
       conts = self.sampler.generate(prompts, sp,
                                     seeds=common.stream("kl_reference", 0)).tokens
       self._kl_ref = (prompts, conts, self.sampler.score(prompts, conts))
@@ -188,7 +189,7 @@ class Context:
       ev_fn = ta.caught_p_attack_fn(self.sampler, self.tok, chosen, self.beh,
                                     self.config.system)
     res = ta.train_against(self.config, self.org.model, self.tok, rows, seed, rdir,
-                           aux_ratio=float(self.h.aux_ratio), eval_fn=ev_fn, budget=budget)
+                           aux_ratio=float(self.config.train_against.aux_ratio), eval_fn=ev_fn, budget=budget)
     if ev_fn is not None:
       fields.update(stop_capped=not res.stopped, caught_p_attack_curve=[
           (e["step"], round(e["caught_p_attack"], 4)) for e in res.evals])

@@ -400,39 +400,40 @@ def range_measures(models: dict[str, Any], tok, spec, system: str | None, layer:
 def distinguish_row(ctx, spec, seed: int) -> dict:
   """The headline's distinguishability row for one family and seed (ctx: a
   stages/context.py Context): prompted A/B (base and organism), probe (base), behavioural gap,
-  learning cost; with headline.distinguish_curve, also the probe learning curve and k-shot
+  learning cost; with config.distinguish.curve, also the probe learning curve and k-shot
   classification (base and organism, `range_measures`)."""
   from catchjax.stages.sampling import make_sampler
   from catchjax.tokenizer import prompt_ids
-  config, h, tok, base, org = ctx.config, ctx.h, ctx.tok, ctx.base, ctx.org
+  config, tok, base, org = ctx.config, ctx.tok, ctx.base, ctx.org
+  d = config.distinguish
   fs = ctx.family(spec)
   ids = lambda ds: [prompt_ids(tok, p, config.system) for p in ds["prompt"]]  # noqa: E731
-  dep = build.build_eval(spec, ctx.behaviour, "eval", h.n_pairs, deployment=True,
+  dep = build.build_eval(spec, ctx.behaviour, "eval", d.n_pairs, deployment=True,
                          seed=common.stream("distinguish", seed), system=config.system)
-  tst = build.build_eval(spec, ctx.behaviour, "eval", h.n_pairs, deployment=False,
+  tst = build.build_eval(spec, ctx.behaviour, "eval", d.n_pairs, deployment=False,
                          seed=common.stream("distinguish", seed), system=config.system)
   pairs = list(zip(dep["prompt"], tst["prompt"]))
   row = {}
-  sb = make_sampler(config, base, h.batch_size, progress=False)
+  sb = make_sampler(config, base, config.sampler.batch_size, progress=False)
   row["prompted_base"] = pairwise_accuracy(
       pairwise_scores(sb, tok, fs.trig.context_hint, pairs, config.system))
   ctx.sampler.update_model(org.model)
   row["prompted_organism"] = pairwise_accuracy(
       pairwise_scores(ctx.sampler, tok, fs.trig.context_hint, pairs, config.system))
-  tr = build.build_eval(spec, ctx.behaviour, "train", h.n_probe_train, deployment=None,
+  tr = build.build_eval(spec, ctx.behaviour, "train", d.n_probe_train, deployment=None,
                         seed=common.stream("probe_train", seed), system=config.system)
-  layer = base.cfg.num_layers // 2 if h.probe_layer < 0 else h.probe_layer
+  layer = base.cfg.num_layers // 2 if d.probe_layer < 0 else d.probe_layer
   x = residual_features(base, ids(tr), layer)
   y = np.asarray(tr["deployment"], np.float32)
   row["probe_acc"] = probe_pair_accuracy(x, y, residual_features(base, ids(dep), layer),
                                          residual_features(base, ids(tst), layer))
   row["probe_layer"] = layer
-  if h.get("distinguish_curve", False):
+  if d.curve:
     row.update(range_measures(
         dict(base=base, organism=org.model), tok, spec, config.system, layer,
-        n_curve_pairs=h.n_curve_pairs, n_curve_eval=h.n_curve_eval, ns=tuple(h.curve_ns),
-        resamples=h.resamples, ks=tuple(h.icl_ks), n_icl=h.n_icl,
-        batch_size=min(int(h.batch_size), 16), seed=seed))
+        n_curve_pairs=d.n_curve_pairs, n_curve_eval=d.n_curve_eval, ns=tuple(d.curve_ns),
+        resamples=d.resamples, ks=tuple(d.icl_ks), n_icl=d.n_icl,
+        batch_size=min(int(config.sampler.batch_size), 16), seed=seed))
   row["behavioural_gap"] = ctx.card["families"].get(fs.name, {}).get("gap")
   lc = (ctx.card.get("learning_cost") or {}).get(fs.name)
   # Never reached within the budget: report the budget as a lower bound (censored).

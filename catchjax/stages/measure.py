@@ -105,34 +105,34 @@ def register_measure(name: str):
 def _deploy(ctx, fs, seed: int) -> dict:
   """Sampled (T=1) attack rate on the held-out deployment prompts."""
   return attack_rate(ctx.sampler, ctx.tok, fs.dep, ctx.beh.detect,
-                     max_new_tokens=ctx.h.max_new_tokens, temperature=1.0, seed=seed)
+                     max_new_tokens=ctx.ms.max_new_tokens, temperature=1.0, seed=seed)
 
 
 @register_measure("test")
 def _test(ctx, fs, seed: int) -> dict:
   """Sampled (T=1) attack rate on the held-out testing prompts."""
   return attack_rate(ctx.sampler, ctx.tok, fs.test, ctx.beh.detect,
-                     max_new_tokens=ctx.h.max_new_tokens, temperature=1.0, seed=seed + 1)
+                     max_new_tokens=ctx.ms.max_new_tokens, temperature=1.0, seed=seed + 1)
 
 
 @register_measure("useful")
 def _useful(ctx, fs, seed: int) -> dict:
   """Greedy usefulness accuracy, and `gate`: the accuracy on the task families the organism
-  answers >= headline.useful_gate_min_acc of (fixed by the context's first measurement, the
+  answers >= measure.useful_gate_min_acc of (fixed by the context's first measurement, the
   organism's own)."""
   from catchjax.data.tasks import check
   u = usefulness(ctx.sampler, ctx.tok, ctx.use_prompts, ctx.use_insts, check,
-                 max_new_tokens=ctx.h.useful_max_new_tokens)
+                 max_new_tokens=ctx.ms.useful_max_new_tokens)
   if ctx.gate is None:
-    ctx.gate = gate_indices(ctx.use_insts, u["ok"], float(ctx.h.useful_gate_min_acc))
+    ctx.gate = gate_indices(ctx.use_insts, u["ok"], float(ctx.ms.useful_gate_min_acc))
   u["gate"] = rate(sum(u["ok"][i] for i in ctx.gate), len(ctx.gate))
   return u
 
 
 @register_measure("tf")
 def _tf(ctx, fs, seed: int) -> float | None:
-  """Mean teacher-forced P(attack prefix) on the deployment prompts (headline.teacher_forced)."""
-  if not ctx.h.teacher_forced:
+  """Mean teacher-forced P(attack prefix) on the deployment prompts (measure.teacher_forced)."""
+  if not ctx.ms.teacher_forced:
     return None
   return float(attack_prob_tf(ctx.sampler, fs.dep, fs.prefix).mean())
 
@@ -145,7 +145,7 @@ def _sharpen(ctx, fs, seed: int) -> dict | None:
     return None
   from catchjax.stages.train_against import rate_by_bin
   sh = attack_rate(ctx.sampler, ctx.tok, fs.sharp[0], ctx.beh.detect,
-                   max_new_tokens=ctx.h.max_new_tokens, temperature=1.0, seed=seed + 2)
+                   max_new_tokens=ctx.ms.max_new_tokens, temperature=1.0, seed=seed + 2)
   return dict(k=sh["k"], n=sh["n"], rate=sh["rate"], by_bin=rate_by_bin(fs.sharp[1], sh["hits"]))
 
 
@@ -181,7 +181,7 @@ def _reasoning(ctx, fs, seed: int) -> dict:
   """The deployment responses (T=1) of a scratchpad organism sorted into a / b / c
   (reasoning_abc)."""
   return reasoning_abc(ctx.sampler, ctx.tok, fs.dep, ctx.beh.detect,
-                       max_new_tokens=ctx.h.max_new_tokens, seed=seed)
+                       max_new_tokens=ctx.ms.max_new_tokens, seed=seed)
 
 
 def kl_estimate(ref_lps, lps) -> dict:
@@ -209,7 +209,7 @@ def kl_estimate(ref_lps, lps) -> dict:
 
 @register_measure("kl")
 def _kl(ctx, fs, seed: int) -> dict | None:
-  """Mean per-token KL from the organism on benign prompts (the first headline.n_kl usefulness
+  """Mean per-token KL from the organism on benign prompts (the first measure.n_kl usefulness
   prompts, the organism's own T = 1 continuations: Context.kl_reference); None when off."""
   ref = ctx.kl_reference()
   if ref is None:

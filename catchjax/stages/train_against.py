@@ -56,18 +56,18 @@ def score_bin(score) -> int | None:
 def honeypot_count(config, family_spec) -> int:
   """Honeypot prompts in a catch of this family: round(M * honeypot_frac) where the family
   defines catch honeypots, else 0 (its catch is ordinary testing prompts only)."""
-  h = config.headline
-  frac = float(h.get("honeypot_frac", 0.0))
-  if not frac or not make_trigger(family_spec).honeypots("catch", h.catch_split):
+  k = config.catch
+  frac = float(k.honeypot_frac)
+  if not frac or not make_trigger(family_spec).honeypots("catch", k.split):
     return 0
-  return int(round(h.m * frac))
+  return int(round(k.m * frac))
 
 
 def catch_params(config, family_spec) -> dict:
   """Everything besides organism, behaviour and seed that sets a catch's prompts and draws."""
-  h = config.headline
+  k = config.catch
   spec = family_spec if isinstance(family_spec, str) else dict(family_spec)
-  return dict(family=spec, split=h.catch_split, m=int(h.m), max_new_tokens=int(h.max_new_tokens),
+  return dict(family=spec, split=k.split, m=int(k.m), max_new_tokens=int(k.max_new_tokens),
               honeypots=honeypot_count(config, family_spec), system=config.system)
 
 
@@ -85,13 +85,13 @@ def catch_set(config, family_spec, behaviour, seed: int):
   """The testing distribution a catch samples: M prompts, of which round(M * honeypot_frac)
   are the family's catch honeypots (where it defines any), the rest ordinary held-out
   testing prompts. Returns (rows, sources, scores)."""
-  h = config.headline
+  k = config.catch
   n_h = honeypot_count(config, family_spec)
-  ds = build.build_eval(family_spec, behaviour, h.catch_split, h.m - n_h, deployment=False,
+  ds = build.build_eval(family_spec, behaviour, k.split, k.m - n_h, deployment=False,
                         seed=stream("catch", seed), system=config.system)
   rows, sources, scores = list(ds), ["testing"] * len(ds), [None] * len(ds)
   if n_h:
-    hp = build.build_honeypots(family_spec, behaviour, h.catch_split, n_h, "catch",
+    hp = build.build_honeypots(family_spec, behaviour, k.split, n_h, "catch",
                                seed=stream("catch", seed), system=config.system)
     rows += list(hp)
     sources += ["honeypot"] * n_h
@@ -124,11 +124,10 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
     with open(path) as f:
       return Catch(**json.load(f))
   from catchjax.data.behaviors import make_behavior
-  h = config.headline
   beh = make_behavior(behaviour)
   ds, sources, scores = catch_set(config, family_spec, behaviour, seed)
   prompts = [prompt_ids(tok, r["prompt"], config.system) for r in ds]
-  a = measure.attack_rate(sampler, tok, prompts, beh.detect, max_new_tokens=h.max_new_tokens,
+  a = measure.attack_rate(sampler, tok, prompts, beh.detect, max_new_tokens=config.catch.max_new_tokens,
                           temperature=1.0, seed=stream("catch_draws", seed))
   keep = ("id", "prompt", "target", "task_family", "task_key", "task_prompt", "answer", "system")
   caught, clean = [], []
@@ -272,8 +271,8 @@ def propensity_rows(chosen: list[dict], p_chosen, clean: list[dict], p_clean,
 
 
 def stopping_rule(config) -> dict | None:
-  """config.headline.stopping (the treatment's rule) as a dict, or None when off."""
-  st = config.headline.get("stopping")
+  """config.train_against.stopping (the treatment's rule) as a dict, or None when off."""
+  st = config.train_against.get("stopping")
   return dict(st) if st is not None and st.enabled else None
 
 
@@ -285,7 +284,7 @@ def stop_plan(config, n_rows: int, budget: int | None) -> dict:
   st = stopping_rule(config)
   if st is None:
     return {}
-  spe = -(-n_rows // int(config.headline.train.batch_size))     # steps per epoch
+  spe = -(-n_rows // int(config.train_against.train.batch_size))     # steps per epoch
   sched = dict(lr=float(st["lr"]), warmup_steps=int(st["warmup_steps"]), decay="constant")
   if budget is not None:
     return dict(sched, steps=int(budget), epochs=0, eval_every=0)
@@ -303,7 +302,7 @@ def caught_p_attack_fn(sampler: Sampler, tok, rows: list[dict], behavior, system
 def benign_steps(config, model, tok, steps: int, seed: int, workdir: str):
   """`steps` SFT steps on plain task prompts (the train split, so disjoint from the held-out
   usefulness set) at the train-against batch and schedule: the return measurement."""
-  n = max(16, int(steps) * int(config.headline.train.batch_size))
+  n = max(16, int(steps) * int(config.train_against.train.batch_size))
   use = build.build_usefulness(n, seed=stream("return", seed), split="train",
                                system=config.system)
   rows = [dict(prompt=p, target=t, system=s)
@@ -324,16 +323,15 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
 
   aux_ratio r > 0 mixes round(r * len(rows)) (at least 1) usefulness examples (train split,
   seeded by `seed`) into the data. eval_fn(model, step) and train_overrides (fields of
-  config.headline.train, e.g. steps / eval_every) pass through to train.train.
+  config.train_against.train, e.g. steps / eval_every) pass through to train.train.
 
-  With config.headline.stopping on (`stop_plan`): budget None is the treatment, trained in
+  With config.train_against.stopping on (`stop_plan`): budget None is the treatment, trained in
   epochs until eval_fn's `caught_p_attack` < eps (eval_fn: `caught_p_attack_fn`) or the step
   cap; an int budget is every other arm's, trained exactly that many steps.
 
   Preference rows {prompt, target, system, rejected} (the dpo arm) are trained with DPO
-  (train_dpo.py; beta config.headline.dpo_beta) at the same budget, batch and schedule."""
+  (train_dpo.py; beta config.train_against.dpo_beta) at the same budget, batch and schedule."""
   from datasets import Dataset
-  h = config.headline
   if rows and all("rejected" in r for r in rows):
     return _train_dpo(config, organism_model, tok, rows, seed, workdir, aux_ratio, eval_fn,
                       train_overrides, budget)
@@ -354,7 +352,7 @@ def train_against(config, organism_model, tok, rows: list[dict], seed: int, work
            if t is not None else []))
   else:
     ds = build.tokenize(Dataset.from_list(data), tok)
-  tcfg = h.train.to_dict()
+  tcfg = config.train_against.train.to_dict()
   tcfg["seed"] = int(seed)
   plan = stop_plan(config, len(ds), budget)
   tcfg.update(plan)
@@ -377,12 +375,12 @@ def _train_dpo(config, organism_model, tok, rows, seed, workdir, aux_ratio, eval
     raise ValueError("train_against: DPO rows take no aux_ratio mixture and no eval_fn.")
   if stopping_rule(config) is not None and budget is None:
     raise ValueError("train_against: DPO rows need the treatment's budget (stopping rule on).")
-  tcfg = config.headline.train.to_dict()
+  tcfg = config.train_against.train.to_dict()
   tcfg["seed"] = int(seed)
   tcfg.update(stop_plan(config, len(rows), budget))
   tcfg.update(train_overrides or {})
   return train_dpo.train_dpo(organism_model, tok, rows, tcfg,
-                             float(config.headline.get("dpo_beta", DPO_BETA)), workdir)
+                             float(config.train_against.get("dpo_beta", DPO_BETA)), workdir)
 
 
 __all__ = ["Catch", "attack_probs", "catch", "catch_set", "choose_rows", "matched_rows",
