@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from catchjax import common, pipeline, report
+from catchjax import common, pipeline, power, report
 from catchjax.pipeline import Cell
 from catchjax.stages import cell as cell_stage
 from catchjax.stages import distinguish
@@ -86,53 +86,6 @@ def rounds(config, names: list[str], bname: str):
   yield grid(h.seeds, [n for n in h.ns if n != big]), True
 
 
-def power_rounds(config, runner, names: list[str], bname: str):
-  """The power rule (config.headline.power_*), a policy that extends the plan: after the grid,
-  seeds are added at the largest N, one round at a time, to the families whose headline
-  point has < power_min_seeds runs or a 95% CI half-width over power_goal, up to
-  power_max_seeds. Each round decides from the seeds before it, so a resumed run adds the
-  same seeds as an uninterrupted one. Yields each round's cells."""
-  h = config.headline
-  big, arms = max(h.ns), tuple(h.arms)
-  goal, lo, hi = float(h.power_goal), int(h.power_min_seeds), int(h.power_max_seeds)
-  p_arms = tuple(a for a in ("treatment", "control") if a in arms)
-  seed = max(h.seeds)
-  while hi > 0 and p_arms:
-    seed += 1
-    rows = [r for r in runner.rows(behaviour=bname) if r["seed"] < seed]
-    pts = _half_widths(config)(rows, big, p_arms)
-    todo = [f for f in names if report.needs_seed(pts.get((f, bname)), goal, lo, hi)]
-    if not todo:
-      return
-    runner.status(f"power top-up: seed {seed}, {len(todo)} famil"
-                  f"{'y' if len(todo) == 1 else 'ies'}")
-    yield [Cell("headline", f, bname, int(big), a, seed) for f in todo for a in arms]
-
-
-def _half_widths(config):
-  return (report.contrast_half_widths if config.headline.get("power_target", "arms") ==
-          "contrast" else report.point_half_widths)
-
-
-def power_outcome(config, runner, names, bname) -> dict:
-  """Each family's power-rule outcome at the largest N, for the report."""
-  h = config.headline
-  big, goal, hi = max(h.ns), float(h.power_goal), int(h.power_max_seeds)
-  p_arms = tuple(a for a in ("treatment", "control") if a in tuple(h.arms))
-  pts = _half_widths(config)(runner.rows(behaviour=bname), big, p_arms)
-  out = {}
-  for f in names:
-    p = pts.get((f, bname))
-    if p is None:
-      continue
-    why = ("goal met" if p["measurable"] and p["half_width"] <= goal else
-           "not measurable (no retained value in some arm)" if not p["measurable"] else
-           f"power_max_seeds={hi} reached" if p["runs"] >= hi else "power rule off")
-    out[f] = dict(n=int(big), seeds=p["runs"], why=why,
-                  half_width=round(p["half_width"], 4) if np.isfinite(p["half_width"]) else None)
-  return out
-
-
 def _run(config, workdir):
   from catchjax import analysis
   h = config.headline
@@ -141,11 +94,11 @@ def _run(config, workdir):
   base = org_stage.load_base(config)
   names = [org_stage.family_name(f) for f in families_of(config)]
   primary_hash = analysis.primary_hash(config.report.primary)
-  power, installed = {}, {}
+  outcome, installed = {}, {}
 
   def write_out():
     """report.md / summary.csv / figures from the rows so far (after every round)."""
-    meta = _report_meta(config, runner, power, installed)
+    meta = _report_meta(config, runner, outcome, installed)
     report.save_meta(workdir, meta)
     return report.write_report(runner.rows(), workdir, meta)
 
@@ -166,16 +119,16 @@ def _run(config, workdir):
       runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs)
       if report_after:
         write_out()
-    for cells in power_rounds(config, runner, names, ctx.bname):
+    for cells in power.power_rounds(config, runner, names, ctx.bname):
       runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs)
-    power[ctx.bname] = power_outcome(config, runner, names, ctx.bname)
+    outcome[ctx.bname] = power.power_outcome(config, runner, names, ctx.bname)
   wall = runner.close()
   out = write_out()
   print(f"[headline] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
   return out
 
 
-def _report_meta(config, runner, power, installed):
+def _report_meta(config, runner, outcome, installed):
   """The report header of a headline run (its settings, timing, power and primary)."""
   from catchjax import analysis
   h, k, t = config.headline, config.catch, config.train_against
@@ -215,10 +168,10 @@ def _report_meta(config, runner, power, installed):
                           f"> {h.power_goal} (at most {h.power_max_seeds} seeds); a sequential "
                           "rule, so the stopping intervals are slightly optimistic"
                           if h.power_max_seeds > 0 else "off (fixed seeds)"),
-              power=power, installed_gap=installed, stopping=st,
+              power=outcome, installed_gap=installed, stopping=st,
               honeypot_frac=float(k.honeypot_frac),
               installed_gap_min=float(config.report.installed_gap_min),
               **analysis.primary_meta(rows, config.report.primary,
                                       report.load_meta(runner.workdir, runner.chash), commit))
 
-__all__ = ["run", "validate", "rounds", "power_rounds"]
+__all__ = ["run", "validate", "rounds", "catch_seed"]
