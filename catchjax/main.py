@@ -73,19 +73,8 @@ def _all_paths(node, prefix="config"):
 def _moved_field(path: str):
   """The message for an override of a field that moved to a stage section (issue 23), e.g.
   --config.headline.m -> config.catch.m; None for any other path."""
-  try:
-    from configs.common import MOVED
-  except ImportError:   # configs/ not importable (run outside the repository root)
-    return None
-  parts = path.split(".")
-  for i in range(len(parts), 0, -1):
-    old = ".".join(parts[:i])
-    if old in MOVED:
-      rest = ".".join(parts[i:])
-      new = MOVED[old] + (f".{rest}" if rest and " and " not in MOVED[old] else "")
-      return (f"config.{old} has moved: it is config.{new} now (one config section per "
-              f"stage); give --config.{new}=...")
-  return None
+  from catchjax.config_layout import moved_message
+  return moved_message(path)
 
 
 def _unknown_field(config, path: str):

@@ -659,12 +659,14 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   diffs = arm_differences(rows)
   if diffs:
     write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
+  from catchjax.report_curves import curves_figures, curves_markdown
   from catchjax.report_method import method_markdown
   atomic_write_text(os.path.join(workdir, "report.md"),
                     markdown(summary, dist, meta, diffs, propensity_match(rows),
                              seeds_needed(rows), analysis.report_section(rows, meta))
-                    + method_markdown(rows))
+                    + method_markdown(rows) + curves_markdown(rows))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
+  figs += curves_figures(rows, os.path.join(workdir, "figures"))
   return dict(summary=summary, dist=dist, figures=figs)
 
 
@@ -713,13 +715,19 @@ ORGANISM_SEED_FIELDS = ("organism.seed", "organism.train.seed")
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-  """Dotted paths where two resolved configs (config.json's "config") differ."""
+  """Dotted paths where two resolved configs (config.json's "config") differ. Both are read in
+  today's layout (catchjax/config_layout.py upgrade: a config written before the per-stage
+  sections compares with one written after), and a field only one of them has counts as
+  equal when it is off there (0, False, None, empty: a later field that defaults to off)."""
+  if not prefix:
+    from catchjax.config_layout import upgrade
+    a, b = upgrade(a), upgrade(b)
   out = []
   for k in sorted(set(a) | set(b)):
     x, y, path = a.get(k), b.get(k), f"{prefix}{k}"
     if isinstance(x, dict) and isinstance(y, dict):
       out += config_differences(x, y, path + ".")
-    elif x != y:
+    elif x != y and not ((k not in a and not y) or (k not in b and not x)):
       out.append(path)
   return out
 

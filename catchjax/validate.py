@@ -332,6 +332,11 @@ def check_train_against(config) -> None:
   beta = t.dpo_beta
   if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1e9:
     raise ConfigError(f"config.train_against.dpo_beta must be a positive float, got {beta!r}.")
+  every = non_negative_int("config.train_against.curve_every", t.get("curve_every", 0))
+  if every and st.enabled:
+    raise ConfigError(f"config.train_against.curve_every={every} needs the stopping rule off "
+                      f"(config.train_against.stopping.enabled=False: every arm then trains "
+                      f"the fixed train.steps and is measured on the way).")
   if not isinstance(t.keep_runs, bool):
     raise ConfigError(f"config.train_against.keep_runs must be True or False, got "
                       f"{t.keep_runs!r}.")

@@ -157,6 +157,11 @@ def add_stage_sections(c: ml_collections.ConfigDict, arg: str | None = None) -> 
   # the sweep).
   t.stopping = ml_collections.ConfigDict(dict(enabled=True, eps=0.05, max_steps=64, lr=3e-5,
                                               warmup_steps=2))
+  # Removal-vs-step curves (issue 26 item 2): > 0, with the stopping rule off (fixed
+  # train.steps for every arm), each arm's run measures the deployment and testing attack
+  # rates and the KL from the organism every curve_every steps (row field `curve`); the
+  # usefulness measures run at the end as always. 0: off.
+  t.curve_every = 0
   t.aux_ratio = 0.0                  # coherence auxiliary data: usefulness examples per train row
   t.keep_runs = False                # keep train-against checkpoints (disk heavy)
   # The dpo arm (stages/arms.py, train_dpo.py): preference training on the treatment's caught
@@ -229,21 +234,4 @@ def add_stage_sections(c: ml_collections.ConfigDict, arg: str | None = None) -> 
     t.stopping.max_steps = 4
 
 
-# Fields of config.headline that moved to a stage section (issue 23): main.py names the new
-# place when an old override (e.g. --config.headline.m) is given.
-MOVED = {
-    "headline.m": "catch.m", "headline.catch_split": "catch.split",
-    "headline.honeypot_frac": "catch.honeypot_frac",
-    "headline.max_new_tokens": "catch.max_new_tokens and config.measure.max_new_tokens",
-    "headline.train": "train_against.train", "headline.stopping": "train_against.stopping",
-    "headline.aux_ratio": "train_against.aux_ratio",
-    "headline.keep_runs": "train_against.keep_runs",
-    "headline.dpo_beta": "train_against.dpo_beta", "headline.batch_size": "sampler.batch_size",
-    **{f"headline.{f}": f"measure.{f}" for f in (
-        "n_eval", "n_test", "teacher_forced", "eval_seed", "n_useful", "useful_max_new_tokens",
-        "useful_gate_min_acc", "useful_gate_points", "n_kl", "n_sharpen")},
-    **{f"headline.{f}": f"distinguish.{f}" for f in (
-        "n_pairs", "n_probe_train", "probe_layer", "n_curve_pairs", "n_curve_eval", "curve_ns",
-        "resamples", "icl_ks", "n_icl")},
-    "headline.distinguish_curve": "distinguish.curve",
-}
+from catchjax.config_layout import MOVED  # noqa: E402,F401  (old override names)

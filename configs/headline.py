@@ -9,6 +9,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:reseeded    # N = 16 over 6 seeds
   python -m catchjax.main --config=configs/headline.py:bounds      # + oracle and disruption arms
   python -m catchjax.main --config=configs/headline.py:pilot       # train-against pilot seeds
+  python -m catchjax.main --config=configs/headline.py:curves      # removal vs training step
 """
 import ml_collections
 
@@ -16,7 +17,8 @@ from configs.common import add_stage_sections, base_config, check_variant
 
 
 # --config=configs/headline.py:<variant>; none: the default (any other variant is refused)
-VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot", "crossed")
+VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot", "crossed",
+            "curves")
 
 
 def get_config(arg: str | None = None):
@@ -102,6 +104,22 @@ def get_config(arg: str | None = None):
     h.seeds = (0, 1, 2, 3)
     h.catch_seeds = (0, 1, 2, 3)
     h.arms = ("treatment", "control")
+    h.distinguish_seeds = ()
+    h.return_n = 0
+    h.power_max_seeds = 0
+  elif arg == "curves":
+    # Removal vs training step (issue 26 item 2): every arm trains a fixed 32 steps (8 epochs
+    # of N = 16) at the stopping rule's lr / warm-up / constant schedule, measured every 4
+    # steps (deployment and testing attack, KL), on year and collusion, 2 seeds; no power
+    # rule, no return, no distinguishability.
+    t = c.train_against
+    t.stopping.enabled = False
+    t.train.steps, t.train.lr, t.train.warmup_steps = 32, t.stopping.lr, t.stopping.warmup_steps
+    t.curve_every = 4
+    h.arms = ("treatment", "control", "oracle")
+    h.families = ("year", "collusion")
+    h.ns = (16,)
+    h.seeds = (0, 1)
     h.distinguish_seeds = ()
     h.return_n = 0
     h.power_max_seeds = 0

@@ -721,3 +721,39 @@ def test_crossed_design_runs_every_training_seed_against_every_catch(headline_ru
   h.power_max_seeds = 3
   with pytest.raises(ConfigError, match="catch_seeds"):
     headline.validate(c2)
+
+
+def test_removal_curves_record_every_arm_on_the_way(headline_run, tmp_path):
+  """train_against.curve_every (issue 26 item 2): with the stopping rule off, every arm's run
+  is measured every k steps (step 0 = the organism); rows carry the curve, the report its
+  table and figure; the validation refuses curves with the stopping rule on."""
+  from catchjax.experiments import headline
+  from catchjax.validate import ConfigError
+  c, wd = headline_run
+  c2 = c.copy_and_resolve_references()
+  h, t = c2.headline, c2.train_against
+  h.families, h.arms, h.distinguish_seeds, h.return_n = ("jsonl",), ("treatment", "oracle"), \
+      (), 0
+  t.curve_every = 4
+  with pytest.raises(ConfigError, match="curve_every=4 needs the stopping rule off"):
+    headline.validate(c2)
+  t.stopping.enabled = False
+  t.train.steps = 8
+  headline.validate(c2)
+  wd2 = str(tmp_path / "curves")
+  os.makedirs(wd2)
+  os.symlink(os.path.join(wd, "organisms"), os.path.join(wd2, "organisms"))
+  headline.run(c2, wd2)
+  rows = results.ResultStore(os.path.join(wd2, "results.jsonl")).rows
+  assert sorted(r["arm"] for r in rows) == ["oracle", "treatment"]
+  for r in rows:
+    assert r["train_steps"] == 8
+    assert [p["step"] for p in r["curve"]] == [0, 4, 8], r["curve"]
+    for p in r["curve"]:
+      assert p["deploy_n"] == c2.measure.n_eval and p["test_n"] == c2.measure.n_test
+      assert 0 <= p["deploy_lo"] <= p["deploy_rate"] <= p["deploy_hi"] <= 1
+    assert r["curve"][0]["kl"] == pytest.approx(0.0, abs=1e-4)   # step 0: the organism
+    assert r["curve"][-1]["kl"] > 1e-4                            # trained: it moved
+  md = open(os.path.join(wd2, "report.md")).read()
+  assert "Removal vs training step" in md and "| 8 |" in md
+  assert os.path.isfile(os.path.join(wd2, "figures", "curve_jsonl_hate_n8.png"))

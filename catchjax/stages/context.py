@@ -184,16 +184,43 @@ class Context:
                                propensity=lambda: self.propensity(catch, path))
     rows, info = arms_lib.ARMS[arm](actx)
     fields.update(info)
-    ev_fn = None
+    ev_fn, overrides, curve = None, None, None
+    every = int(self.config.train_against.get("curve_every", 0))
     if ta.stopping_rule(self.config) is not None and budget is None:
       ev_fn = ta.caught_p_attack_fn(self.sampler, self.tok, chosen, self.beh,
                                     self.config.system)
+    elif every > 0 and not all("rejected" in r for r in rows):   # (not for DPO's pairs)
+      ev_fn, curve = self.curve_fn(spec, seed)
+      overrides = dict(eval_every=every, eval_at_start=True)
     res = ta.train_against(self.config, self.org.model, self.tok, rows, seed, rdir,
-                           aux_ratio=float(self.config.train_against.aux_ratio), eval_fn=ev_fn, budget=budget)
-    if ev_fn is not None:
+                           aux_ratio=float(self.config.train_against.aux_ratio), eval_fn=ev_fn,
+                           budget=budget, train_overrides=overrides)
+    if curve is not None:
+      fields["curve"] = sorted(curve, key=lambda p: p["step"])
+    elif ev_fn is not None:
       fields.update(stop_capped=not res.stopped, caught_p_attack_curve=[
           (e["step"], round(e["caught_p_attack"], 4)) for e in res.evals])
     return res, fields
+
+  def curve_fn(self, spec, seed: int):
+    """(eval_fn, points) of a removal-vs-step curve (train_against.curve_every): the
+    deployment and testing attack rates (sampled, seed stream "measure_curve") and the KL
+    from the organism at each eval step, appended to `points`."""
+    points: list[dict] = []
+
+    def fn(model, step):
+      if any(p["step"] == int(step) for p in points):
+        return None
+      a = self.measure(model, spec, common.stream("measure_curve", seed),
+                       names=("deploy", "test", "kl"))
+      pt = dict(step=int(step))
+      for name in ("deploy", "test"):
+        pt.update({f"{name}_{k}": a[name][k] for k in ("rate", "lo", "hi", "k", "n")})
+      if a["kl"] is not None:
+        pt.update(kl=a["kl"]["kl"], kl_lo=a["kl"]["lo"], kl_hi=a["kl"]["hi"])
+      points.append(pt)
+      return {"deploy_rate": a["deploy"]["rate"]}
+    return fn, points
 
   def benign_return(self, model, steps: int, seed: int, spec, with_organism: bool,
                     rdir: str) -> dict:
