@@ -659,14 +659,19 @@ def write_report(rows: list[dict], workdir: str, meta: dict, write: bool | None 
   diffs = arm_differences(rows)
   if diffs:
     write_csv(diffs, os.path.join(workdir, "arm_differences.csv"))
+  from catchjax.dose import dose_figure, dose_markdown
   from catchjax.report_curves import curves_figures, curves_markdown
+  gap_min = float(meta.get("installed_gap_min", INSTALLED_GAP_MIN))
+  excluded = {k for k, g in installed_gaps(rows, meta).items() if g < gap_min}
   from catchjax.report_method import method_markdown
   atomic_write_text(os.path.join(workdir, "report.md"),
                     markdown(summary, dist, meta, diffs, propensity_match(rows),
                              seeds_needed(rows), analysis.report_section(rows, meta))
-                    + method_markdown(rows) + curves_markdown(rows))
+                    + method_markdown(rows) + curves_markdown(rows)
+                    + dose_markdown(rows, meta.get("dose"), excluded))
   figs = figures(summary, dist, os.path.join(workdir, "figures"))
   figs += curves_figures(rows, os.path.join(workdir, "figures"))
+  figs += dose_figure(rows, os.path.join(workdir, "figures"), meta.get("dose"), excluded)
   return dict(summary=summary, dist=dist, figures=figs)
 
 
@@ -785,8 +790,15 @@ def main(argv=None):
                   help="--pool workdirs hold the same sweep on other organisms (organism "
                        "seeds): their config.json may differ only in "
                        + ", ".join(ORGANISM_SEED_FIELDS))
+  ap.add_argument("--distinguish", nargs="+", default=[], metavar="WORKDIR",
+                  help="take distinguishability rows (the dose-response's x-axis) from these "
+                       "workdirs too, e.g. a configs/headline.py:distinguish run; a (family, "
+                       "behaviour, seed) the rows already have is kept as it is; needs --out")
   ap.add_argument("--out", default=None, help="write the report here (default: WORKDIR)")
   a = ap.parse_args(argv)
+  if a.distinguish and not a.out:
+    ap.error("--distinguish needs --out: the report with borrowed rows must not overwrite "
+             "WORKDIR's own")
   from catchjax.results import ResultStore
   hashes = [h for h in (a.config_hash or "").split(",") if h]
   if (a.pool or len(hashes) > 1) and not a.out:
@@ -828,6 +840,11 @@ def main(argv=None):
       if k in meta:
         meta[f"{k} (first sweep)"] = meta.pop(k)
     os.makedirs(out_dir, exist_ok=True)
+  if a.distinguish:
+    rows = rows + borrowed_distinguish_rows(
+        rows, [ResultStore(os.path.join(d, "results.jsonl")).rows for d in a.distinguish])
+    meta.update(distinguish_from=list(a.distinguish), rows=len(rows))
+    os.makedirs(out_dir, exist_ok=True)
   exps = {r.get("experiment") for r in rows}
   mod = None
   if len(exps) == 1 and next(iter(exps)) not in (None, "headline"):
@@ -842,6 +859,20 @@ def main(argv=None):
   else:
     out = write_report(rows, out_dir, meta)
   print(f"{len(rows)} rows -> {out_dir}/report.md, summary.csv, {len(out['figures'])} figures")
+
+
+def borrowed_distinguish_rows(rows: list[dict], groups: list[list[dict]]) -> list[dict]:
+  """The distinguish rows of `groups` (other workdirs) for the (family, behaviour, seed)s that
+  `rows` has none of, first group first: the x-axis of a sweep run without them."""
+  have = {(r["family"], r["behaviour"], r["seed"]) for r in rows if r.get("arm") == "distinguish"}
+  out = []
+  for g in groups:
+    for r in g:
+      k = (r.get("family"), r.get("behaviour"), r.get("seed"))
+      if r.get("arm") == "distinguish" and k not in have:
+        have.add(k)
+        out.append(r)
+  return out
 
 
 def _check_organism_pool(ap, workdirs: list[str]) -> None:

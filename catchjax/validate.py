@@ -298,6 +298,8 @@ def check_common(config) -> None:
   fraction("config.report.installed_gap_min", r.installed_gap_min)
   if r.get("primary") is not None:
     check_primary("config.report.primary", r.primary)
+  if r.get("dose") is not None:
+    check_dose("config.report.dose", r.dose)
 
 
 def check_catch(config) -> None:
@@ -414,7 +416,11 @@ def check_headline(config) -> None:
     raise ConfigError(f"config.catch.m={config.catch.m} is smaller than the headline's "
                       f"largest N={max(ns)} (config.headline.ns).")
   non_negative_int("config.headline.return_n", h.return_n)
-  distinct_choices("config.headline.arms", h.arms, report.TRAIN_ARMS)
+  if tuple(h.arms):
+    distinct_choices("config.headline.arms", h.arms, report.TRAIN_ARMS)
+  elif not tuple(h.distinguish_seeds):   # no arms: a distinguishability-only run
+    raise ConfigError("config.headline.arms is empty and so is distinguish_seeds: nothing to "
+                      "run.")
   if config.train_against.stopping.enabled and tuple(h.arms) and \
       tuple(h.arms)[0] != "treatment":
     raise ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
@@ -514,6 +520,22 @@ def check_propensity(config) -> None:
                       f"multiples of config.train_against.train.eval_every={ev}.")
   for f in ("n_eval", "n_cap_eval", "cap_max_new_tokens"):
     positive_int(f"config.propensity.{f}", p[f])
+
+
+def check_dose(field: str, d) -> None:
+  """The pre-registered dose-response spec (catchjax/dose.py)."""
+  from catchjax import dose, report
+  keys = set(dose.DOSE)
+  if set(d.keys()) != keys:
+    raise ConfigError(f"{field} must have exactly the fields {sorted(keys)}, got "
+                      f"{sorted(d.keys())}.")
+  if not isinstance(d.x, str) or not d.x:
+    raise ConfigError(f"{field}.x must name a distinguish-row field, got {d.x!r}.")
+  positive_int(f"{field}.n", d.n)
+  if d.arm not in report.TRAIN_ARMS:
+    raise ConfigError(f"{field}.arm={d.arm!r}; one of {report.TRAIN_ARMS}.")
+  positive_int(f"{field}.n_boot", d.n_boot)
+  non_negative_int(f"{field}.seed", d.seed)
 
 
 def check_primary(field: str, p) -> None:

@@ -98,6 +98,11 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r.primary = ml_collections.ConfigDict(dict(
       outcome="retained_gap", n=16, arms=("treatment", "control"),
       test="sign_flip_permutation", n_permutations=10000, seed=0))
+  # PRE-REGISTERED dose-response (issue 27 item 5; catchjax/dose.py): the x-axis (the base
+  # model's probe examples-to-80%), the arm and N whose retained gap is its y, the bootstrap.
+  # The other distinguishability measures are exploratory. catchjax.dose.DOSE mirrors this.
+  r.dose = ml_collections.ConfigDict(dict(x="probe_examples_to_80_base", n=16, arm="treatment",
+                                          n_boot=2000, seed=0))
   if arg == "full":
     # One 8-accelerator host (8 x 80 GB GPUs, or a TPU v5e-8 at 16 GB a chip) and a 7-8B
     # model: e.g. Llama-3.1-8B-Instruct as an HF folder at artifacts/llama-3.1-8b-instruct

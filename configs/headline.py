@@ -10,6 +10,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:bounds      # + oracle and disruption arms
   python -m catchjax.main --config=configs/headline.py:pilot       # train-against pilot seeds
   python -m catchjax.main --config=configs/headline.py:curves      # removal vs training step
+  python -m catchjax.main --config=configs/headline.py:distinguish # distinguishability only
 """
 import ml_collections
 
@@ -18,7 +19,7 @@ from configs.common import add_stage_sections, base_config, check_variant
 
 # --config=configs/headline.py:<variant>; none: the default (any other variant is refused)
 VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot", "crossed",
-            "curves")
+            "curves", "distinguish")
 
 
 def get_config(arg: str | None = None):
@@ -121,6 +122,14 @@ def get_config(arg: str | None = None):
     h.ns = (16,)
     h.seeds = (0, 1)
     h.distinguish_seeds = ()
+    h.return_n = 0
+    h.power_max_seeds = 0
+  elif arg == "distinguish":
+    # Distinguishability only (issue 27 item 4, the dose-response's x-axis): the distinguish
+    # cells of every organism family at seed 0, no train-against arms. Its rows pool into a
+    # sweep's report with `python -m catchjax.report SWEEP --distinguish THIS_WORKDIR`.
+    h.arms = ()
+    h.distinguish_seeds = (0,)
     h.return_n = 0
     h.power_max_seeds = 0
   elif arg == "pilot":

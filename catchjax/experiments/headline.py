@@ -171,6 +171,7 @@ def _report_meta(config, runner, outcome, installed):
               power=outcome, installed_gap=installed, stopping=st,
               honeypot_frac=float(k.honeypot_frac),
               installed_gap_min=float(config.report.installed_gap_min),
+              dose=config.report.dose.to_dict(),
               **analysis.primary_meta(rows, config.report.primary,
                                       report.load_meta(runner.workdir, runner.chash), commit))
 
