@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 
 import numpy as np
+from absl import logging
 
 
 def common_prefix_len(seqs, limit: int) -> int:
@@ -168,6 +169,42 @@ def resolve_scan_unroll(value: int | None, platform: str | None = None) -> int:
 # Compile seconds of every program this process compiled (issue 24 item 5): the sampler's
 # AOT programs and the train step record here; reports print the sum.
 COMPILE_SECONDS: dict[str, list] = {}
+
+
+MAP_PRESSURE = 0.6   # share of vm.max_map_count at which compiled programs are dropped
+
+
+def map_pressure() -> float | None:
+  """This process's memory mappings as a share of the kernel's vm.max_map_count (Linux), None
+  where either cannot be read. XLA's CPU JIT maps code and data per compiled program: a long
+  run that fills the limit fails inside LLVM ("Cannot allocate memory", then a segfault),
+  whatever RAM is free (WORKSPACE.md, session 15's crash after 1 h 45 of cells)."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+      n = sum(1 for _ in f)
+  except (OSError, ValueError):
+    return None
+  return n / limit if limit > 0 else None
+
+
+def relieve_map_pressure(threshold: float = MAP_PRESSURE) -> bool:
+  """Between cells: above `threshold` of vm.max_map_count, drop JAX's compiled programs
+  (jax.clear_caches; the persistent XLA cache on disk makes the recompiles cheap). Returns
+  whether it did."""
+  p = map_pressure()
+  if p is None or p < threshold:
+    return False
+  import gc
+
+  import jax
+  jax.clear_caches()
+  gc.collect()
+  after = map_pressure()
+  logging.info("memory maps at %.0f%% of vm.max_map_count: dropped the compiled programs "
+               "(now %s)", 100 * p, "n/a" if after is None else f"{100 * after:.0f}%")
+  return True
 
 
 def record_compile(program: str, seconds: float) -> None:

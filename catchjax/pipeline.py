@@ -138,6 +138,7 @@ class Runner:
         out.append(row)
       if not keep_scratch:
         shutil.rmtree(self.scratch(cell), ignore_errors=True)
+      common.relieve_map_pressure()
       if self.bar is not None:
         self.bar.update(1)
     return out

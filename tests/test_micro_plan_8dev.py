@@ -1,7 +1,8 @@
 """The micro plan on 8 devices (issue 24 item 8): one family, N = 1, one seed, treatment and
 control, on a tiny random model with SmolLM2's tokenizer. Run once on one device (organism
 built there) and once on 8 fake CPU devices from that organism, with the train-against and
-sampler meshes fsdp over the 8 (weights loaded into their shardings, micro-batches padded):
+sampler meshes fsdp over the 8, then data over the 8 (weights loaded into their shardings,
+micro-batches padded):
 the T = 1 caught sets are identical, the rows' science fields (counts, steps, rates) equal,
 losses and teacher-forced scores within float32 round-off.
 Each run is a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
@@ -42,6 +43,10 @@ h.seeds, h.ns, h.arms, h.distinguish_seeds, h.return_n = (0,), (1,), ("treatment
 c.measure.teacher_forced, c.catch.m = True, 32
 st = c.train_against.stopping
 st.lr, st.max_steps, st.warmup_steps = 3e-3, 4, 0
+mesh = tuple(int(x) for x in os.environ.get("MICRO_MESH", "1,-1,1").split(","))
+c.sampler.mesh_shape = mesh              # sampling / scoring and train-against on one mesh
+with c.train_against.train.unlocked():
+    c.train_against.train.mesh_shape = mesh
 headline.run(c, wd)
 rows = results.ResultStore(os.path.join(wd, "results.jsonl")).rows
 catches = {}
@@ -65,9 +70,9 @@ def _cues(path):
   return path
 
 
-def _run(model_dir, wd, devices, jsonl, organism_from=None):
+def _run(model_dir, wd, devices, jsonl, organism_from=None, mesh="1,-1,1"):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             CATCHJAX_NO_DISTRIBUTED="1",
+             CATCHJAX_NO_DISTRIBUTED="1", MICRO_MESH=mesh,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   extra = [organism_from] if organism_from else []
   p = subprocess.run([sys.executable, "-c", _WORKER, model_dir, wd, HERE, jsonl] + extra,
@@ -86,13 +91,16 @@ def test_micro_plan_on_8_devices_matches_one_device(tiny_dir, tmp_path):
   # another mesh differs by reduction-order round-off, enough to move some T = 1 draws of its
   # catch (WORKSPACE.md); from the same weights, sampling, catching, training against and
   # measuring on 8 devices must give the same rows.
-  eight = _run(tiny_dir, str(tmp_path / "eight"), 8, jsonl, str(tmp_path / "one"))
-  assert one["devices"] == 1 and eight["devices"] == 8
-  assert eight["catches"] == one["catches"] and one["catches"]   # T = 1 caught sets exact
-  assert len(eight["rows"]) == len(one["rows"]) == 2
-  # A plan that trains: attacks were caught, both arms took steps, deployment was measured.
-  for r in one["rows"]:
-    assert r["n_caught"] > 0 and r["train_steps"] > 0 and r["deploy_n"] > 0, r
-  # Every science field of the rows (counts, steps, sampled rates, losses, teacher-forced
-  # scores): equal, floats to golden's float32 tolerance.
-  golden._close(one["rows"], eight["rows"], "rows")
+  # On an fsdp mesh (weights sharded over the 8) and a data mesh (the batch over the 8).
+  for name, mesh in (("fsdp", "1,-1,1"), ("data", "-1,1,1")):
+    eight = _run(tiny_dir, str(tmp_path / f"eight-{name}"), 8, jsonl, str(tmp_path / "one"),
+                 mesh=mesh)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    assert eight["catches"] == one["catches"] and one["catches"], name   # T = 1 sets exact
+    assert len(eight["rows"]) == len(one["rows"]) == 2
+    # A plan that trains: attacks were caught, both arms took steps, deployment was measured.
+    for r in one["rows"]:
+      assert r["n_caught"] > 0 and r["train_steps"] > 0 and r["deploy_n"] > 0, r
+    # Every science field of the rows (counts, steps, sampled rates, losses, teacher-forced
+    # scores): equal, floats to golden's float32 tolerance.
+    golden._close(one["rows"], eight["rows"], f"rows ({name} mesh)")

@@ -90,3 +90,19 @@ def test_persistent_compile_cache_writes_entries(tmp_path):
                      env=_env(), cwd=REPO, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   assert any(d.iterdir()), "no cache entry written"
+
+
+def test_map_pressure_drops_compiled_programs_between_cells(monkeypatch):
+  """Above common.MAP_PRESSURE of vm.max_map_count the runner drops JAX's compiled programs
+  (the CPU JIT's mappings; session 15's crash), below it keeps them."""
+  import jax
+  from catchjax import common
+  p = common.map_pressure()
+  assert p is None or 0 < p < 1
+  f = jax.jit(lambda x: x + 1)
+  f(1.0)
+  assert f._cache_size() == 1
+  monkeypatch.setattr(common, "map_pressure", lambda: 0.1)
+  assert not common.relieve_map_pressure() and f._cache_size() == 1
+  monkeypatch.setattr(common, "map_pressure", lambda: 0.9)
+  assert common.relieve_map_pressure() and f._cache_size() == 0
