@@ -226,13 +226,8 @@ def add_stage_sections(c: ml_collections.ConfigDict, arg: str | None = None) -> 
     t.stopping.lr = 1e-4
   elif arg == "tiny":
     k.m = 16
-    ms.n_eval = 8
-    ms.n_test = 8
-    ms.n_useful = 8
-    ms.n_kl = 4
-    ms.n_sharpen = 8
-    d.n_pairs = 4
-    d.n_probe_train = 8
+    ms.n_eval, ms.n_test, ms.n_useful, ms.n_kl, ms.n_sharpen = 8, 8, 8, 4, 8
+    d.n_pairs, d.n_probe_train = 4, 8
     d.n_curve_pairs, d.n_curve_eval, d.curve_ns, d.resamples, d.n_icl = 8, 4, (4, 8), 3, 4
     c.sampler.batch_size = 16
     t.train.steps = 2
