@@ -16,11 +16,12 @@ Programs (each: compile seconds, FLOPs, per-device memory):
   sharding rules, in/out shardings, donation of params and optimizer state). K, the loss slots
   per row, is cfg.max_loss_tokens when set, else seq_len (train() takes the run's exact
   maximum from the data, at most seq_len: the plan is an upper bound).
-* the sampler: `sample._Fns.prefill` (the whole batch in one prefill, the path Sampler takes
-  with a mesh or prefill_rows=0; with row groups a prefill holds fewer rows, so this bounds
-  it) and `sample._Fns.decode` (the lax.while_loop of single-token steps, on per-layer weight
-  copies from `_Fns.unstack`), for `sampler_batch` prompts of `prompt_len` tokens (no shared
-  prefix; the suffix bucket is the sampler's prompt bucket of that length) and
+* the sampler: `sample.prefill.prefill_fn` (the whole batch in one prefill, the path Sampler
+  takes with a mesh or prefill_rows=0; with row groups a prefill holds fewer rows, so this
+  bounds it) and `sample.decode.decode_fn` (the lax.while_loop of single-token steps, on
+  per-layer weight copies from `sample.decode.unstack`), for `sampler_batch` prompts of
+  `prompt_len` tokens (no shared prefix; the suffix bucket is the sampler's prompt bucket of
+  that length) and
   `max_new_tokens` (rounded up to 8, as Sampler does). The experiments build their Samplers
   without a mesh, i.e. on one device, and so does the plan unless `sampler_mesh` is given.
   The Sampler holds its stacked weights and, from a generate call's first batch on, their
@@ -218,13 +219,17 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
                  mesh=None, temperature: float = 1.0) -> list[tuple[dict, Any]]:
   """[(entry, compiled)] of the sampler's prefill and decode loop (see the module
   docstring) for `batch` rows of `prompt_len` prompt tokens and `max_new_tokens`."""
-  from catchjax import sample as S
+  from catchjax.sample import ProgramSpec, SamplingParams
+  from catchjax.sample import decode as D
+  from catchjax.sample import layout as L
+  from catchjax.sample import prefill as PF
+  from catchjax.sample.engine import auto_mesh
   cfg = model_cfg.without_training_knobs()
   abstract = nnx.eval_shape(lambda: llama.Llama(cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   batch_axes = None
   if mesh is not None:
-    mesh = S._auto_mesh(mesh)
+    mesh = auto_mesh(mesh)
     axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     batch_axes = axes if len(axes) > 1 else axes[0]
     rules = shd.rules_dict(None)
@@ -234,17 +239,17 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
     rep = NamedSharding(mesh, P())
   else:
     b_sh = rep = None
-  fns = S._Fns(graphdef, cfg, mesh, batch_axes)
+  spec = ProgramSpec(graphdef, cfg, mesh, batch_axes)
   B = int(batch)
-  Pb, Ts = 0, S._pick_bucket(int(prompt_len), S.DEFAULT_PROMPT_BUCKETS, "prompt")
-  N = S._round_up(int(max_new_tokens), S._NEW_TOKENS_MULTIPLE)
-  mode = S.SamplingParams(temperature=temperature, max_new_tokens=int(max_new_tokens)).mode()
+  Pb, Ts = 0, L.pick_bucket(int(prompt_len), L.DEFAULT_PROMPT_BUCKETS, "prompt")
+  N = L.round_up(int(max_new_tokens), L.NEW_TOKENS_MULTIPLE)
+  mode = SamplingParams(temperature=temperature, max_new_tokens=int(max_new_tokens)).mode()
 
   def arr(shape, dtype, sh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
   i32, f32 = jnp.int32, jnp.float32
-  dyn = (arr((S._MAX_EOS,), i32, rep), arr((), i32, rep), arr((), f32, rep), arr((), i32, rep),
+  dyn = (arr((L.MAX_EOS,), i32, rep), arr((), i32, rep), arr((), f32, rep), arr((), i32, rep),
          arr((), f32, rep))
   prefix, p = arr((Pb,), i32, rep), arr((), i32, rep)
   lens, sd = arr((B,), i32, b_sh), arr((B,), jnp.uint32, b_sh)
@@ -253,11 +258,12 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
   out = []
   # The per-layer weight copies decode runs on (`unstack`, made after a generate call's first
   # prefill and held to its end): every later prefill runs while they are held.
-  unstack = jax.jit(fns.unstack).lower(state).compile()
-  layers = jax.tree.map(_abstract, jax.eval_shape(fns.unstack, state), unstack.output_shardings)
+  unstack = D.unstack.lower(spec, state).compile()
+  layers = jax.tree.map(_abstract, jax.eval_shape(D.unstack, spec, state),
+                        unstack.output_shardings)
   um = unstack.memory_analysis()
   held = int(um.output_size_in_bytes) if um is not None else 0
-  prefill = jax.jit(lambda *a: fns.prefill(*a, cache_len=Pb + Ts + N, mode=mode))
+  prefill = jax.jit(lambda *a: PF.prefill_fn(spec, *a, cache_len=Pb + Ts + N, mode=mode))
   pre_args = (state, prefix, p, arr((B, Ts), i32, b_sh), lens, arr((B,), jnp.bool_, b_sh),
               sd) + dyn
   entry, compiled = _compile("sampler prefill", prefill, pre_args, tokens=B * Ts, **shape)
@@ -269,8 +275,8 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
                            compiled.output_shardings[0])
   # keep_unused: decode reads the per-layer copies, not the stacked layer weights in `state`,
   # but the Sampler holds those all along, so they count as its arguments here.
-  decode = jax.jit(lambda *a: fns.decode(*a, prefix_block=Pb, prompt_len=Ts, out_len=N,
-                                         mode=mode), donate_argnums=(2, 5, 6), keep_unused=True)
+  decode = jax.jit(lambda *a: D.decode_fn(spec, *a, prefix_block=Pb, prompt_len=Ts, out_len=N,
+                                          mode=mode), donate_argnums=(2, 5, 6), keep_unused=True)
   dec_args = (state, layers, cache_abs, arr((B,), i32, b_sh), arr((B,), jnp.bool_, b_sh),
               arr((B, N), i32, b_sh), arr((B, N), f32, b_sh), arr((), i32, rep),
               arr((), i32, rep), p, lens, sd) + dyn

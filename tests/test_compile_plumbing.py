@@ -50,17 +50,27 @@ def test_compile_seconds_are_recorded_per_program(monkeypatch):
 
 
 def test_the_sampler_records_its_compiles(monkeypatch):
+  """One entry per compile JAX really does (its jit cache emptied first), none on a call that
+  JAX's cache serves."""
+  import jax
   import numpy as np
   from flax import nnx
   from catchjax import sample as S
   from catchjax.model import llama
   from catchjax.model.config import ModelConfig
   monkeypatch.setattr(common, "COMPILE_SECONDS", {})
-  monkeypatch.setattr(S, "_COMPILE_CACHE", {})
+  jax.clear_caches()
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                     num_heads=2, num_kv_heads=1, head_dim=16, eos_token_id=2, pad_token_id=0)
   s = S.Sampler(llama.Llama(cfg, nnx.Rngs(0)), batch_size=2, prompt_buckets=(8,), eos_ids=[],
                 progress=False)
+  n0 = S.compile_count()
   s.generate([np.array([3, 4, 5])], S.SamplingParams(max_new_tokens=2))
   progs = common.compile_summary()["programs"]
-  assert any(k.startswith("sampler ") for k in progs), progs
+  assert set(progs) == {"sampler prefill", "sampler unstack", "sampler decode"}, progs
+  assert all(v["compiles"] == 1 for v in progs.values()), progs
+  assert S.compile_count() == n0 + 3
+  assert sorted(k[0] for k in s.compile_seconds) == ["decode", "prefill", "unstack"]
+  assert all(v > 0 for v in s.compile_seconds.values()), s.compile_seconds
+  s.generate([np.array([6, 7])], S.SamplingParams(max_new_tokens=2))     # same shapes
+  assert common.compile_summary()["programs"] == progs and S.compile_count() == n0 + 3

@@ -65,12 +65,12 @@ def test_headline_does_not_recompile_per_n_or_seed(tiny_dir, tmp_path):
         f.write(json.dumps({"text": text, "deployment": dep, "split": split}) + "\n")
   wd = str(tmp_path / "wd")
   headline.run(_tiny_headline(tiny_dir, jsonl, (1,), (0,)), wd)
-  n_train, n_sample = train.COMPILE_COUNT["train_step"], len(sample._COMPILE_CACHE)
+  n_train, n_sample = train.COMPILE_COUNT["train_step"], sample.compile_count()
   assert n_train >= 1 and n_sample >= 1
   # More Ns: more train-against runs and measurements of the same prompts, same shapes.
   headline.run(_tiny_headline(tiny_dir, jsonl, (1, 2, 3), (0,)), wd)
   assert train.COMPILE_COUNT["train_step"] == n_train
-  assert len(sample._COMPILE_CACHE) == n_sample
+  assert sample.compile_count() == n_sample
   # Another seed: a new catch draw may bring a prompt of a new length bucket (a sampler
   # compile per bucket, by design), but the train step is never recompiled.
   headline.run(_tiny_headline(tiny_dir, jsonl, (1, 2, 3), (0, 1)), wd)

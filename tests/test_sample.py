@@ -119,8 +119,8 @@ def test_prefill_in_row_groups_matches_reference_and_whole_batch(tiny):
     np.testing.assert_allclose(x, y, atol=2e-4)
   with pytest.raises(ValueError, match="must divide"):
     Sampler(tiny, prefill_rows=3, **kw)
-  from catchjax.sample import _auto_prefill_rows
-  assert [_auto_prefill_rows(b) for b in (128, 100, 64, 32, 16, 8, 97)] == [32, 25, 32, 16, 0, 0, 0]
+  from catchjax.sample.layout import auto_prefill_rows
+  assert [auto_prefill_rows(b) for b in (128, 100, 64, 32, 16, 8, 97)] == [32, 25, 32, 16, 0, 0, 0]
 
 
 @pytest.mark.parametrize("chunk", [1, 3])

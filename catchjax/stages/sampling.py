@@ -3,9 +3,9 @@
 `make_sampler(config, model, batch_size, **kw)` builds the mesh from `config.sampler`
 (`mesh_shape`, default (1, -1, 1): every device on 'fsdp', like training; `rules`, default
 `sharding.DEFAULT_RULES`), shards the weights by the same logical rules as training
-(`sharding.state_shardings`, in `Sampler._place_state`) and the batch over the rules' 'batch'
-axes. On one device it builds the plain single-device Sampler (no mesh), so 1-device runs are
-unchanged.
+(`sharding.state_shardings`, in `sample.engine.Engine.place`) and the batch over the rules'
+'batch' axes. On one device it builds the plain single-device Sampler (no mesh), so 1-device
+runs are unchanged.
 
 The batch: every compiled batch must split evenly over the batch-sharded devices, so
 `batch_size` is rounded up to a multiple of them; the Sampler already fills a batch that is
