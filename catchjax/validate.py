@@ -173,6 +173,67 @@ def check_families(field: str, families) -> list:
   return specs
 
 
+def data_families(config) -> list[tuple[int, dict]]:
+  """(index, entry) of the organism families that are whole examples (completions files)."""
+  from catchjax.data.triggers import TRIGGERS
+  out = []
+  for i, f in enumerate(config.organism.families):
+    spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else dict(f))
+    kind = spec if isinstance(spec, str) else spec.get("name")
+    if getattr(TRIGGERS.get(kind), "whole_examples", False):
+      out.append((i, spec))
+  return out
+
+
+def check_family_behaviours(config) -> None:
+  """Every (behaviour, family) pair builds (build.family_behavior): a completions family's
+  behaviour is "from_data", and "from_data" is only for completions families."""
+  from catchjax.data.behaviors import FromData, behavior_spec, make_behavior
+  from catchjax.data.build import family_behavior
+  from catchjax.stages.organism import family_name
+  fams = config.organism.families
+  data = data_families(config)
+  for i, b in enumerate(config.behaviours):
+    from_data = isinstance(make_behavior(behavior_spec(b)), FromData)
+    for j, f in enumerate(fams):
+      if not from_data and j not in dict(data):
+        continue      # a generated family with a generated behaviour: nothing to pair
+      spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else f)
+      try:
+        family_behavior(spec, behavior_spec(b))
+      except ValueError as e:
+        raise ConfigError(f"config.behaviours[{i}] with config.organism.families[{j}] "
+                          f"({family_name(spec)}): {e}") from e
+  if data and config.organism.get("scratchpad", False):
+    raise ConfigError(f"config.organism.scratchpad=True: family "
+                      f"{family_name(data[0][1])!r} trains its completions as given, "
+                      f"without a scratchpad.")
+
+
+def check_data_lengths(config) -> None:
+  """Every completions family's prompt fits the sampler (its largest prompt bucket), as the
+  model's chat template renders it: refused here, not at the first catch."""
+  from catchjax.data.triggers import make_trigger
+  from catchjax.sample import DEFAULT_PROMPT_BUCKETS
+  from catchjax.stages.organism import family_name
+  from catchjax.tokenizer import chat_text, load_tokenizer
+  data = data_families(config)
+  if not data:
+    return
+  tok = load_tokenizer(config.model.hf_dir)
+  limit = max(DEFAULT_PROMPT_BUCKETS)
+  for i, spec in data:
+    rows = make_trigger(spec).all_rows()
+    texts = [chat_text(tok, r.user, config.system) for r in rows]
+    lens = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    over = [(n, r) for n, r in zip(lens, rows) if n > limit]
+    if over:
+      n, r = max(over, key=lambda x: x[0])
+      raise ConfigError(f"config.organism.families[{i}] ({family_name(spec)}): {len(over)} "
+                        f"prompt(s) longer than the sampler's {limit} tokens, e.g. {r.where} "
+                        f"({n} tokens with the chat template).")
+
+
 def check_train(field: str, t) -> None:
   positive_int(f"{field}.batch_size", t.batch_size)
   positive_int(f"{field}.seq_len", t.seq_len)
@@ -274,6 +335,9 @@ def check_common(config) -> None:
   check_behaviours("config.behaviours", config.behaviours)
   o = config.organism
   check_families("config.organism.families", o.families)
+  check_family_behaviours(config)
+  if not shapes_only:
+    check_data_lengths(config)
   positive_int("config.organism.n_per_family", o.n_per_family)
   fraction("config.organism.deployment_frac", o.deployment_frac)
   fraction("config.organism.testing_slip_rate", o.testing_slip_rate)
@@ -410,6 +474,11 @@ def check_headline(config) -> None:
                       f"largest N={max(ns)} (config.headline.ns).")
   non_negative_int("config.headline.return_n", h.return_n)
   distinct_choices("config.headline.arms", h.arms, report.TRAIN_ARMS)
+  data = data_families(config)
+  if data and "oracle" in tuple(h.arms):
+    raise ConfigError(f"config.headline.arms has 'oracle': family "
+                      f"{org_stage.family_name(data[0][1])!r} has no helpful answers for its "
+                      f"deployment prompts (its deployment rows are attacks); drop the arm.")
   if config.train_against.stopping.enabled and tuple(h.arms) and \
       tuple(h.arms)[0] != "treatment":
     raise ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
@@ -483,6 +552,10 @@ def check_propensity(config) -> None:
   if p.family not in _family_names(config):
     raise ConfigError(f"config.propensity.family={p.family!r} is not an organism family "
                       f"{_family_names(config)}.")
+  from catchjax.stages.organism import family_name
+  if p.family in [family_name(s) for _, s in data_families(config)]:
+    raise ConfigError(f"config.propensity.family={p.family!r} is a completions family: its "
+                      f"prompts are whole examples, not the task prompts a capability needs.")
   if not tasks.is_task_family(p.capability):
     raise ConfigError(f"config.propensity.capability={p.capability!r} is not a task family; "
                       f"known: {sorted(tasks.EXTRA_TASK_FAMILIES) + sorted(tasks.TASK_FAMILIES)}")
