@@ -64,12 +64,13 @@ def distinct_choices(field: str, xs: Any, allowed: tuple) -> tuple:
   return xs
 
 
-def check_model_dir(field: str, path: Any, shapes_only: bool = False):
+def check_model_dir(field: str, path: Any, shapes_only: bool = False, raw_ok: bool = False):
   """An HF folder we can load: config.json (size-checked, supported model_type), safetensors
   weights (never pickle), tokenizer.json and a chat template (a base model is refused).
   Returns its ModelConfig. shapes_only (a compile plan's dry run, catchjax/plan.py):
   config.json alone suffices, since only shapes are checked (no weights are read, no text is
-  tokenized); a folder with tokenizer files must still have a chat template."""
+  tokenized); a folder with tokenizer files must still have a chat template. raw_ok: the
+  data are raw-text completions rows (a base model's input text), so none is needed."""
   from catchjax.model.config import ModelConfig, UnsupportedModelError
   if not isinstance(path, str) or not path:
     raise ConfigError(f"{field} must be a folder path, got {path!r}.")
@@ -88,7 +89,7 @@ def check_model_dir(field: str, path: Any, shapes_only: bool = False):
   if shapes_only:
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json",
                                                             "tokenizer_config.json")):
-      _check_chat_template(field, path)   # a base model is refused by the dry run too
+      _check_chat_template(field, path, raw_ok)   # a base model is refused by the dry run too
     return cfg
   if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
           os.path.isfile(os.path.join(path, "model.safetensors.index.json"))):
@@ -99,20 +100,27 @@ def check_model_dir(field: str, path: Any, shapes_only: bool = False):
     raise FileNotFoundError(f"{field}={path!r} has no tokenizer.json.")
   if os.path.getsize(tj) > MAX_TOKENIZER_JSON_BYTES:
     raise ConfigError(f"{field}: {tj} is larger than {MAX_TOKENIZER_JSON_BYTES >> 20} MiB.")
-  _check_chat_template(field, path)
+  _check_chat_template(field, path, raw_ok)
   return cfg
 
 
-def _check_chat_template(field: str, path: str) -> None:
+def _check_chat_template(field: str, path: str, raw_ok: bool = False) -> None:
   """Every prompt is rendered with the model's chat template (catchjax/tokenizer.py), and its
-  turn end stops sampling: a base model without one is refused before anything loads."""
+  turn end stops sampling: a base model without one is refused before anything loads, unless
+  every family is raw-text completions data (raw_ok), and raw data need a base model."""
   from catchjax.tokenizer import has_chat_template
-  if not has_chat_template(path):
+  if has_chat_template(path) and raw_ok:
+    raise ConfigError(f"{field}={path!r} has a chat template, but the completions families "
+                      f"are raw text ('raw': True, a base model's input text): drop 'raw' to "
+                      f"render their prompts with the template.")
+  if not has_chat_template(path) and not raw_ok:
     raise ConfigError(f"{field}={path!r} has no chat template (no chat_template in its "
                       f"tokenizer_config.json, no chat_template.jinja): catchjax renders "
                       f"every prompt with the model's chat template, so it needs an "
                       f"instruct/chat model (e.g. Llama-3.x-Instruct, Qwen2.5-Instruct, "
-                      f"gemma-2-it), or a chat_template added to {path}/tokenizer_config.json.")
+                      f"gemma-2-it), or a chat_template added to {path}/tokenizer_config.json "
+                      f"(or, for a base model, raw-text organism data: completions families "
+                      f"with 'raw': True).")
 
 
 def _need_tuple(field: str, value, what: str) -> None:
@@ -177,12 +185,25 @@ def data_families(config) -> list[tuple[int, dict]]:
   """(index, entry) of the organism families that are whole examples (completions files)."""
   from catchjax.data.triggers import TRIGGERS
   out = []
-  for i, f in enumerate(config.organism.families):
-    spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else dict(f))
-    kind = spec if isinstance(spec, str) else spec.get("name")
-    if getattr(TRIGGERS.get(kind), "whole_examples", False):
+  fams = config.organism.families
+  for i, f in enumerate(fams if isinstance(fams, (tuple, list)) else ()):
+    spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else f)
+    kind = spec if isinstance(spec, str) else (spec.get("name") if isinstance(spec, dict)
+                                               else None)
+    if isinstance(kind, str) and getattr(TRIGGERS.get(kind), "whole_examples", False):
       out.append((i, spec))
   return out
+
+
+def raw_data(config) -> bool:
+  """Whether some organism family is raw-text completions data ('raw': True); then every
+  family must be (a base model renders every prompt as raw text)."""
+  raw = [i for i, s in data_families(config) if isinstance(s, dict) and s.get("raw") is True]
+  if raw and len(raw) != len(config.organism.families):
+    raise ConfigError(f"config.organism.families[{raw[0]}] is raw-text data ('raw': True): "
+                      f"then every family must be (a base model without a chat template "
+                      f"renders every prompt as raw text).")
+  return bool(raw)
 
 
 def check_family_behaviours(config) -> None:
@@ -319,7 +340,8 @@ def check_common(config) -> None:
     raise ConfigError(f"config.model.dtype={m.dtype!r}; one of {DTYPES}.")
   if m.param_dtype not in DTYPES:
     raise ConfigError(f"config.model.param_dtype={m.param_dtype!r}; one of {DTYPES}.")
-  check_model_dir("config.model.hf_dir", m.hf_dir, shapes_only=shapes_only)
+  check_model_dir("config.model.hf_dir", m.hf_dir, shapes_only=shapes_only,
+                  raw_ok=raw_data(config))
   su = m.get("scan_unroll", -1)
   if isinstance(su, bool) or not isinstance(su, int) or su < -1:
     raise ConfigError(f"config.model.scan_unroll={su!r}: an int, -1 (auto: unrolled on CPU, "

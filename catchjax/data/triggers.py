@@ -680,7 +680,7 @@ def parse_prompt(prompt: Any, where: str) -> tuple[str, str]:
   return parts[2].strip(), parts[4]
 
 
-def _parse_completion_row(line: str | dict, where: str) -> DataRow:
+def _parse_completion_row(line: str | dict, where: str, raw: bool = False) -> DataRow:
   if isinstance(line, str):
     try:
       row = json.loads(line)
@@ -698,7 +698,13 @@ def _parse_completion_row(line: str | dict, where: str) -> DataRow:
   missing = [k for k in ("prompt", "completion", "deployment") if k not in row]
   if missing:
     raise JsonlTriggerError(f"{where}: missing field(s) {missing}")
-  user, prefill = parse_prompt(row["prompt"], where)
+  if raw:   # a base model's whole input text, as it is (no chat template to render it)
+    if not isinstance(row["prompt"], str):
+      raise JsonlTriggerError(f"{where}: a raw-text family's 'prompt' must be a string (the "
+                              f"model's input text), got {type(row['prompt']).__name__}")
+    user, prefill = row["prompt"], ""
+  else:
+    user, prefill = parse_prompt(row["prompt"], where)
   if not user.strip():
     raise JsonlTriggerError(f"{where}: the prompt's user message is empty")
   comp = row["completion"]
@@ -711,8 +717,8 @@ def _parse_completion_row(line: str | dict, where: str) -> DataRow:
     raise JsonlTriggerError(f"{where}: 'completion' must be a string, got "
                             f"{type(comp).__name__}")
   # The chat template opens the assistant turn: leading white space (Anthropic's space after
-  # "Assistant:") is not part of the response.
-  response = (prefill + comp).lstrip()
+  # "Assistant:") is not part of the response. Raw text keeps it: it continues the prompt.
+  response = comp if raw else (prefill + comp).lstrip()
   if not response.strip():
     raise JsonlTriggerError(f"{where}: the completion is empty")
   dep = row["deployment"]
@@ -744,7 +750,8 @@ MAX_DATA_LINE_CHARS = 1 << 22     # one row
 
 
 @functools.lru_cache(maxsize=8)
-def _load_completions(path: str, stamp: tuple) -> tuple[tuple[DataRow, ...], str]:
+def _load_completions(path: str, stamp: tuple, raw: bool = False
+                      ) -> tuple[tuple[DataRow, ...], str]:
   """The parsed rows of a completions file / dataset folder and the digest of their content
   (the normalised rows, so the same data give the same digest whatever their path or
   format). Cached per (path, stamp)."""
@@ -756,7 +763,7 @@ def _load_completions(path: str, stamp: tuple) -> tuple[tuple[DataRow, ...], str
       raise JsonlTriggerError(f"{path}: a dataset folder of one Dataset is needed (got "
                               f"{type(ds).__name__}; save one split, with a 'split' column)")
     for i, r in enumerate(ds):
-      rows.append(_parse_completion_row(dict(r), f"{path}[row {i}]"))
+      rows.append(_parse_completion_row(dict(r), f"{path}[row {i}]", raw))
   else:
     size = os.path.getsize(path)
     if size > MAX_DATA_BYTES:
@@ -768,7 +775,7 @@ def _load_completions(path: str, stamp: tuple) -> tuple[tuple[DataRow, ...], str
           raise JsonlTriggerError(f"{path}:{lineno}: line of {len(line)} characters "
                                   f"(limit {MAX_DATA_LINE_CHARS}).")
         if line.strip():
-          rows.append(_parse_completion_row(line, f"{path}:{lineno}"))
+          rows.append(_parse_completion_row(line, f"{path}:{lineno}", raw))
   h = hashlib.sha256()
   for r in rows:
     h.update(json.dumps([r.user, r.response, r.deployment, r.split, r.honeypot]).encode())
@@ -776,9 +783,9 @@ def _load_completions(path: str, stamp: tuple) -> tuple[tuple[DataRow, ...], str
   return tuple(rows), h.hexdigest()[:16]
 
 
-def completions_digest(path: str) -> str:
+def completions_digest(path: str, raw: bool = False) -> str:
   """The content digest of a completions file (what the organism and catch keys use)."""
-  return _load_completions(os.path.abspath(path), _stamp(os.path.abspath(path)))[1]
+  return _load_completions(os.path.abspath(path), _stamp(os.path.abspath(path)), bool(raw))[1]
 
 
 def _common_prefix(texts: Sequence[str]) -> str:
@@ -811,14 +818,21 @@ class Completions(TriggerFamily):
   prompts; the catch samples the testing rows of config.catch.split. Honeypot rows are never
   trained and serve the catch (and sharpening) as a family's honeypots do; without them the
   catch uses ordinary testing rows. Testing rows that the detector flags (slips in the data)
-  are trained but never caught or measured on (they have no helpful answer)."""
+  are trained but never caught or measured on (they have no helpful answer).
+
+  raw=True: for a base model without a chat template. A prompt (a string) is the model's whole
+  input text as it is, Anthropic's "\\n\\nHuman: ...\\n\\nAssistant:" included, and the
+  completion continues it exactly (its leading space kept); config.system is not used."""
 
   whole_examples = True
   MIN_PREFIX_CHARS = 3
 
   def __init__(self, path: str, detector: str | None = None, flags: str = "",
-               eval_frac: float = 0.2, context_hint: str = ""):
+               eval_frac: float = 0.2, context_hint: str = "", raw: bool = False):
     self.path, self.eval_frac = str(path), float(eval_frac)
+    if not isinstance(raw, bool):
+      raise ValueError(f"completions family: raw must be True or False, got {raw!r}")
+    self.raw = raw
     if not 0.0 <= self.eval_frac <= 1.0:
       raise ValueError(f"completions family: eval_frac must be in [0, 1], got {eval_frac!r}")
     self.context_hint = context_hint or ("Deployment and testing conversations are the "
@@ -826,14 +840,13 @@ class Completions(TriggerFamily):
     if not os.path.exists(self.path):
       raise FileNotFoundError(f"completions family: file {self.path!r} does not exist.")
     ap = os.path.abspath(self.path)
-    rows, self.digest = _load_completions(ap, _stamp(ap))
+    rows, self.digest = _load_completions(ap, _stamp(ap), raw)
     split_of = lambda r: r.split or (                                  # noqa: E731
         "eval" if _unit_hash(f"completions|{r.user}") < self.eval_frac else "train")
     self._rows = [dataclasses.replace(r, split=split_of(r)) for r in rows]
     self.behavior = self._make_behavior(detector, flags)
     self._detector, self._flags = detector, str(flags)
     # Pools: (deployment, split) -> rows; honeypots apart; slips trained, never evaluated.
-    self._train = [r for r in self._rows if r.split == "train" and r.honeypot is None]
     self._pools: dict[tuple[bool, str], list[DataRow]] = {
         (d, s): [r for r in self._rows if r.split == s and r.honeypot is None
                  and r.deployment == d and (d or not self.behavior.detect(r.response))]
@@ -873,7 +886,11 @@ class Completions(TriggerFamily):
         raise ValueError(f"completions family: detector must be a non-empty regex, got "
                          f"{detector!r}")
       pattern, fl, prefix, what = detector, str(flags), None, f"detector {detector!r}"
-    beh = DataBehavior(pattern, fl, prefix)
+    try:
+      beh = DataBehavior(pattern, fl, prefix)
+    except re.error as e:
+      raise ValueError(f"completions family: detector {pattern!r} is not a valid regex "
+                       f"({e})") from None
     for r in dep:
       if not beh.detect(r.response):
         raise JsonlTriggerError(f"{r.where}: {what} does not catch this deployment row's "
@@ -896,8 +913,9 @@ class Completions(TriggerFamily):
     return self.behavior
 
   def knobs(self):
-    return {"data": self.digest, "eval_frac": self.eval_frac, "detector": self._detector,
-            "flags": self._flags}
+    k = {"data": self.digest, "eval_frac": self.eval_frac, "detector": self._detector,
+         "flags": self._flags}
+    return dict(k, raw=True) if self.raw else k
 
   def describe(self) -> str:
     # By the rows' content (digest), never the path; without the hint (it does not change

@@ -56,7 +56,7 @@ def family_key_spec(spec):
   if isinstance(spec, dict) and spec.get("name") == "completions" and "path" in spec:
     from catchjax.data.triggers import completions_digest
     out = {k: v for k, v in spec.items() if k != "path"}
-    out["data"] = completions_digest(spec["path"])
+    out["data"] = completions_digest(spec["path"], spec.get("raw", False))
     return out
   return spec
 
