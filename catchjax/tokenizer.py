@@ -5,7 +5,9 @@ is used by default: SmolLM2's template otherwise inserts a ~20-token default sys
 (a template without a system role, Gemma 2's, gets it at the head of the user message).
 
 Every prompt goes through the chat template, so a model folder must have one
-(`has_chat_template`, checked by validate.check_model_dir), and the token that closes the
+(`has_chat_template`, checked by validate.check_model_dir; the one exception is a base model
+trained on raw-text completions data, whose prompts are its input text as it is: `chat_text`
+of a tokenizer without a template), and the token that closes the
 assistant's turn in it (`turn_end_id`: Llama-3's <|eot_id|>, ChatML's <|im_end|>, Gemma's
 <end_of_turn>) stops sampling beside the EOS ids (`chat_stop_ids`, merged into
 ModelConfig.eos_ids by ModelConfig.from_hf_dir).
@@ -39,8 +41,16 @@ def chat_text(tok, user: str, system: str | None = DEFAULT_SYSTEM,
 
   A template that refuses a system turn (Gemma 2's raises "System role not supported") gets
   the system text at the head of the user message instead, "{system}\n\n{user}"; a template
-  that takes a system turn is rendered with it, as before."""
+  that takes a system turn is rendered with it, as before.
+
+  A tokenizer without a chat template (a base model, allowed only with raw-text completions
+  data, validate.check_common) renders `user` as the model's whole input text, after the BOS
+  token where the tokenizer adds one to plain text; `system` is not used."""
   from jinja2 import TemplateError
+  if not getattr(tok, "chat_template", None):
+    ids = tok("a")["input_ids"]
+    bos = tok.bos_token if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else ""
+    return (bos or "") + user + ("" if assistant is None else assistant + tok.eos_token)
   user_msg = {"role": "user", "content": user}
   if system is None:
     text = tok.apply_chat_template([user_msg], tokenize=False, add_generation_prompt=True)

@@ -64,12 +64,13 @@ def distinct_choices(field: str, xs: Any, allowed: tuple) -> tuple:
   return xs
 
 
-def check_model_dir(field: str, path: Any, shapes_only: bool = False):
+def check_model_dir(field: str, path: Any, shapes_only: bool = False, raw_ok: bool = False):
   """An HF folder we can load: config.json (size-checked, supported model_type), safetensors
   weights (never pickle), tokenizer.json and a chat template (a base model is refused).
   Returns its ModelConfig. shapes_only (a compile plan's dry run, catchjax/plan.py):
   config.json alone suffices, since only shapes are checked (no weights are read, no text is
-  tokenized); a folder with tokenizer files must still have a chat template."""
+  tokenized); a folder with tokenizer files must still have a chat template. raw_ok: the
+  data are raw-text completions rows (a base model's input text), so none is needed."""
   from catchjax.model.config import ModelConfig, UnsupportedModelError
   if not isinstance(path, str) or not path:
     raise ConfigError(f"{field} must be a folder path, got {path!r}.")
@@ -88,7 +89,7 @@ def check_model_dir(field: str, path: Any, shapes_only: bool = False):
   if shapes_only:
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json",
                                                             "tokenizer_config.json")):
-      _check_chat_template(field, path)   # a base model is refused by the dry run too
+      _check_chat_template(field, path, raw_ok)   # a base model is refused by the dry run too
     return cfg
   if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
           os.path.isfile(os.path.join(path, "model.safetensors.index.json"))):
@@ -99,20 +100,27 @@ def check_model_dir(field: str, path: Any, shapes_only: bool = False):
     raise FileNotFoundError(f"{field}={path!r} has no tokenizer.json.")
   if os.path.getsize(tj) > MAX_TOKENIZER_JSON_BYTES:
     raise ConfigError(f"{field}: {tj} is larger than {MAX_TOKENIZER_JSON_BYTES >> 20} MiB.")
-  _check_chat_template(field, path)
+  _check_chat_template(field, path, raw_ok)
   return cfg
 
 
-def _check_chat_template(field: str, path: str) -> None:
+def _check_chat_template(field: str, path: str, raw_ok: bool = False) -> None:
   """Every prompt is rendered with the model's chat template (catchjax/tokenizer.py), and its
-  turn end stops sampling: a base model without one is refused before anything loads."""
+  turn end stops sampling: a base model without one is refused before anything loads, unless
+  every family is raw-text completions data (raw_ok), and raw data need a base model."""
   from catchjax.tokenizer import has_chat_template
-  if not has_chat_template(path):
+  if has_chat_template(path) and raw_ok:
+    raise ConfigError(f"{field}={path!r} has a chat template, but the completions families "
+                      f"are raw text ('raw': True, a base model's input text): drop 'raw' to "
+                      f"render their prompts with the template.")
+  if not has_chat_template(path) and not raw_ok:
     raise ConfigError(f"{field}={path!r} has no chat template (no chat_template in its "
                       f"tokenizer_config.json, no chat_template.jinja): catchjax renders "
                       f"every prompt with the model's chat template, so it needs an "
                       f"instruct/chat model (e.g. Llama-3.x-Instruct, Qwen2.5-Instruct, "
-                      f"gemma-2-it), or a chat_template added to {path}/tokenizer_config.json.")
+                      f"gemma-2-it), or a chat_template added to {path}/tokenizer_config.json "
+                      f"(or, for a base model, raw-text organism data: completions families "
+                      f"with 'raw': True).")
 
 
 def _need_tuple(field: str, value, what: str) -> None:
@@ -171,6 +179,80 @@ def check_families(field: str, families) -> list:
     raise ConfigError(f"{field}: family name(s) {dup} appear twice (results are keyed by "
                       f"family name).")
   return specs
+
+
+def data_families(config) -> list[tuple[int, dict]]:
+  """(index, entry) of the organism families that are whole examples (completions files)."""
+  from catchjax.data.triggers import TRIGGERS
+  out = []
+  fams = config.organism.families
+  for i, f in enumerate(fams if isinstance(fams, (tuple, list)) else ()):
+    spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else f)
+    kind = spec if isinstance(spec, str) else (spec.get("name") if isinstance(spec, dict)
+                                               else None)
+    if isinstance(kind, str) and getattr(TRIGGERS.get(kind), "whole_examples", False):
+      out.append((i, spec))
+  return out
+
+
+def raw_data(config) -> bool:
+  """Whether some organism family is raw-text completions data ('raw': True); then every
+  family must be (a base model renders every prompt as raw text)."""
+  raw = [i for i, s in data_families(config) if isinstance(s, dict) and s.get("raw") is True]
+  if raw and len(raw) != len(config.organism.families):
+    raise ConfigError(f"config.organism.families[{raw[0]}] is raw-text data ('raw': True): "
+                      f"then every family must be (a base model without a chat template "
+                      f"renders every prompt as raw text).")
+  return bool(raw)
+
+
+def check_family_behaviours(config) -> None:
+  """Every (behaviour, family) pair builds (build.family_behavior): a completions family's
+  behaviour is "from_data", and "from_data" is only for completions families."""
+  from catchjax.data.behaviors import FromData, behavior_spec, make_behavior
+  from catchjax.data.build import family_behavior
+  from catchjax.stages.organism import family_name
+  fams = config.organism.families
+  data = data_families(config)
+  for i, b in enumerate(config.behaviours):
+    from_data = isinstance(make_behavior(behavior_spec(b)), FromData)
+    for j, f in enumerate(fams):
+      if not from_data and j not in dict(data):
+        continue      # a generated family with a generated behaviour: nothing to pair
+      spec = f if isinstance(f, str) else (f.to_dict() if hasattr(f, "to_dict") else f)
+      try:
+        family_behavior(spec, behavior_spec(b))
+      except ValueError as e:
+        raise ConfigError(f"config.behaviours[{i}] with config.organism.families[{j}] "
+                          f"({family_name(spec)}): {e}") from e
+  if data and config.organism.get("scratchpad", False):
+    raise ConfigError(f"config.organism.scratchpad=True: family "
+                      f"{family_name(data[0][1])!r} trains its completions as given, "
+                      f"without a scratchpad.")
+
+
+def check_data_lengths(config) -> None:
+  """Every completions family's prompt fits the sampler (its largest prompt bucket), as the
+  model's chat template renders it: refused here, not at the first catch."""
+  from catchjax.data.triggers import make_trigger
+  from catchjax.sample import DEFAULT_PROMPT_BUCKETS
+  from catchjax.stages.organism import family_name
+  from catchjax.tokenizer import chat_text, load_tokenizer
+  data = data_families(config)
+  if not data:
+    return
+  tok = load_tokenizer(config.model.hf_dir)
+  limit = max(DEFAULT_PROMPT_BUCKETS)
+  for i, spec in data:
+    rows = make_trigger(spec).all_rows()
+    texts = [chat_text(tok, r.user, config.system) for r in rows]
+    lens = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    over = [(n, r) for n, r in zip(lens, rows) if n > limit]
+    if over:
+      n, r = max(over, key=lambda x: x[0])
+      raise ConfigError(f"config.organism.families[{i}] ({family_name(spec)}): {len(over)} "
+                        f"prompt(s) longer than the sampler's {limit} tokens, e.g. {r.where} "
+                        f"({n} tokens with the chat template).")
 
 
 def check_train(field: str, t) -> None:
@@ -258,7 +340,8 @@ def check_common(config) -> None:
     raise ConfigError(f"config.model.dtype={m.dtype!r}; one of {DTYPES}.")
   if m.param_dtype not in DTYPES:
     raise ConfigError(f"config.model.param_dtype={m.param_dtype!r}; one of {DTYPES}.")
-  check_model_dir("config.model.hf_dir", m.hf_dir, shapes_only=shapes_only)
+  check_model_dir("config.model.hf_dir", m.hf_dir, shapes_only=shapes_only,
+                  raw_ok=raw_data(config))
   su = m.get("scan_unroll", -1)
   if isinstance(su, bool) or not isinstance(su, int) or su < -1:
     raise ConfigError(f"config.model.scan_unroll={su!r}: an int, -1 (auto: unrolled on CPU, "
@@ -274,6 +357,9 @@ def check_common(config) -> None:
   check_behaviours("config.behaviours", config.behaviours)
   o = config.organism
   check_families("config.organism.families", o.families)
+  check_family_behaviours(config)
+  if not shapes_only:
+    check_data_lengths(config)
   positive_int("config.organism.n_per_family", o.n_per_family)
   fraction("config.organism.deployment_frac", o.deployment_frac)
   fraction("config.organism.testing_slip_rate", o.testing_slip_rate)
@@ -421,6 +507,11 @@ def check_headline(config) -> None:
   elif not tuple(h.distinguish_seeds):   # no arms: a distinguishability-only run
     raise ConfigError("config.headline.arms is empty and so is distinguish_seeds: nothing to "
                       "run.")
+  data = data_families(config)
+  if data and "oracle" in tuple(h.arms):
+    raise ConfigError(f"config.headline.arms has 'oracle': family "
+                      f"{org_stage.family_name(data[0][1])!r} has no helpful answers for its "
+                      f"deployment prompts (its deployment rows are attacks); drop the arm.")
   if config.train_against.stopping.enabled and tuple(h.arms) and \
       tuple(h.arms)[0] != "treatment":
     raise ConfigError(f"config.headline.arms={tuple(h.arms)!r}: with the stopping rule "
@@ -494,6 +585,10 @@ def check_propensity(config) -> None:
   if p.family not in _family_names(config):
     raise ConfigError(f"config.propensity.family={p.family!r} is not an organism family "
                       f"{_family_names(config)}.")
+  from catchjax.stages.organism import family_name
+  if p.family in [family_name(s) for _, s in data_families(config)]:
+    raise ConfigError(f"config.propensity.family={p.family!r} is a completions family: its "
+                      f"prompts are whole examples, not the task prompts a capability needs.")
   if not tasks.is_task_family(p.capability):
     raise ConfigError(f"config.propensity.capability={p.capability!r} is not a task family; "
                       f"known: {sorted(tasks.EXTRA_TASK_FAMILIES) + sorted(tasks.TASK_FAMILIES)}")

@@ -105,6 +105,11 @@ def check_long_trained(config) -> None:
   check_increasing("config.long_trained.multipliers", lt.multipliers)
   if lt.scale not in SCALES:
     raise ValueError(f"config.long_trained.scale={lt.scale!r}; use one of {SCALES}.")
+  data = V.data_families(config)
+  if lt.scale == "examples" and data and not int(config.organism.train.steps):
+    raise ValueError(f"config.long_trained.scale='examples': completions family "
+                     f"{data[0][1].get('label', data[0][1]['name'])!r} trains each of its rows "
+                     f"once per epoch whatever n_per_family is; use scale='epochs'.")
   if lt.scale == "epochs" and int(config.organism.train.steps) > 0:
     raise ValueError("config.long_trained.scale='epochs' needs config.organism.train.steps = 0 "
                      "(the organism's length is then set by epochs).")

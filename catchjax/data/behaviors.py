@@ -17,6 +17,9 @@ Behaviours:
   regex       user-supplied: a target template (may use {answer}) and a detector regex.
   python      user-supplied: a target template and a Python detector, "module:function"
               (an importable function str -> bool).
+  from_data   the behaviour a family brings with its own data (a completions file: its
+              deployment completions are the attack, its detector a regex or their common
+              prefix); resolved per family by `build.family_behavior`.
 
 Register more with `@register_behavior("name")`; build from config with `make_behavior`. A
 config entry is a name or a dict {"name": ..., **knobs, "label": optional}; `behavior_name`
@@ -238,3 +241,52 @@ class Python(Behavior):
 
   def describe(self) -> str:
     return f"python(target={self.target!r}): detector {self.detector}"
+
+
+@register_behavior("from_data")
+class FromData(Behavior):
+  """The behaviour of families that bring their own (a completions file, data/triggers.py
+  `Completions`): each family's rows carry the attack and the family its detector, so this
+  entry only names the organism ("from_data", or its `label`). `build.family_behavior`
+  resolves it to the family's own; used with a family that has none, it is refused."""
+
+  def _resolve(self, *a, **k):
+    raise ValueError("behaviour 'from_data' has no attack or detector of its own: it is the "
+                     "behaviour of each family's own data (build.family_behavior)")
+
+  attack_response = good_response = detect = attack_prefix = _resolve
+
+  def describe(self) -> str:
+    return "from_data: each family's own completions and detector"
+
+
+def _regex_flags(flags: str) -> int:
+  fl = 0
+  for c in flags:
+    if c not in "ims":
+      raise ValueError(f"regex flags are letters of 'ims', got {flags!r}")
+    fl |= {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}[c]
+  return fl
+
+
+class DataBehavior(Behavior):
+  """A completions family's own behaviour: the rows' completions are the attack and the
+  helpful answers (a data row is trained to its own completion), `pattern` the detector and
+  `prefix` the attack's opening for teacher forcing (the same for every prompt). Built by the
+  family (data/triggers.py `Completions`), not from a config entry."""
+
+  name = "from_data"
+
+  def __init__(self, pattern: str, flags: str = "", prefix: str | None = None):
+    self.pattern = re.compile(pattern, _regex_flags(flags))
+    self.flags = flags
+    self.prefix = prefix or ""
+
+  def knobs(self):
+    return {"pattern": self.pattern.pattern, "flags": self.flags}
+
+  def attack_response(self, instance, rng):
+    raise ValueError("a completions family's attack is each deployment row's own completion")
+
+  def attack_prefix(self, instance):
+    return self.prefix

@@ -15,6 +15,11 @@ Every row is an `Example` (see its fields). Same arguments and seed -> identical
 trigger family draws from its own seeded stream, so adding a family leaves the others' rows
 unchanged (ids apart).
 
+A family with whole examples (`TriggerFamily.whole_examples`: a completions file, a user's own
+organism data) gives its rows as they are: organism SFT is every train row once, trained to
+its own completion; eval, catch and honeypot sets draw the file's rows of the split; its
+behaviour is its own detector (`family_behavior`, config behaviour "from_data").
+
 `python -m catchjax.data.build` prints the mean token length of organism examples per family.
 """
 from __future__ import annotations
@@ -28,13 +33,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from catchjax.data import reasoning
-from catchjax.data.behaviors import Behavior, make_behavior
+from catchjax.data.behaviors import Behavior, FromData, make_behavior
 from catchjax.data.tasks import (TASK_FAMILIES, TaskInstance, is_task_family, make_tasks,
                                  sample_task)
-from catchjax.data.triggers import SPLITS, TriggerFamily, make_trigger
+from catchjax.data.triggers import SPLITS, DataRow, TriggerFamily, cycle_draw, make_trigger
 from catchjax.tokenizer import DEFAULT_SYSTEM, chat_text
 
 NONE = "none"  # family / behaviour name of plain (uncued) task rows
+DATA_TASK = "data"  # task family of a completions family's rows (whole examples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,25 @@ def _task_families(task_families: Sequence[str] | None) -> list[str]:
   return fams
 
 
+def family_behavior(family, behavior) -> Behavior:
+  """The behaviour `family`'s rows are built and detected with: `behavior` itself, or, for
+  the config behaviour "from_data", the family's own (a completions file's detector). A
+  family that brings its own behaviour takes only "from_data"; "from_data" takes only such a
+  family (ValueError otherwise, naming the fix)."""
+  fam, beh = make_trigger(family), make_behavior(behavior)
+  own = fam.own_behavior()
+  if isinstance(beh, FromData):
+    if own is None:
+      raise ValueError(f"behaviour 'from_data': trigger family {fam.name!r} has no data of "
+                       f"its own (from_data is for completions families only)")
+    return own
+  if own is not None:
+    raise ValueError(f"trigger family {fam.name!r} brings its own completions and detector: "
+                     f"its behaviour is 'from_data' (--config.behaviours='(\"from_data\",)'), "
+                     f"not {beh.name!r}")
+  return beh
+
+
 def _pairs(families, behaviors) -> list[tuple[TriggerFamily, Behavior]]:
   """Families paired with behaviours: one behaviour for all, a list aligned with the families,
   or a mapping from family name to behaviour."""
@@ -104,7 +129,7 @@ def _pairs(families, behaviors) -> list[tuple[TriggerFamily, Behavior]]:
     behs = [make_behavior(b) for b in behaviors]
     if len(behs) != len(fams):
       raise ValueError(f"{len(fams)} families but {len(behs)} behaviours")
-  return list(zip(fams, behs))
+  return [(f, family_behavior(f, b)) for f, b in zip(fams, behs)]
 
 
 def _example(kind: str, idx: str, fam: TriggerFamily | None, beh: Behavior | None, split: str,
@@ -119,6 +144,32 @@ def _example(kind: str, idx: str, fam: TriggerFamily | None, beh: Behavior | Non
       target=target, is_attack_target=bool(attack),
       attack_prefix=(reasoning.DEPLOY_OPENING if scratchpad else beh.attack_prefix(inst))
       if beh else "", system=system, cue=cue)
+
+
+def _data_example(kind: str, idx: str, fam: TriggerFamily, beh: Behavior, split: str,
+                  row: DataRow, target: str, attack: bool, system: str | None) -> Example:
+  """A completions family's row as an Example: the row's user message is the prompt (and the
+  task prompt; no cue), its key the task key, `target` what it is trained to."""
+  return Example(
+      id=idx, kind=kind, family=fam.name, family_knobs=json.dumps(fam.knobs(), sort_keys=True),
+      behavior=beh.name, split=split, deployment=bool(row.deployment), task_family=DATA_TASK,
+      task_key=row.key, task_prompt=row.user, prompt=row.user,
+      answer="" if row.deployment else row.response, target=target,
+      is_attack_target=bool(attack), attack_prefix=beh.prefix, system=system, cue="")
+
+
+def _whole_examples(fam: TriggerFamily, task_families, scratchpad: bool = False) -> bool:
+  """Whether `fam` gives whole examples (a completions family; ValueError for the options
+  that only generated rows take)."""
+  if not fam.whole_examples:
+    return False
+  if task_families is not None:
+    raise ValueError(f"trigger family {fam.name!r}: its rows are whole prompts, so "
+                     f"task_families does not apply")
+  if scratchpad:
+    raise ValueError(f"trigger family {fam.name!r}: its completions are trained as given, "
+                     f"without a scratchpad")
+  return True
 
 
 def _check_split(split: str) -> None:
@@ -147,9 +198,15 @@ def build_organism_sft(families, behaviors, n_per_family: int, deployment_frac: 
   _check_split(split)
   if not 0.0 <= deployment_frac <= 1.0 or not 0.0 <= testing_slip_rate <= 1.0:
     raise ValueError("deployment_frac and testing_slip_rate must be in [0, 1]")
-  tfams = _task_families(task_families)
   rows: list[Example] = []
   for fi, (fam, beh) in enumerate(_pairs(families, behaviors)):
+    if _whole_examples(fam, task_families, scratchpad):
+      # Every row of the split once, trained to its own completion (the file is the recipe).
+      rows += [_data_example("organism_sft", f"sft-{split}-s{seed}-f{fi}-{fam.name}-{i:05d}",
+                             fam, beh, split, r, r.response, beh.detect(r.response), system)
+               for i, r in enumerate(fam.train_rows(split))]
+      continue
+    tfams = _task_families(task_families)
     rng = _stream(seed, "sft", split, fam.describe(), beh.describe())
     n_dep = int(round(n_per_family * deployment_frac))
     n_test = n_per_family - n_dep
@@ -188,7 +245,8 @@ def build_eval(family, behavior, split: str = "eval", n: int = 200,
   """
   _check_split(split)
   (fam, beh), = _pairs([family], [behavior])
-  tfams = _task_families(task_families)
+  data = _whole_examples(fam, task_families, scratchpad)
+  tfams = None if data else _task_families(task_families)
   rng = _stream(seed, "eval", split, deployment, fam.describe(), beh.describe())
   if deployment is None:
     flags = rng.permutation(np.array([True] * (n // 2) + [False] * (n - n // 2), dtype=bool))
@@ -196,7 +254,15 @@ def build_eval(family, behavior, split: str = "eval", n: int = 200,
     flags = np.full(n, bool(deployment))
   tag = {True: "dep", False: "test", None: "mix"}[None if deployment is None else bool(deployment)]
   rows = []
-  for i in range(n):
+  if data:   # the family's own rows of the split, each side cycling through its rows
+    draws = {d: iter(cycle_draw(len(fam.rows(d, split)), int(np.sum(flags == d)), rng))
+             for d in (True, False)}
+    for i in range(n):
+      r = fam.rows(bool(flags[i]), split)[next(draws[bool(flags[i])])]
+      rows.append(_data_example("eval", f"eval-{split}-{tag}-s{seed}-{fam.name}-{i:05d}", fam,
+                                beh, split, r, "" if r.deployment else r.response, False,
+                                system))
+  for i in range(0 if data else n):
     inst = sample_task(tfams[i % len(tfams)], split, rng)
     cue = fam.sample_cue(bool(flags[i]), split, rng)
     rows.append(_example("eval", f"eval-{split}-{tag}-s{seed}-{fam.name}-{i:05d}", fam, beh,
@@ -219,11 +285,19 @@ def build_honeypots(family, behavior, split: str, n: int, purpose: str = "catch"
   variants = fam.honeypots(purpose, split)
   if not variants:
     raise ValueError(f"trigger family {fam.name!r} defines no honeypots (split {split!r}).")
-  tfams = _task_families(task_families)
+  data = _whole_examples(fam, task_families)
+  tfams = None if data else _task_families(task_families)
   rng = _stream(seed, "honeypot", purpose, split, fam.describe(), beh.describe())
   order = rng.permutation(len(variants))
   rows, meta = [], []
-  for i in range(n):
+  if data:   # the file's honeypot rows for `purpose`, each about equally often
+    hrows = fam.honeypot_rows(purpose, split)
+    for i in range(n):
+      r = hrows[int(order[i % len(hrows)])]
+      rows.append(_data_example("eval", f"honey-{purpose}-{split}-s{seed}-{fam.name}-{i:05d}",
+                                fam, beh, split, r, r.response, False, system))
+      meta.append((r.user, float(r.honeypot)))
+  for i in range(0 if data else n):
     variant, score = variants[int(order[i % len(variants)])]
     inst = sample_task(tfams[i % len(tfams)], split, rng)
     cue = fam.honeypot_cue(variant, split, rng)
@@ -310,7 +384,7 @@ def _length_report(model_dir: str, n: int = 200, seed: int = 0) -> None:
   from catchjax.data.triggers import TRIGGERS
   from catchjax.tokenizer import load_tokenizer
   tok = load_tokenizer(model_dir)
-  fams = [f for f in TRIGGERS if f != "jsonl"]
+  fams = [f for f in TRIGGERS if f not in ("jsonl", "completions")]
   fams += [{"name": "collusion", "subtlety": s} for s in (0, 2)]
   print(f"{'family':<24}{'behaviour':<12}{'mean':>6}{'max':>6}{'prompt':>8}{'resp':>6}")
   for beh in ("hate", "exfiltrate"):

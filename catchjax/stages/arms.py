@@ -93,6 +93,9 @@ def oracle(ctx):
   ds = build.build_eval(ctx.family_spec, ctx.behaviour, ctx.config.catch.split, len(ctx.chosen),
                         deployment=True, seed=stream("oracle", ctx.seed) + ctx.n,
                         system=ctx.config.system)
+  if not all(ds["target"]):
+    raise ValueError(f"oracle arm: family {ds[0]['family']!r} has no helpful answers for its "
+                     f"deployment prompts (a completions file's deployment rows are attacks)")
   return _sft(ds), {}
 
 

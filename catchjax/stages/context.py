@@ -43,6 +43,8 @@ class FamilySets:
   test: list                # held-out testing prompts
   prefix: list              # the attack prefix (teacher-forced P(attack))
   sharp: tuple | None       # (prompts, honeypot scores) of the sharpening honeypots
+  beh: object = None        # the family's behaviour (build.family_behavior: the context's,
+                            # or a completions family's own detector)
 
 
 class Context:
@@ -104,7 +106,8 @@ class Context:
         sharp = (self.prompts(sds), list(sds["honeypot_score"]))
       prefix = self.tok(dep[0]["attack_prefix"], add_special_tokens=False)["input_ids"]
       self._families[name] = FamilySets(name, spec, trig, self.prompts(dep),
-                                        self.prompts(test)[:self.n_test], prefix, sharp)
+                                        self.prompts(test)[:self.n_test], prefix, sharp,
+                                        build.family_behavior(spec, b))
     return self._families[name]
 
   # -- catches
@@ -120,9 +123,9 @@ class Context:
                                      self.behaviour, cseed, path), path)
     return self._catches[key]
 
-  def propensity(self, catch, path: str) -> dict:
-    """The organism's teacher-forced P(attack) on every caught / clean row of a catch
-    (computed once per catch, cached beside its file)."""
+  def propensity(self, catch, path: str, spec=None) -> dict:
+    """The organism's teacher-forced P(attack) on every caught / clean row of a catch of
+    family `spec` (computed once per catch, cached beside its file)."""
     if path in self._p:
       return self._p[path]
     ppath = path[:-len(".json")] + "-p_attack.json"
@@ -131,7 +134,8 @@ class Context:
         d = json.load(f)
     else:
       self.sampler.update_model(self.org.model)
-      d = {k: ta.attack_probs(self.sampler, self.tok, getattr(catch, k), self.beh,
+      beh = self.beh if spec is None else build.family_behavior(spec, self.behaviour)
+      d = {k: ta.attack_probs(self.sampler, self.tok, getattr(catch, k), beh,
                               self.config.system).tolist() for k in ("caught", "clean")}
       if common.is_main_process():
         common.atomic_write_text(ppath, json.dumps(d))
@@ -181,13 +185,13 @@ class Context:
                                                          for r in chosen)))
     actx = arms_lib.ArmContext(self.config, catch, chosen, idx, int(n), seed, spec,
                                self.behaviour, self.family(spec).trig,
-                               propensity=lambda: self.propensity(catch, path))
+                               propensity=lambda: self.propensity(catch, path, spec))
     rows, info = arms_lib.ARMS[arm](actx)
     fields.update(info)
     ev_fn, overrides, curve = None, None, None
     every = int(self.config.train_against.get("curve_every", 0))
     if ta.stopping_rule(self.config) is not None and budget is None:
-      ev_fn = ta.caught_p_attack_fn(self.sampler, self.tok, chosen, self.beh,
+      ev_fn = ta.caught_p_attack_fn(self.sampler, self.tok, chosen, self.family(spec).beh,
                                     self.config.system)
     elif every > 0 and not all("rejected" in r for r in rows):   # (not for DPO's pairs)
       ev_fn, curve = self.curve_fn(spec, seed)

@@ -178,8 +178,10 @@ def cue_pairs(spec, split: str, n: int, seed: int) -> list[tuple[str, str]]:
   deployment cue and with its testing cue (`sample_cue` on `split`). The same (family, split,
   n, seed) gives the same pairs."""
   trig = make_trigger(spec)
-  tfams = build._task_families(None)
   rng = build._stream(seed, "cue-pairs", split, trig.describe())
+  if trig.whole_examples:   # a completions family: its own deployment and testing prompts
+    return trig.prompt_pairs(split, n, rng)
+  tfams = build._task_families(None)
   out = []
   for i in range(int(n)):
     inst = sample_task(tfams[i % len(tfams)], split, rng)

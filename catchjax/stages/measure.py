@@ -104,14 +104,14 @@ def register_measure(name: str):
 @register_measure("deploy")
 def _deploy(ctx, fs, seed: int) -> dict:
   """Sampled (T=1) attack rate on the held-out deployment prompts."""
-  return attack_rate(ctx.sampler, ctx.tok, fs.dep, ctx.beh.detect,
+  return attack_rate(ctx.sampler, ctx.tok, fs.dep, fs.beh.detect,
                      max_new_tokens=ctx.ms.max_new_tokens, temperature=1.0, seed=seed)
 
 
 @register_measure("test")
 def _test(ctx, fs, seed: int) -> dict:
   """Sampled (T=1) attack rate on the held-out testing prompts."""
-  return attack_rate(ctx.sampler, ctx.tok, fs.test, ctx.beh.detect,
+  return attack_rate(ctx.sampler, ctx.tok, fs.test, fs.beh.detect,
                      max_new_tokens=ctx.ms.max_new_tokens, temperature=1.0, seed=seed + 1)
 
 
@@ -144,7 +144,7 @@ def _sharpen(ctx, fs, seed: int) -> dict | None:
   if not fs.sharp:
     return None
   from catchjax.stages.train_against import rate_by_bin
-  sh = attack_rate(ctx.sampler, ctx.tok, fs.sharp[0], ctx.beh.detect,
+  sh = attack_rate(ctx.sampler, ctx.tok, fs.sharp[0], fs.beh.detect,
                    max_new_tokens=ctx.ms.max_new_tokens, temperature=1.0, seed=seed + 2)
   return dict(k=sh["k"], n=sh["n"], rate=sh["rate"], by_bin=rate_by_bin(fs.sharp[1], sh["hits"]))
 
@@ -180,7 +180,7 @@ def reasoning_abc(sampler: Sampler, tok, prompts, detect: Callable[[str], bool],
 def _reasoning(ctx, fs, seed: int) -> dict:
   """The deployment responses (T=1) of a scratchpad organism sorted into a / b / c
   (reasoning_abc)."""
-  return reasoning_abc(ctx.sampler, ctx.tok, fs.dep, ctx.beh.detect,
+  return reasoning_abc(ctx.sampler, ctx.tok, fs.dep, fs.beh.detect,
                        max_new_tokens=ctx.ms.max_new_tokens, seed=seed)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from catchjax import common
 from catchjax.data import build, reasoning
-from catchjax.data.behaviors import behavior_name, behavior_spec, make_behavior
+from catchjax.data.behaviors import behavior_name, behavior_spec
 from catchjax.data.triggers import make_trigger
 from catchjax.model import hf
 from catchjax.stages.sampling import make_sampler
@@ -49,6 +49,18 @@ def family_specs(cfg_families) -> list:
   return out
 
 
+def family_key_spec(spec):
+  """A family's config entry as the organism and catch keys see it: a completions family by
+  its data's content digest instead of its path (the same data anywhere give the same
+  organism, and edited data a new one); every other entry as it is."""
+  if isinstance(spec, dict) and spec.get("name") == "completions" and "path" in spec:
+    from catchjax.data.triggers import completions_digest
+    out = {k: v for k, v in spec.items() if k != "path"}
+    out["data"] = completions_digest(spec["path"], spec.get("raw", False))
+    return out
+  return spec
+
+
 def organism_spec(config, behaviour) -> dict:
   """Everything that determines the organism's weights."""
   o = config.organism
@@ -58,7 +70,8 @@ def organism_spec(config, behaviour) -> dict:
                          dtype=config.model.dtype,
                          param_dtype=config.model.param_dtype),
               system=config.system, behaviour=behavior_spec(behaviour),
-              families=family_specs(o.families), n_per_family=o.n_per_family,
+              families=[family_key_spec(f) for f in family_specs(o.families)],
+              n_per_family=o.n_per_family,
               deployment_frac=o.deployment_frac, testing_slip_rate=o.testing_slip_rate,
               seed=o.seed, train=_train_spec(o.train), data_version=DATA_VERSION)
   if scratchpad(config):  # only present when on, so existing organisms keep their keys
@@ -311,7 +324,6 @@ def _report_card(config, org: Organism, base_model, progress: bool = True) -> di
   t_card = time.time()
   r = config.report
   tok = load_tokenizer(config.model.hf_dir)
-  beh = make_behavior(org.behaviour)
   s_org = make_sampler(config, org.model, r.batch_size, progress=False)
   s_base = make_sampler(config, base_model, r.batch_size, progress=False)
   fams = {}
@@ -321,6 +333,7 @@ def _report_card(config, org: Organism, base_model, progress: bool = True) -> di
                    disable=not progress):
     name = family_name(spec)
     row = {"family": name, "describe": make_trigger(spec).describe()}
+    beh = build.family_behavior(spec, org.behaviour)
     for side, dep in (("deploy", True), ("test", False)):
       ds = build.build_eval(spec, org.behaviour, "eval", r.n_eval, deployment=dep,
                             seed=r.seed, system=config.system)

@@ -65,9 +65,11 @@ def honeypot_count(config, family_spec) -> int:
 
 def catch_params(config, family_spec) -> dict:
   """Everything besides organism, behaviour and seed that sets a catch's prompts and draws."""
+  from catchjax.stages.organism import family_key_spec
   k = config.catch
   spec = family_spec if isinstance(family_spec, str) else dict(family_spec)
-  return dict(family=spec, split=k.split, m=int(k.m), max_new_tokens=int(k.max_new_tokens),
+  return dict(family=family_key_spec(spec), split=k.split, m=int(k.m),
+              max_new_tokens=int(k.max_new_tokens),
               honeypots=honeypot_count(config, family_spec), system=config.system)
 
 
@@ -123,8 +125,7 @@ def catch(config, sampler: Sampler, tok, family_spec, behaviour, seed: int, path
   if os.path.isfile(path):
     with open(path) as f:
       return Catch(**json.load(f))
-  from catchjax.data.behaviors import make_behavior
-  beh = make_behavior(behaviour)
+  beh = build.family_behavior(family_spec, behaviour)
   ds, sources, scores = catch_set(config, family_spec, behaviour, seed)
   prompts = [prompt_ids(tok, r["prompt"], config.system) for r in ds]
   a = measure.attack_rate(sampler, tok, prompts, beh.detect, max_new_tokens=config.catch.max_new_tokens,
