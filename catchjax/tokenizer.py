@@ -49,7 +49,8 @@ def chat_text(tok, user: str, system: str | None = DEFAULT_SYSTEM,
   from jinja2 import TemplateError
   if not getattr(tok, "chat_template", None):
     ids = tok("a")["input_ids"]
-    bos = tok.bos_token if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else ""
+    bos_id = getattr(tok, "bos_token_id", None)
+    bos = tok.bos_token if bos_id is not None and ids[:1] == [bos_id] else ""
     return (bos or "") + user + ("" if assistant is None else assistant + tok.eos_token)
   user_msg = {"role": "user", "content": user}
   if system is None:

@@ -73,13 +73,22 @@ def test_bad_config_values_name_the_field(flag, exc, match):
     headline.validate(c)
 
 
-@pytest.mark.parametrize("arms", ["()", "('treatment', 'nope')", "('control', 'control')"])
+@pytest.mark.parametrize("arms", ["('treatment', 'nope')", "('control', 'control')"])
 def test_bad_headline_arms_are_refused(arms):
   from catchjax.experiments import headline
   headline.validate(parse("--config=configs/headline.py:matched"))
   headline.validate(parse("--config=configs/headline.py:propensity"))
   with pytest.raises(ValueError, match=r"config.headline.arms="):
     headline.validate(parse("--config=configs/headline.py:matched", f"--config.headline.arms={arms}"))
+
+
+def test_no_arms_is_a_distinguishability_only_run_or_refused():
+  from catchjax.experiments import headline
+  headline.validate(parse("--config=configs/headline.py:matched", "--config.headline.arms=()"))
+  with pytest.raises(ValueError, match=r"config.headline.arms is empty and so is "
+                                       r"distinguish_seeds"):
+    headline.validate(parse("--config=configs/headline.py:matched", "--config.headline.arms=()",
+                            "--config.headline.distinguish_seeds=()"))
 
 
 def test_malformed_jsonl_row_gives_its_line_number(cues):

@@ -521,6 +521,7 @@ def test_pairwise_scorer_is_order_debiased():
     def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
       return "".join(m["content"] for m in msgs)
     eos_token = "!"
+    chat_template = "(a chat model's: apply_chat_template above)"
 
   s = distinguish.pairwise_scores(FakeSampler(), Tok(), "hint", [("d", "t")] * 5, None)
   assert np.allclose(s, 0.0)
