@@ -773,11 +773,9 @@ def load_meta(workdir: str, config_hash: str | None = None) -> dict:
   return {}
 
 
-def main(argv=None):
-  """`python -m catchjax.report WORKDIR`: rebuild report.md, summary.csv and figures from
-  WORKDIR/results.jsonl (e.g. for a sweep that is still running or was stopped)."""
+def _parser():
+  """The command line of `main`."""
   import argparse
-  import json
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument("workdir")
   ap.add_argument("--config_hash", default=None,
@@ -795,6 +793,14 @@ def main(argv=None):
                        "workdirs too, e.g. a configs/headline.py:distinguish run; a (family, "
                        "behaviour, seed) the rows already have is kept as it is; needs --out")
   ap.add_argument("--out", default=None, help="write the report here (default: WORKDIR)")
+  return ap
+
+
+def main(argv=None):
+  """`python -m catchjax.report WORKDIR`: rebuild report.md, summary.csv and figures from
+  WORKDIR/results.jsonl (e.g. for a sweep that is still running or was stopped)."""
+  import json
+  ap = _parser()
   a = ap.parse_args(argv)
   if a.distinguish and not a.out:
     ap.error("--distinguish needs --out: the report with borrowed rows must not overwrite "
