@@ -232,6 +232,3 @@ def add_stage_sections(c: ml_collections.ConfigDict, arg: str | None = None) -> 
     c.sampler.batch_size = 16
     t.train.steps = 2
     t.stopping.max_steps = 4
-
-
-from catchjax.config_layout import MOVED  # noqa: E402,F401  (old override names)
