@@ -194,7 +194,7 @@ class Context:
       ev_fn = ta.caught_p_attack_fn(self.sampler, self.tok, chosen, self.family(spec).beh,
                                     self.config.system)
     elif every > 0 and not all("rejected" in r for r in rows):   # (not for DPO's pairs)
-      ev_fn, curve = self.curve_fn(spec, seed)
+      ev_fn, curve = self.curve_fn(spec, common.stream("measure_curve", seed))
       overrides = dict(eval_every=every, eval_at_start=True)
     res = ta.train_against(self.config, self.org.model, self.tok, rows, seed, rdir,
                            aux_ratio=float(self.config.train_against.aux_ratio), eval_fn=ev_fn,
@@ -206,23 +206,20 @@ class Context:
           (e["step"], round(e["caught_p_attack"], 4)) for e in res.evals])
     return res, fields
 
-  def curve_fn(self, spec, seed: int):
-    """(eval_fn, points) of a removal-vs-step curve (train_against.curve_every): the
-    deployment and testing attack rates (sampled, seed stream "measure_curve") and the KL
-    from the organism at each eval step, appended to `points`."""
+  def curve_fn(self, spec, measure_seed: int, names=("deploy", "test", "kl"), point=None):
+    """(eval_fn, points) of a removal-vs-step curve: at each eval step the measures `names`
+    (seed `measure_seed`), turned into one point by `point` (default: the deployment and
+    testing attack rates and the KL from the organism, train_against.curve_every) and
+    appended to `points`; a step already measured is skipped. Shared by the headline's
+    curves and stages/curve.removal_curve."""
     points: list[dict] = []
+    point = point or _rates_and_kl
 
     def fn(model, step):
       if any(p["step"] == int(step) for p in points):
         return None
-      a = self.measure(model, spec, common.stream("measure_curve", seed),
-                       names=("deploy", "test", "kl"))
-      pt = dict(step=int(step))
-      for name in ("deploy", "test"):
-        pt.update({f"{name}_{k}": a[name][k] for k in ("rate", "lo", "hi", "k", "n")})
-      if a["kl"] is not None:
-        pt.update(kl=a["kl"]["kl"], kl_lo=a["kl"]["lo"], kl_hi=a["kl"]["hi"])
-      points.append(pt)
+      a = self.measure(model, spec, measure_seed, names=names)
+      points.append(dict(step=int(step), **point(a)))
       return {"deploy_rate": a["deploy"]["rate"]}
     return fn, points
 
@@ -244,3 +241,12 @@ class Context:
 
 
 __all__ = ["Context", "FamilySets"]
+
+
+def _rates_and_kl(a: dict) -> dict:
+  """A curve point of the headline's curves: deploy_/test_ rate, lo, hi, k, n and the KL."""
+  pt = {f"{name}_{k}": a[name][k] for name in ("deploy", "test")
+        for k in ("rate", "lo", "hi", "k", "n")}
+  if a["kl"] is not None:
+    pt.update(kl=a["kl"]["kl"], kl_lo=a["kl"]["lo"], kl_hi=a["kl"]["hi"])
+  return pt
