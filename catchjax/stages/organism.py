@@ -263,11 +263,17 @@ def _probe_fn(sampler, sets, curve_by_step: dict, curve_path: str, main: bool,
     t_probe = time.time()
     sampler.update_model(model)
     row = {"step": int(step)}
-    for name, s in sets.items():
-      pd = measure.attack_prob_tf(sampler, s["deploy"], s["prefix"])
-      pt = measure.attack_prob_tf(sampler, s["test"], s["prefix"])
-      row[f"{name}/deploy"] = float(pd.mean())
-      row[f"{name}/test"] = float(pt.mean())
+    # One scoring call over every family and side (full batches, not 2 x families half-full
+    # ones): the same per-prompt teacher-forced P(attack prefix) as measure.attack_prob_tf.
+    keys = [(name, side) for name, s in sets.items() for side in ("deploy", "test")]
+    prompts = [p for name, side in keys for p in sets[name][side]]
+    conts = [list(sets[name]["prefix"]) for name, side in keys for _ in sets[name][side]]
+    probs = np.exp(sampler.score_sum(prompts, conts, progress=False))
+    at = 0
+    for name, side in keys:
+      n = len(sets[name][side])
+      row[f"{name}/{side}"] = float(probs[at:at + n].mean())
+      at += n
     curve_by_step[int(step)] = row
     log.info("organism probe at step %d, P(attack) deployment/testing: %s", step, ", ".join(
         f"{n} {row[n + '/deploy']:.2f}/{row[n + '/test']:.2f}" for n in sets))
