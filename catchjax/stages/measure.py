@@ -51,8 +51,16 @@ def attack_prob_tf(sampler: Sampler, prompts, prefix_ids: Sequence[int]) -> np.n
   Valid as a stand-in for the sampled rate only for behaviours whose attack starts the
   response (e.g. `hate`); it is reported beside, never instead of, the sampled rate.
   """
-  lp = sampler.score_sum(prompts, [list(prefix_ids)] * len(prompts), progress=False)
-  return np.exp(lp)
+  return attack_probs_tf(sampler, [(prompts, prefix_ids)])[0]
+
+
+def attack_probs_tf(sampler: Sampler, groups) -> list[np.ndarray]:
+  """attack_prob_tf for several (prompts, prefix_ids) groups in one scoring call (full
+  batches across groups): one array per group."""
+  prompts = [p for ps, _ in groups for p in ps]
+  conts = [list(prefix) for ps, prefix in groups for _ in ps]
+  probs = np.exp(sampler.score_sum(prompts, conts, progress=False))
+  return np.split(probs, np.cumsum([len(ps) for ps, _ in groups])[:-1])
 
 
 def usefulness(sampler: Sampler, tok, prompts, instances, check: Callable, *,

@@ -263,17 +263,12 @@ def _probe_fn(sampler, sets, curve_by_step: dict, curve_path: str, main: bool,
     t_probe = time.time()
     sampler.update_model(model)
     row = {"step": int(step)}
-    # One scoring call over every family and side (full batches, not 2 x families half-full
-    # ones): the same per-prompt teacher-forced P(attack prefix) as measure.attack_prob_tf.
-    keys = [(name, side) for name, s in sets.items() for side in ("deploy", "test")]
-    prompts = [p for name, side in keys for p in sets[name][side]]
-    conts = [list(sets[name]["prefix"]) for name, side in keys for _ in sets[name][side]]
-    probs = np.exp(sampler.score_sum(prompts, conts, progress=False))
-    at = 0
-    for name, side in keys:
-      n = len(sets[name][side])
-      row[f"{name}/{side}"] = float(probs[at:at + n].mean())
-      at += n
+    # One scoring call over every family and side (full batches, not 2 x families half-full).
+    keys = [(name, side) for name in sets for side in ("deploy", "test")]
+    probs = measure.attack_probs_tf(sampler, [(sets[n][side], sets[n]["prefix"])
+                                              for n, side in keys])
+    for (name, side), p in zip(keys, probs):
+      row[f"{name}/{side}"] = float(p.mean())
     curve_by_step[int(step)] = row
     log.info("organism probe at step %d, P(attack) deployment/testing: %s", step, ", ".join(
         f"{n} {row[n + '/deploy']:.2f}/{row[n + '/test']:.2f}" for n in sets))
