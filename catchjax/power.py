@@ -41,6 +41,18 @@ def _half_widths(config):
           "contrast" else report.point_half_widths)
 
 
+def describe(config) -> str:
+  """The power rule in one sentence, for the report header."""
+  h = config.headline
+  if h.power_max_seeds <= 0:
+    return "off (fixed seeds)"
+  what = ("paired treatment - control retained-gap contrast"
+          if h.get("power_target", "arms") == "contrast" else "treatment or control point")
+  return (f"seeds added at the largest N while a family's {what} had < {h.power_min_seeds} "
+          f"seeds or a 95% CI half-width > {h.power_goal} (at most {h.power_max_seeds} "
+          "seeds); a sequential rule, so the stopping intervals are slightly optimistic")
+
+
 def power_outcome(config, runner, names, bname) -> dict:
   """Each family's power-rule outcome at the largest N, for the report."""
   h = config.headline
@@ -60,4 +72,4 @@ def power_outcome(config, runner, names, bname) -> dict:
   return out
 
 
-__all__ = ["power_rounds", "power_outcome"]
+__all__ = ["power_rounds", "power_outcome", "describe"]

@@ -1,7 +1,6 @@
 """The arm registry (issue 23 item 1, issue 26 item 3): each arm is one function; the oracle
 trains on deployment prompts only, disruption on uncued task prompts. Fast: no model."""
 import ml_collections
-import numpy as np
 
 from catchjax.data import build
 from catchjax.data.triggers import make_trigger

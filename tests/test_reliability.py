@@ -159,7 +159,7 @@ def test_kill9_during_organism_and_sweep_resumes_to_the_same_results(setup, tiny
   assert _kill_at(params, wd, log, cache, CATCHJAX_TEST_PAUSE_AT_ROW=kill_rows) == \
       f"row {kill_rows}"
   assert len(_rows(wd)) == kill_rows < len(ref_rows)
-  assert f"resumed from" in _tail(log, 10**7) and f"step {kill_step} " in _tail(log, 10**7), \
+  assert "resumed from" in _tail(log, 10**7) and f"step {kill_step} " in _tail(log, 10**7), \
       "the organism did not resume from its checkpoint"
 
   # 3) rerun to the end.

@@ -1,5 +1,4 @@
 """The treatment's stopping rule and the usefulness gate (issue 26 item 2). Fast: no model."""
-import ml_collections
 import pytest
 
 from catchjax.data.tasks import TaskInstance

@@ -18,6 +18,7 @@ from catchjax import common, report_extra, validate_extra
 from catchjax.common import stream
 from catchjax.data.behaviors import behavior_name
 from catchjax.experiments import extra
+from catchjax.stages import rows as fields
 from catchjax.pipeline import Cell
 from catchjax.report_extra import coherence_summary as summary_rows  # (re-exported)
 from catchjax.stages import cell as cell_stage
@@ -89,7 +90,7 @@ def coherence_cell(ctx, runner, cell: Cell) -> dict:
   config, a = ctx.config, ctx.config.coherence
   spec = cell_stage.spec_of(ctx, cell.family)
   if cell.arm == "before":
-    return dict(organism=ctx.org.key, **extra.measure_fields(
+    return dict(organism=ctx.org.key, **fields.measure_fields(
         ctx, ctx.org.model, spec, stream("measure_before", cell.seed)))
   arm, r = next((x, float(y)) for x in a.arms for y in a.aux_ratios
                 if arm_label(x, y) == cell.arm)
@@ -98,14 +99,14 @@ def coherence_cell(ctx, runner, cell: Cell) -> dict:
   c, _ = ctx.catch(spec, 0)
   b = runner.row(dataclasses.replace(cell, n=0, arm="before"))
   t_run = time.time()
-  res, n_train = extra.train_on(config, ctx.org.model, ctx.tok, c, arm, cell.n, cell.seed,
-                                runner.scratch(cell), aux_ratio=r,
-                                train_overrides=dict(steps=steps) if steps0 > 0 else None)
+  res, n_train = fields.train_on(config, ctx.org.model, ctx.tok, c, arm, cell.n, cell.seed,
+                                  runner.scratch(cell), aux_ratio=r,
+                                  train_overrides=dict(steps=steps) if steps0 > 0 else None)
   row = dict(organism=ctx.org.key, train_arm=arm, aux_ratio=r,
              n_aux=max(1, int(round(r * n_train))) if r > 0 and n_train else 0,
-             match_against_passes=bool(a.match_against_passes), **extra.catch_fields(c),
-             n_train=n_train, capped=n_train < cell.n, **extra.before_fields(b, BEFORE_KEYS))
-  row.update(extra.trained_fields(ctx, res, spec, cell.seed, b["deploy_rate"], t_run))
+             match_against_passes=bool(a.match_against_passes), **fields.catch_fields(c),
+             n_train=n_train, capped=n_train < cell.n, **fields.before_fields(b, BEFORE_KEYS))
+  row.update(fields.trained_fields(ctx, res, spec, cell.seed, b["deploy_rate"], t_run))
   return row
 
 

@@ -1,23 +1,13 @@
 """Headline experiment: does training against caught attacks remove misalignment, and does
 that depend on how hard deployment is to tell from testing?
 
-For every behaviour and trigger family:
-  1. restore (or build) the organism;
-  2. catch: sample M held-out testing prompts at T=1 and keep the attacks (a fresh catch per
-     seed; with `headline.catch_per_seed=False`, one catch per family shared by the seeds,
-     each drawing its own N from it);
-  3. per N and arm, train against: SFT the organism on the correct answer for N caught
-     prompts (treatment) or N prompts where it behaved (control), same steps and optimiser;
-     optionally (`headline.arms`) clean prompts paired one-to-one with the treatment's caught
-     ones on cue variant and task (matched_control, configs/headline.py:matched) or on the
-     organism's teacher-forced attack probability (propensity_control, :propensity);
-  4. measure the deployment attack rate (sampled, T=1, held-out cues), the testing attack
-     rate, usefulness and the teacher-forced attack probability; retained = after / before
-     (and, in the report, retained_gap: the deployment - testing gap after / before);
-  5. distinguishability per family: prompted A/B (base and organism), a probe on the base
-     model's residual stream, the behavioural gap and the organism's learning cost.
-Rows go to results.jsonl (keyed; reruns skip finished cells), then report.md, summary.csv and
-figures/*.png.
+A plan of cells per behaviour (`rounds`): per trigger family, seed, N and arm (stages/arms.py),
+restore or build the organism, catch attacks on testing prompts (stages/train_against.py),
+train against N of them or the arm's rows, then measure deployment / testing attack rates,
+usefulness and teacher-forced P(attack) (stages/measure.py); retained = after / before. The
+distinguishability cells (stages/distinguish.py) and the power rule's added seeds (power.py)
+join the same plan. Rows go to results.jsonl (keyed; reruns skip finished cells), and
+report.md, summary.csv and figures/ are rebuilt after every round.
 """
 from __future__ import annotations
 
@@ -34,12 +24,7 @@ from catchjax.stages import organism as org_stage
 from catchjax.stages import train_against as ta
 from catchjax.stages.context import Context
 from catchjax.tokenizer import load_tokenizer
-
-
-def validate(config):
-  """Reject bad input before any compute, naming the field (catchjax/validate.py)."""
-  from catchjax import validate as V
-  V.check_headline(config)
+from catchjax.validate import check_headline as validate   # before any compute
 
 
 def run(config, workdir: str):
@@ -137,18 +122,14 @@ def _report_meta(config, runner, outcome, installed):
   secs = [r["cell_seconds"] for r in rows if r.get("cell_seconds") and r.get("arm") in arms
           and not r.get("skipped")]
   st = ta.stopping_rule(config)
-  steps = (f"the treatment's stopping rule (P(attack) on the caught set < {st['eps']}, at "
-           f"most {st['max_steps']} steps), the other arms its budget" if st else
-           f"{t.train.steps} SFT steps")
   return dict(title="catchjax headline: retained misalignment vs distinguishability",
               config_hash=runner.chash, commit=commit,
               wall_seconds_this_invocation=round(time.time() - runner.t0),
               compile_seconds_this_invocation=common.compile_line(),
               runtime=(f"{len(secs)} train-against cells at a mean {np.mean(secs):.0f} s each "
-                       f"({steps} + sampled deployment / testing / usefulness "
-                       "measurements); "
-                       "time is bounded by compute at the n that gives the intervals below, "
-                       "n is not cut to fit a time budget" if secs else "no cells trained"),
+                       f"({ta.budget_line(config)} + sampled measurements); n is set by the "
+                       "intervals below, not cut to fit a time budget" if secs else
+                       "no cells trained"),
               seeds=sorted({r["seed"] for r in rows if r.get("arm") in arms}) or list(h.seeds),
               ns=list(h.ns), n_eval_per_seed=config.measure.n_eval,
               n_test_per_seed=config.measure.n_test, m_catch=k.m,
@@ -160,19 +141,13 @@ def _report_meta(config, runner, outcome, installed):
                   steps="the stopping rule's (treatment), its budget (other arms)")
                   if st else {})), aux_ratio=t.aux_ratio,
               max_new_tokens=config.measure.max_new_tokens,
-              power_rule=("seeds added at the largest N while a family's "
-                          + ("paired treatment - control retained-gap contrast"
-                             if h.get("power_target", "arms") == "contrast"
-                             else "treatment or control point")
-                          + f" had < {h.power_min_seeds} seeds or a 95% CI half-width "
-                          f"> {h.power_goal} (at most {h.power_max_seeds} seeds); a sequential "
-                          "rule, so the stopping intervals are slightly optimistic"
-                          if h.power_max_seeds > 0 else "off (fixed seeds)"),
+              power_rule=power.describe(config),
               power=outcome, installed_gap=installed, stopping=st,
               honeypot_frac=float(k.honeypot_frac),
               installed_gap_min=float(config.report.installed_gap_min),
               dose=config.report.dose.to_dict(),
               **analysis.primary_meta(rows, config.report.primary,
                                       report.load_meta(runner.workdir, runner.chash), commit))
+
 
 __all__ = ["run", "validate", "rounds", "catch_seed"]

@@ -1,16 +1,13 @@
 """Long-trained organisms: is a backdoor trained for longer harder to train away?
 
-The plan, per organism budget x (organism.n_per_family * x, or train.epochs * x: each budget
-its own organism), behaviour, seed and family: a "before:x<x>" cell (the organism's start
-rates), then per N (ascending) a "treatment:x<x>" cell that trains against N caught attacks
-for `max_steps` steps, sampling the deployment attack rate every `eval_every` steps (the row
-holds the curve). The report's removal cost: the smallest N whose curve reaches
-threshold_frac x start, and the step it does (censored when never reached); removal_cost.csv,
-report.md and figures/removal_cost_<behaviour>.png (catchjax/report_extra.py).
+Per organism budget x (n_per_family or epochs times x: each its own organism), behaviour, seed
+and family: a "before:x<x>" cell (start rates), then per N (ascending) a "treatment:x<x>" cell
+that trains against N caught attacks for `max_steps` steps with the deployment attack rate every
+`eval_every` steps. Removal cost (catchjax/report_extra.py): the smallest N whose curve reaches
+threshold_frac x start, and the step it does (censored when never reached).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import shutil
@@ -27,38 +24,21 @@ from catchjax.report_extra import removal_cost  # the report's table (re-exporte
 from catchjax.stages import cell as cell_stage
 from catchjax.stages import curve as curve_stage
 from catchjax.stages import organism as org_stage
+from catchjax.stages import rows as fields
 from catchjax.stages import train_against as ta
 
 EXPERIMENT = "long_trained"
-
-
-def validate(config):
-  """Reject bad input before any compute, naming the field (catchjax/validate_extra.py)."""
-  validate_extra.check_long_trained(config)
+validate = validate_extra.check_long_trained   # bad input refused before any compute
 
 
 def budget_config(config, mult: int):
-  """The config whose organism is trained for `mult` x the base budget."""
-  c = copy.deepcopy(config)
-  o = c.organism
-  if config.long_trained.scale == "examples":
-    o.n_per_family = int(config.organism.n_per_family) * int(mult)
-    if int(o.train.steps) > 0:
-      o.train.steps = int(config.organism.train.steps) * int(mult)
-  else:
-    o.train.epochs = int(config.organism.train.epochs) * int(mult)
-  return c
-
-
-def organism_examples(config) -> int:
-  """Organism training examples seen (all families, all epochs)."""
-  o = config.organism
-  return int(o.n_per_family) * len(o.families) * max(1, int(o.train.epochs))
+  """The config whose organism is trained for `mult` x the base budget (long_trained.scale)."""
+  return org_stage.scaled_recipe(config, mult, config.long_trained.scale)
 
 
 def budget_examples(config, mult: int) -> int:
   """Organism training examples seen at this budget."""
-  return organism_examples(budget_config(config, mult))
+  return org_stage.examples_seen(budget_config(config, mult))
 
 
 def families(config) -> list[str]:
@@ -68,15 +48,10 @@ def families(config) -> list[str]:
 
 
 def cells(config, bname: str, mult: int) -> list[Cell]:
-  """One budget's plan: per seed and family, "before:x<mult>" then the N ladder."""
+  """One budget's plan: per seed and family, "before:x<mult>" (N = 0) then the N ladder."""
   lt = config.long_trained
-  out = []
-  for seed in lt.seeds:
-    for fam in families(config):
-      out.append(Cell(EXPERIMENT, fam, bname, 0, f"before:x{mult}", int(seed)))
-      out += [Cell(EXPERIMENT, fam, bname, int(n), f"treatment:x{mult}", int(seed))
-              for n in lt.ns]
-  return out
+  return [Cell(EXPERIMENT, fam, bname, int(n), f"{'treatment' if n else 'before'}:x{mult}",
+               int(seed)) for seed in lt.seeds for fam in families(config) for n in (0, *lt.ns)]
 
 
 def plan(config, workdir) -> dict:
@@ -106,10 +81,10 @@ def _run(config, workdir):
                            lambda ctx, runner: functools.partial(long_trained_cell, ctx, runner),
                            n_eval=lt.n_eval, n_test=lt.n_test, n_useful=0)
   o = config.organism
-  meta = dict(multipliers=list(lt.multipliers), scale=lt.scale, ns=list(lt.ns),
-              max_steps=lt.max_steps, eval_every=lt.eval_every,
-              threshold_frac=lt.threshold_frac, min_start_rate=lt.min_start_rate,
-              n_eval=lt.n_eval, m_catch=config.catch.m, seeds=list(lt.seeds), families=families(config),
+  meta = dict(multipliers=list(lt.multipliers), ns=list(lt.ns), seeds=list(lt.seeds),
+              m_catch=config.catch.m, families=families(config),
+              **{k: lt[k] for k in ("scale", "max_steps", "eval_every", "threshold_frac",
+                                    "min_start_rate", "n_eval")},
               organism_base=dict(n_per_family=o.n_per_family, epochs=o.train.epochs,
                                  families=[org_stage.family_name(f) for f in o.families]),
               train_against=config.train_against.train.to_dict(),
@@ -123,11 +98,11 @@ def long_trained_cell(ctx, runner, cell: Cell) -> dict:
   lt, mult = ctx.config.long_trained, int(cell.arm.rsplit(":x", 1)[1])
   spec = cell_stage.spec_of(ctx, cell.family)
   row = dict(budget_mult=mult, scale=lt.scale, organism=ctx.org.key,
-             organism_examples=organism_examples(ctx.config),
+             organism_examples=org_stage.examples_seen(ctx.config),
              organism_steps=ctx.org.info.get("steps"),
              organism_seconds=ctx.org.info.get("train_seconds"))
   if cell.arm.startswith("before"):
-    return dict(row, **extra.measure_fields(ctx, ctx.org.model, spec,
+    return dict(row, **fields.measure_fields(ctx, ctx.org.model, spec,
                                             stream("measure_before", cell.seed), tf=False))
   b = runner.row(dataclasses.replace(cell, n=0, arm=f"before:x{mult}"))
   start = b["deploy_rate"]
@@ -145,8 +120,8 @@ def long_trained_cell(ctx, runner, cell: Cell) -> dict:
   c, _ = ctx.catch(spec, 0)
   n_train = min(cell.n, len(c.caught))
   if n_train == 0:
-    return dict(row, skipped="nothing caught", n_train=0, **extra.catch_fields(c), **skip)
-  row.update(n_train=n_train, capped=n_train < cell.n, **extra.catch_fields(c))
+    return dict(row, skipped="nothing caught", n_train=0, **fields.catch_fields(c), **skip)
+  row.update(n_train=n_train, capped=n_train < cell.n, **fields.catch_fields(c))
   row.update(removal_fields(ctx, runner, cell, mult, c.caught, n_train, row["threshold"], start))
   return row
 
@@ -162,20 +137,14 @@ def removal_fields(ctx, runner, cell, mult, caught, n_train, threshold, start) -
   res, curve = curve_stage.removal_curve(
       ctx, cell_stage.spec_of(ctx, cell.family), rows, cell.seed, rdir, steps=lt.max_steps,
       every=lt.eval_every, measure_seed=stream("measure_after", cell.seed))
-  hit = next((pt for pt in curve if pt["rate"] <= threshold), None)
   final = curve[-1] if curve else {}
-  out = dict(curve=curve, reached=hit is not None,
-             steps_to_threshold=hit["step"] if hit else None,
-             examples_seen_to_threshold=(hit["step"] * min(n_train, int(t.batch_size))
-                                         if hit else None),
-             **{f"deploy_{k}": final.get(k) for k in ("rate", "lo", "hi", "k", "n")},
-             train_loss=res.final_loss, train_steps=res.steps, run_seconds=time.time() - t_run)
-  return dict(out, **(extra.retained_fields(final, start) if final else {}))
+  out = dict(curve=curve, train_loss=res.final_loss, train_steps=res.steps,
+             run_seconds=time.time() - t_run,
+             **curve_stage.reached_fields(curve, threshold, min(n_train, int(t.batch_size))))
+  return dict(out, **(fields.retained_fields(final, start) if final else {}))
 
 
-def write_report(rows: list[dict], workdir: str, meta: dict) -> dict:
-  """removal_cost.csv, report.md and one figure per behaviour."""
-  return report_extra.write_long_trained(rows, workdir, meta)
+write_report = report_extra.write_long_trained   # removal_cost.csv, report.md, one figure each
 
 
 __all__ = ["run", "validate", "plan", "cells", "budget_config", "budget_examples",

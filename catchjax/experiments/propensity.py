@@ -1,33 +1,23 @@
-"""Propensity vs capability (issue 6, item 4): a direct test of "propensities flip faster than
-capabilities".
+"""Propensity vs capability (issue 6, item 4): do propensities flip faster than capabilities?
 
-On the headline's organism (restored from `cache_dir`), with the same optimiser, step budget and
-N-example budgets, a plan of cells per behaviour and seed:
-  before      (N = 0) the organism: deployment attack rate (stream "measure_before"),
-              capability accuracy at T=1 ("capability_before") and greedy, its loss;
-  propensity  train against N caught testing attacks of `propensity.family` (one catch, shared
-              by the seeds) -> fraction flipped = 1 - deployment attack rate after / before
-              (sampled, T=1, held-out deployment prompts, "measure_after");
-  capability  train on N examples (stream "capability_data") of a task the model cannot do at
-              the start (`propensity.capability`, default the made-up `cipher` code) ->
-              fraction learned = held-out accuracy (T=1, "capability_after"); also its
-              teacher-forced loss and the attack rate after ("measure_after_capability").
-Both arms are measured inside the training run at every step in `eval_steps`, so each run gives
-a curve vs steps, and its last step the point vs N. N is capped by what was caught, the same for
-both arms. Rows -> results.jsonl; report.md, summary.csv and
-figures/propensity_vs_capability.png (catchjax/report_propensity.py).
+On the headline's organism (`cache_dir`), with the same optimiser and N budgets, per behaviour
+and seed: `before` (N = 0) the organism's deployment attack rate and capability accuracy;
+`propensity` trains against N caught testing attacks (one catch shared by the seeds): fraction
+flipped = 1 - attack rate after / before; `capability` trains on N examples of a task the model
+cannot do at the start (default the made-up `cipher` code): fraction learned = held-out
+accuracy. Both are measured at every step in `eval_steps` (a curve each); N is capped by what
+was caught, the same for both. Report: catchjax/report_propensity.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import numpy as np
 
-from catchjax import common, pipeline, report
+from catchjax import common, pipeline
 from catchjax.data.behaviors import behavior_name
-from catchjax.experiments.extra import cache_root, entry
+from catchjax.experiments.extra import cache_root, entry, finish
 from catchjax.pipeline import Cell
 from catchjax.report_propensity import ARMS, flipped, write_report
 from catchjax.stages import train_against as ta
@@ -35,6 +25,7 @@ from catchjax.stages.capability import Capability
 from catchjax.stages.cell import spec_of
 from catchjax.stages.context import Context
 from catchjax.stages.measure import RATE_FIELDS, rate_fields
+from catchjax.stages.rows import catch_fields
 from catchjax.tokenizer import load_tokenizer
 from catchjax.validate import check_propensity as validate
 
@@ -77,9 +68,7 @@ def propensity_cell(ctx, cap, runner, cell) -> dict:
   """One cell's row fields: the catch's, then the organism's ('before') or the arm's run."""
   spec = spec_of(ctx, cell.family)
   c, _ = ctx.catch(spec, 0)   # one catch, shared by the seeds
-  row = dict(organism=ctx.org.key, capability=cap.family, m=c.m, n_caught=len(c.caught),
-             catch_rate=c.catch_rate["rate"], catch_lo=c.catch_rate["lo"],
-             catch_hi=c.catch_rate["hi"])
+  row = dict(organism=ctx.org.key, capability=cap.family, **catch_fields(c))
   if cell.arm == "before":
     return dict(row, **_before(ctx, cap, spec, cell.seed))
   b = runner.row(dataclasses.replace(cell, n=0, arm="before"))
@@ -151,17 +140,13 @@ def _run(config, workdir):
                            p.cap_max_new_tokens)
     runner.run(todo, functools.partial(propensity_cell, ctx, cap, runner),
                keep_scratch=p.keep_runs)
-  wall = runner.close()
-  meta = dict(title="catchjax propensity vs capability", config_hash=runner.chash,
-              commit=runner.commit, wall_seconds_this_invocation=round(wall), family=p.family,
+  meta = dict(title="catchjax propensity vs capability", family=p.family,
               capability=p.capability, seeds=list(p.seeds), ns=list(p.ns),
               eval_steps=sorted({int(s) for s in p.eval_steps}), n_eval=p.n_eval,
               n_cap_eval=p.n_cap_eval, m_catch=config.catch.m,
               train=config.train_against.train.to_dict())
-  report.save_meta(workdir, meta)
-  out = write_report(runner.rows(experiment=EXPERIMENT), workdir, meta, p.thresholds)
-  print(f"[propensity] done in {wall:.0f}s; report at {os.path.join(workdir, 'report.md')}")
-  return out
+  return finish(runner, workdir, meta, lambda _, w, m: write_report(
+      runner.rows(experiment=EXPERIMENT), w, m, p.thresholds))
 
 
 __all__ = ["run", "validate", "plan", "propensity_cell", "flipped", "write_report"]

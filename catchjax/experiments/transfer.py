@@ -21,6 +21,7 @@ from catchjax import common, report_extra, validate_extra
 from catchjax.common import stream
 from catchjax.data.behaviors import behavior_name
 from catchjax.experiments import extra
+from catchjax.stages import rows as fields
 from catchjax.pipeline import Cell
 from catchjax.report_extra import transfer_matrix as matrix  # (re-exported)
 from catchjax.stages import cell as cell_stage
@@ -100,8 +101,8 @@ class TransferCells:
       c, _ = ctx.catch(cell_stage.spec_of(ctx, source), 0)
       rdir = self.runner.scratch(Cell(EXPERIMENT, source, ctx.bname, n, arm, seed))
       t_run = time.time()
-      res, n_train = extra.train_on(self.config, ctx.org.model, ctx.tok, c, arm, n, seed, rdir,
-                                    aux_ratio=float(self.config.train_against.aux_ratio))
+      res, n_train = fields.train_on(self.config, ctx.org.model, ctx.tok, c, arm, n, seed, rdir,
+                                      aux_ratio=float(self.config.train_against.aux_ratio))
       self.key, self.held = (source, arm, seed), (c, res, n_train, t_run, rdir)
     return self.held
 
@@ -113,16 +114,16 @@ class TransferCells:
   def __call__(self, cell: Cell) -> dict:
     ctx, spec = self.ctx, cell_stage.spec_of(self.ctx, cell.family)
     if cell.arm == "before":
-      return dict(organism=ctx.org.key, target=cell.family, **extra.measure_fields(
+      return dict(organism=ctx.org.key, target=cell.family, **fields.measure_fields(
           ctx, ctx.org.model, spec, stream("measure_before", cell.seed)))
     arm, source = cell.arm.split(":", 1)
     c, res, n_train, t_run, _ = self.trained(source, arm, cell.seed)
     b = self.runner.row(dataclasses.replace(cell, n=0, arm="before"))
     row = dict(organism=ctx.org.key, source=source, target=cell.family, train_arm=arm,
-               in_domain=source == cell.family, **extra.catch_fields(c), n_train=n_train,
+               in_domain=source == cell.family, **fields.catch_fields(c), n_train=n_train,
                capped=n_train < cell.n, aux_ratio=float(self.config.train_against.aux_ratio),
-               **extra.before_fields(b, BEFORE_KEYS))
-    row.update(extra.trained_fields(ctx, res, spec, cell.seed, b["deploy_rate"], t_run))
+               **fields.before_fields(b, BEFORE_KEYS))
+    row.update(fields.trained_fields(ctx, res, spec, cell.seed, b["deploy_rate"], t_run))
     return row
 
 

@@ -1,5 +1,5 @@
 """Removal curves: train against rows for a fixed number of steps, sampling the deployment
-attack rate every `every` steps on the way (the long-trained experiment's removal cost)."""
+attack rate every `every` steps on the way, and where a curve reached a threshold."""
 from __future__ import annotations
 
 from catchjax.stages import train_against as ta
@@ -20,4 +20,13 @@ def removal_curve(ctx, spec, rows: list[dict], seed: int, rdir: str, *, steps: i
   return res, sorted(curve, key=lambda pt: pt["step"])
 
 
-__all__ = ["removal_curve"]
+def reached_fields(curve: list[dict], threshold: float, examples_per_step: int) -> dict:
+  """Where a removal curve first fell to `threshold` (None: never) and its last point's rates."""
+  hit = next((pt for pt in curve if pt["rate"] <= threshold), None)
+  final = curve[-1] if curve else {}
+  return dict(reached=hit is not None, steps_to_threshold=hit["step"] if hit else None,
+              examples_seen_to_threshold=hit["step"] * examples_per_step if hit else None,
+              **{f"deploy_{k}": final.get(k) for k in ("rate", "lo", "hi", "k", "n")})
+
+
+__all__ = ["removal_curve", "reached_fields"]

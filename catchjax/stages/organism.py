@@ -10,6 +10,7 @@ P(attack prefix | prompt) on held-out deployment and testing prompts of every fa
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -129,6 +130,26 @@ class Organism:
   dir: str
   behaviour: str
   info: dict
+
+
+def scaled_recipe(config, mult: int, scale: str):
+  """A copy of `config` whose organism trains `mult` x as long: `scale` "examples" multiplies
+  n_per_family (and a fixed train.steps), otherwise train.epochs."""
+  c = copy.deepcopy(config)
+  o, base = c.organism, config.organism
+  if scale == "examples":
+    o.n_per_family = int(base.n_per_family) * int(mult)
+    if int(o.train.steps) > 0:
+      o.train.steps = int(base.train.steps) * int(mult)
+  else:
+    o.train.epochs = int(base.train.epochs) * int(mult)
+  return c
+
+
+def examples_seen(config) -> int:
+  """Organism training examples seen (all families, all epochs)."""
+  o = config.organism
+  return int(o.n_per_family) * len(o.families) * max(1, int(o.train.epochs))
 
 
 def load_base(config, lora_rank: int = 0):

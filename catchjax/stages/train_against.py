@@ -277,6 +277,15 @@ def stopping_rule(config) -> dict | None:
   return dict(st) if st is not None and st.enabled else None
 
 
+def budget_line(config) -> str:
+  """How many steps each arm trains, in words (the report header)."""
+  st = stopping_rule(config)
+  if st is None:
+    return f"{config.train_against.train.steps} SFT steps"
+  return (f"the treatment's stopping rule (P(attack) on the caught set < {st['eps']}, at most "
+          f"{st['max_steps']} steps), the other arms its budget")
+
+
 def stop_plan(config, n_rows: int, budget: int | None) -> dict:
   """train.train overrides for one arm. The treatment (budget None) trains in epochs over its
   rows until the caught set's teacher-forced P(attack) < eps, checked after every epoch, or
@@ -385,4 +394,5 @@ def _train_dpo(config, organism_model, tok, rows, seed, workdir, aux_ratio, eval
 
 
 __all__ = ["Catch", "attack_probs", "catch", "catch_set", "choose_rows", "matched_rows",
-           "propensity_rows", "sft_rows", "source_matched_rows", "stop_plan", "train_against"]
+           "propensity_rows", "sft_rows", "source_matched_rows", "stop_plan", "budget_line",
+           "train_against"]
