@@ -64,8 +64,11 @@ class Runner:
     self.bar = None
     if progress:
       from tqdm.auto import tqdm
+      # smoothing=0: the rate is this invocation's cells over its time. tqdm's default moving
+      # average would take in the burst of already-stored cells counted at plan time, and a
+      # resumed run would show an ETA ~10x too short (seen on the :curves resume).
       self.bar = tqdm(total=0, desc=desc or f"{experiment} cells", unit="cell",
-                      dynamic_ncols=True)
+                      dynamic_ncols=True, smoothing=0)
 
   # -- rows
   def rows(self, **match) -> list[dict]:

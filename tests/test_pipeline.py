@@ -638,6 +638,29 @@ def test_runner_resumes_by_key_and_stamps_rows(tmp_path):
   assert results.row_key(row) == cells[3].key(r2.chash)
 
 
+def test_resumed_runner_eta_leaves_out_stored_cells(tmp_path):
+  """A resumed run's ETA is its own cells' rate: the cells already stored (counted at plan
+  time in one burst) must not make the remaining ones look instant."""
+  import time
+  from catchjax import pipeline
+  from configs.headline import get_config
+  c = get_config("tiny")
+  cells = [pipeline.Cell("x", "f", "hate", 4, "t", s) for s in range(12)]
+  pipeline.Runner("x", c, str(tmp_path), progress=False).run(cells[:8], lambda cell: {})
+  r = pipeline.Runner("x", c, str(tmp_path), progress=True)
+  r.bar.mininterval = 0
+
+  def slow(cell):
+    time.sleep(0.3)
+    return {}
+  r.run(cells[:9], slow)                   # the 9th cell runs, the first 8 are stored
+  d = r.bar.format_dict
+  rate = d["rate"] if d["rate"] else (d["n"] - d["initial"]) / d["elapsed"]
+  r.close()
+  assert d["n"] == 9 and d["total"] == 9
+  assert rate < 1 / 0.25, rate             # ~1 cell / 0.3 s, not ~9 cells / 0.3 s
+
+
 def test_pool_over_organisms_pairs_arms_by_organism_and_seed(tmp_path):
   """Issue 27 item 3: the same sweep on several organisms pools (--organisms); seeds repeat
   across organisms, so arms pair by (organism, seed), and configs may differ only in the
