@@ -33,7 +33,8 @@ def unstack(spec, state):
 def compact(spec, cache, tok_B, done_B, toks, lps, lens_B, seeds_B, keep_b):
   """Rows keep_b (b < B) of everything `decode` carries: drops rows that are done."""
   take = lambda x: spec.shard(jnp.take(x, keep_b, axis=0))
-  return ({k: tuple(take(x) for x in v) for k, v in cache.items()},
+  return ({k: tuple(spec.shard_layer_cache(jnp.take(x, keep_b, axis=0)) for x in v)
+           for k, v in cache.items()},
           *(take(x) for x in (tok_B, done_B, toks, lps, lens_B, seeds_B)))
 
 
@@ -69,7 +70,7 @@ def decode_fn(spec, state, layers, cache, tok_B, done_B, toks, lps, t, t_end, pr
     lp = jnp.where(done, 0.0, lp)
     toks = jax.lax.dynamic_update_slice(toks, new[:, None], (0, t))
     lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, t))
-    cache = {k: tuple(spec.shard(x) for x in v) for k, v in cache.items()}
+    cache = {k: tuple(spec.shard_layer_cache(x) for x in v) for k, v in cache.items()}
     return t + 1, cache, new, done | is_eos(new, eos_E), toks, lps
 
   t, cache, tok, done, toks, lps = jax.lax.while_loop(

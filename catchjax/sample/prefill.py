@@ -55,7 +55,8 @@ def prompt_forward(spec: ProgramSpec, m, prefix_P, prefix_len, suffix_BxT, lens_
 
 def per_layer(spec: ProgramSpec, cache):
   """A stacked cache [L, B, ...] as per-layer buffers {k: (L arrays [B, ...])}."""
-  return {k: tuple(spec.shard(v[i]) for i in range(v.shape[0])) for k, v in cache.items()}
+  return {k: tuple(spec.shard_layer_cache(v[i]) for i in range(v.shape[0]))
+          for k, v in cache.items()}
 
 
 def _first_token(m, h, active_B, seeds_B, eos_E, pad_id, temperature, top_k, top_p, mode):

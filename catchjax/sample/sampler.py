@@ -16,7 +16,7 @@ from catchjax.sample import decode as decode_lib
 from catchjax.sample import layout, loop, scoring
 from catchjax.sample.engine import Engine, batch_mesh
 from catchjax.sample.params import SampleOutput, SamplingParams
-from catchjax.sample.spec import ProgramSpec
+from catchjax.sample.spec import ProgramSpec, cache_head_axes
 
 
 class Sampler:
@@ -91,8 +91,9 @@ class Sampler:
                        f"and {decode_chunk}")
     self.compact_rows, self.decode_chunk = int(compact_rows), int(decode_chunk)
     graphdef, state = nnx.split(model)
-    self.engine = Engine(ProgramSpec(graphdef, cfg, mesh, axes), state,
-                         sharding.rules_dict(rules))
+    rules = sharding.rules_dict(rules)
+    heads = cache_head_axes(mesh, rules, axes, cfg.num_kv_heads)
+    self.engine = Engine(ProgramSpec(graphdef, cfg, mesh, axes, heads), state, rules)
     self.last_decode_steps: list[int] = []
     self.last_stats: dict[str, float] = {}
 
