@@ -31,6 +31,8 @@ def test_bench_smoke_runs_both_sides(tiny_dir, tmp_path):
     assert res[side]["score"]["tok_s"]["median"] > 0
     assert res[side]["peak_rss_mb"] > 0
   assert 0 < res["jax"]["train"]["mfu"]["median"] < 1
+  # The peak is the best of two warmed-up sweeps (before and after training), MFU against it.
+  assert res["jax"]["matmul_peak_flops"] == max(res["jax"]["matmul_peak_runs"]) > 0
   assert set(res["ratios"]) == {"train", "sample", "score"}
   assert "train tok/s" in p.stdout and "ratio" in p.stdout
 
