@@ -718,7 +718,7 @@ def test_crossed_design_runs_every_training_seed_against_every_catch(headline_ru
   h.families, h.arms, h.distinguish_seeds = ("jsonl",), ("treatment", "control"), ()
   h.seeds, h.catch_seeds, h.return_n = (0, 1), (0, 1), 0
   headline.validate(c2)
-  cells = [x for cs, _ in headline.rounds(c2, ["jsonl"], "hate") for x in cs]
+  cells = [x for cs in headline.rounds(c2, ["jsonl"], "hate") for x in cs]
   assert sorted((x.seed, x.catch, x.arm) for x in cells) == sorted(
       (s, k, a) for s in (0, 1) for k in (0, 1) for a in ("treatment", "control"))
   wd2 = str(tmp_path / "crossed")
@@ -781,3 +781,22 @@ def test_removal_curves_record_every_arm_on_the_way(headline_run, tmp_path):
   md = open(os.path.join(wd2, "report.md")).read()
   assert "Removal vs training step" in md and "| 8 |" in md
   assert os.path.isfile(os.path.join(wd2, "figures", "curve_jsonl_hate_n8.png"))
+
+
+def test_headline_round_one_is_two_seeds_at_the_largest_n():
+  """Issue 28 item 2: the default plan's first round (the first complete report) is every
+  family, treatment and control, at N = 16 on two seeds; distinguishability comes after it,
+  then the third seed, then the other Ns; the rounds cover the grid once."""
+  from catchjax.experiments import headline
+  from configs.headline import get_config
+  c = get_config()
+  names = [headline.org_stage.family_name(f) for f in headline.families_of(c)]
+  rs = list(headline.rounds(c, names, "hate"))
+  first = {(x.family, x.arm, x.n, x.seed) for x in rs[0]}
+  assert first == {(f, a, 16, s) for f in names for a in ("treatment", "control")
+                   for s in (0, 1)}
+  assert {x.arm for x in rs[1]} == {"distinguish"}
+  assert {x.seed for x in rs[2]} == {2} and {x.n for x in rs[2]} == {16}
+  assert {x.n for x in rs[-1]} == {1, 4}
+  cells = [x for r in rs for x in r]
+  assert len(cells) == len(set(cells)) == 5 * 2 * 3 * 3 + 5

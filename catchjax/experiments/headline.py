@@ -53,9 +53,10 @@ def catch_seed(config, cell) -> int:
 
 
 def rounds(config, names: list[str], bname: str):
-  """The plan, in the order it runs: every family at the first seed and the largest N, then
-  distinguishability, then the largest N at the other seeds (so the headline points get their
-  intervals early), then the other Ns. Yields (cells, report after this round)."""
+  """The plan, in the order it runs. Round 1, the first complete report: every family at the
+  largest N on the first two seeds (issue 28 item 2). Then distinguishability, then the largest
+  N at the other seeds (so the headline points get their intervals early), then the other Ns.
+  Yields each round's cells; the report is rebuilt after every round."""
   h = config.headline
   big, arms = max(h.ns), tuple(h.arms)
   # A crossed design (headline.catch_seeds): every training seed against every catch.
@@ -63,12 +64,12 @@ def rounds(config, names: list[str], bname: str):
   grid = lambda seeds, ns: [Cell("headline", f, bname, int(n), a, s, c)   # noqa: E731
                             for s in seeds for f in names for n in ns for c in catches
                             for a in arms]
-  yield grid(h.seeds[:1], [big]), False
+  yield grid(h.seeds[:2], [big])
   yield [Cell("headline", f, bname, 0, "distinguish", s)
-         for f in names for s in h.distinguish_seeds], True
-  for s in h.seeds[1:]:
-    yield grid([s], [big]), True
-  yield grid(h.seeds, [n for n in h.ns if n != big]), True
+         for f in names for s in h.distinguish_seeds]
+  for s in h.seeds[2:]:
+    yield grid([s], [big])
+  yield grid(h.seeds, [n for n in h.ns if n != big])
 
 
 def _run(config, workdir):
@@ -99,11 +100,10 @@ def _run(config, workdir):
                                            return_n=int(h.return_n))
 
     plan = list(rounds(config, names, ctx.bname))
-    runner.plan(c for cells, _ in plan for c in cells)   # the bar's total: the whole grid
-    for cells, report_after in plan:
-      runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs)
-      if report_after:
-        write_out()
+    runner.plan(c for cells in plan for c in cells)   # the bar's total: the whole grid
+    for cells in plan:
+      if runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs):
+        write_out()                                      # a round that added rows
     for cells in power.power_rounds(config, runner, names, ctx.bname):
       runner.run(cells, run_cell, keep_scratch=config.train_against.keep_runs)
     outcome[ctx.bname] = power.power_outcome(config, runner, names, ctx.bname)
