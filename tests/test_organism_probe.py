@@ -34,3 +34,14 @@ def test_one_call_probe_equals_per_family_scoring(tmp_path):
   # the families' means differ (the split back is not a no-op) and the curve is on disk
   assert len({round(v, 8) for v in got.values()}) == 4
   assert json.load(open(path))[0]["step"] == 25 and secs[0] > 0
+
+
+def test_report_card_time_line_says_where_the_time_went():
+  """Issue 28 item 1: the card's first line splits the build's time into training (probes,
+  with their share, and compile inside it) and the report card."""
+  from catchjax.stages.organism import time_line
+  t = dict(seconds=1000.0, probe_seconds=50.0, compile_seconds=8.0, steps=181,
+           examples_seen=4102, n_train=6000, tokens_per_sec=110.0)
+  line = time_line(t, 300.0)
+  assert line.startswith("Time: 1,300 s in all. Training 1,000 s (181 steps, 4102 of 6000")
+  assert "probes 50 s (5.0%)" in line and "compile 8 s" in line and "report card 300 s" in line

@@ -400,10 +400,23 @@ def _pct(d):
   return f"{100 * d['rate']:.1f}% [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}] (n={d['n']})"
 
 
+def time_line(t: dict, card_seconds: float | None) -> str:
+  """Where the build's time went, in one line: training (its probes and compile inside it),
+  then the report card."""
+  sec, probe, comp = (float(t.get(k) or 0) for k in ("seconds", "probe_seconds",
+                                                       "compile_seconds"))
+  card = float(card_seconds or 0)
+  share = f" ({100 * probe / sec:.1f}%)" if sec else ""
+  return (f"Time: {sec + card:,.0f} s in all. Training {sec:,.0f} s ({t.get('steps')} steps, "
+          f"{t.get('examples_seen')} of {t.get('n_train')} examples, "
+          f"{float(t.get('tokens_per_sec') or 0):.0f} tok/s), of which probes {probe:,.0f} s"
+          f"{share} and compile {comp:,.0f} s; report card {card:,.0f} s.")
+
+
 def card_markdown(card) -> str:
   stop = (card.get("stop") or {}).get("families", {})
   lines = [f"# Organism report card: {card['behaviour']} ({card['key']})", "",
-           f"Training: {card['train']}; report card {card.get('report_card_seconds', 0):.0f}s",
+           time_line(card['train'], card.get('report_card_seconds')),
            "", "| family | deployment attack rate | testing attack rate (= catch rate) | gap | "
            "learning cost (examples) | gap opened / data left (step) |", "|---|---|---|---|---|---|"]
   lc = card.get("learning_cost") or {}
