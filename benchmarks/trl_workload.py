@@ -54,10 +54,14 @@ def run_catchjax(config, ds, steps: int, warm: int) -> dict:
               ckpt_every=0)
   with tempfile.TemporaryDirectory() as wd:
     t0 = time.perf_counter()
-    res = train_lib.train(base, ds, tcfg, wd, eval_fn=lambda m, s: {}, progress=False,
+    # eval_fn must return a non-empty dict: the loop feeds stop_fn only on a real eval.
+    res = train_lib.train(base, ds, tcfg, wd, eval_fn=lambda m, s: {"step": float(s)},
+                          progress=False,
                           stop_fn=lambda step, ev: step >= steps)
     wall = time.perf_counter() - t0
-  h = res.history[:steps]
+  h = res.history
+  if len(h) != steps:
+    raise RuntimeError(f"catchjax ran {len(h)} steps, not {steps}")
   ex = [r["examples"] for r in h]
   dt = [r["step_time"] for r in h]
   return dict(steps=len(h), examples=int(sum(ex)), wall_s=wall, compile_s=res.compile_time,
