@@ -12,6 +12,7 @@ misalignment vs distinguishability, for every trigger family.
   python -m catchjax.main --config=configs/headline.py:curves      # removal vs training step
   python -m catchjax.main --config=configs/headline.py:distinguish # distinguishability only
   python -m catchjax.main --config=configs/headline.py:graded      # collusion at 3 subtleties
+  python -m catchjax.main --config=configs/headline.py:dpo_pilot   # DPO's beta, on pilot seeds
 """
 import ml_collections
 
@@ -20,7 +21,7 @@ from configs.common import add_stage_sections, base_config, check_variant
 
 # --config=configs/headline.py:<variant>; none: the default (any other variant is refused)
 VARIANTS = ("full", "tiny", "matched", "propensity", "reseeded", "bounds", "pilot", "crossed",
-            "curves", "distinguish", "graded")
+            "curves", "distinguish", "graded", "dpo_pilot")
 
 # Graded levels of one family as named families (issue 27 item 4): the collusion note's marker
 # at subtlety 0 (an obvious [[COLLUDE]] token), 1 (the phrase "as discussed" among look-alike
@@ -149,6 +150,18 @@ def get_config(arg: str | None = None):
     c.organism.families = GRADED
     h.ns = (16,)
     h.seeds = (0, 1, 2)
+    h.power_max_seeds = 0
+  elif arg == "dpo_pilot":
+    # The dpo arm's beta (issue 26 item 3), on the pilot seeds (outside every sweep's): the
+    # treatment (its stopping rule sets the budget) and dpo at N = 16 on year and collusion.
+    # Run once per beta in (0.05, 0.1, 0.3) with --config.train_against.dpo_beta=B into one
+    # workdir (each beta its own config hash); the choice rule is pre-registered in WORKSPACE.md.
+    h.ns = (16,)
+    h.seeds = (100, 101)
+    h.arms = ("treatment", "dpo")
+    h.families = ("year", "collusion")
+    h.distinguish_seeds = ()
+    h.return_n = 0
     h.power_max_seeds = 0
   elif arg == "pilot":
     # The train-against pilot (issue 26 item 2): catch / training seeds outside every sweep's

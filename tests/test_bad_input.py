@@ -273,7 +273,7 @@ def test_every_config_refuses_an_unknown_variant(name):
 
 
 @pytest.mark.parametrize("spec,known", [
-    ("configs/headline.py:nope", "full, tiny, matched, propensity, reseeded, bounds, pilot, crossed, curves, distinguish, graded"),
+    ("configs/headline.py:nope", "full, tiny, matched, propensity, reseeded, bounds, pilot, crossed, curves, distinguish, graded, dpo_pilot"),
     ("configs/transfer.py:matched", "full, tiny"),      # a headline variant, not transfer's
     ("configs/smoke.py:tiny", "sampled"),
 ])
