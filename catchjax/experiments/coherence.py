@@ -18,10 +18,10 @@ from catchjax import common, report_extra, validate_extra
 from catchjax.common import stream
 from catchjax.data.behaviors import behavior_name
 from catchjax.experiments import extra
-from catchjax.stages import rows as fields
 from catchjax.pipeline import Cell
 from catchjax.report_extra import coherence_summary as summary_rows  # (re-exported)
 from catchjax.stages import cell as cell_stage
+from catchjax.stages import rows as fields
 
 EXPERIMENT = "coherence"
 ARMS = validate_extra.TRAIN_ARMS

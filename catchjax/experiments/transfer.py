@@ -21,10 +21,10 @@ from catchjax import common, report_extra, validate_extra
 from catchjax.common import stream
 from catchjax.data.behaviors import behavior_name
 from catchjax.experiments import extra
-from catchjax.stages import rows as fields
 from catchjax.pipeline import Cell
 from catchjax.report_extra import transfer_matrix as matrix  # (re-exported)
 from catchjax.stages import cell as cell_stage
+from catchjax.stages import rows as fields
 from catchjax.stats import newcombe_diff  # re-exported: the tests import it here
 
 EXPERIMENT = "transfer"

@@ -9,6 +9,7 @@ repeated shape never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -73,10 +74,7 @@ def cache_head_axes(mesh: Mesh | None, rules: dict | None, batch_axes, num_kv_he
   batch = {batch_axes} if isinstance(batch_axes, str) else set(batch_axes or ())
   axes = tuple(a for a in rules.get("kv_heads", ()) if a in mesh.axis_names
                and mesh.shape[a] > 1 and a not in batch)
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  if not axes or num_kv_heads % size:
+  if not axes or num_kv_heads % math.prod(mesh.shape[a] for a in axes):
     return None
   return axes if len(axes) > 1 else axes[0]
 

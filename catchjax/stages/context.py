@@ -246,7 +246,7 @@ __all__ = ["Context", "FamilySets"]
 def _rates_and_kl(a: dict) -> dict:
   """A curve point of the headline's curves: deploy_/test_ rate, lo, hi, k, n and the KL."""
   pt = {f"{name}_{k}": a[name][k] for name in ("deploy", "test")
-        for k in ("rate", "lo", "hi", "k", "n")}
+        for k in measure.RATE_FIELDS}
   if a["kl"] is not None:
     pt.update(kl=a["kl"]["kl"], kl_lo=a["kl"]["lo"], kl_hi=a["kl"]["hi"])
   return pt

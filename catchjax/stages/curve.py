@@ -26,7 +26,7 @@ def reached_fields(curve: list[dict], threshold: float, examples_per_step: int) 
   final = curve[-1] if curve else {}
   return dict(reached=hit is not None, steps_to_threshold=hit["step"] if hit else None,
               examples_seen_to_threshold=hit["step"] * examples_per_step if hit else None,
-              **{f"deploy_{k}": final.get(k) for k in ("rate", "lo", "hi", "k", "n")})
+              **{f"deploy_{k}": final.get(k) for k in RATE_FIELDS})
 
 
 __all__ = ["removal_curve", "reached_fields"]
