@@ -200,7 +200,8 @@ def plan_train_step(model_cfg, train_cfg, mesh=None, *, name: str = "train step"
   graphdef, trainable, frozen = train_lib.split_trainable(abstract, c)
   K = min(int(c.seq_len), int(c.max_loss_tokens)) if c.max_loss_tokens else int(c.seq_len)
   total = int(c.steps) if c.steps > 0 else 1
-  setup = train_lib.step_setup(graphdef, trainable, frozen, c, mesh, rules, total, K)
+  setup = train_lib.step_setup(graphdef, trainable, frozen, c, mesh, rules, total, K,
+                               train_lib.train_graph(model_cfg, c))
   args = (trainable, frozen, setup.opt_abs, setup.abstract_batch(c))
   n_tr = sum(_prod(x.shape) for x in jax.tree.leaves(trainable))
   n_all = n_tr + sum(_prod(x.shape) for x in jax.tree.leaves(frozen))
@@ -224,7 +225,7 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
   from catchjax.sample import layout as L
   from catchjax.sample import prefill as PF
   from catchjax.sample.engine import auto_mesh
-  cfg = model_cfg.without_training_knobs()
+  cfg = model_cfg
   abstract = nnx.eval_shape(lambda: llama.Llama(cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   batch_axes = None

@@ -27,6 +27,7 @@ from flax import nnx
 
 from catchjax import train as train_lib
 from catchjax.model import llama
+from catchjax.model.forward import INFERENCE, TrainGraph
 
 FIELDS = ("tokens", "segs", "loss_idx", "loss_tgt", "loss_w")
 
@@ -69,10 +70,10 @@ def encode_pairs(tok, pairs, seq_len: int, too_long: str = "drop"):
   return out, dropped
 
 
-def seq_logp(m: llama.Llama, b: dict) -> jax.Array:
+def seq_logp(m: llama.Llama, b: dict, graph: TrainGraph = INFERENCE) -> jax.Array:
   """Summed log-prob of each row's loss tokens, [R] (rows of train.DataPlan.build_rows)."""
   pos, mask = llama.packed_inputs(b["segs"], window=m.cfg.sliding_window)
-  h, _ = m.hidden(b["tokens"], pos, mask)
+  h, _ = m.hidden(b["tokens"], pos, mask, graph=graph)
   h_sel = jnp.take_along_axis(h, b["loss_idx"][..., None], axis=1)
   return -jnp.sum(train_lib._token_ce(m, h_sel, b["loss_tgt"], 0) * b["loss_w"], axis=-1)
 
@@ -106,12 +107,12 @@ def pair_logps(model: llama.Llama, arrs: dict, batch: int = 8) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 4))
 def _dpo_step(graphdef, spec, trainable, frozen, opt_state, b):
-  """One DPO step; spec = (train._opt_key, total steps, beta)."""
-  opt, total, beta = spec
+  """One DPO step; spec = (train._opt_key, total steps, beta, train.train_graph)."""
+  opt, total, beta, graph = spec
   tx, _ = train_lib.make_optimizer(ml_collections.ConfigDict(dict(opt)), total)
 
   def loss_fn(tr):
-    lp = seq_logp(nnx.merge(graphdef, tr, frozen), b)
+    lp = seq_logp(nnx.merge(graphdef, tr, frozen), b, graph)
     B = lp.shape[0] // 2
     return dpo_loss(lp[:B], lp[B:], b["ref"][:, 0], b["ref"][:, 1], beta, b["pair_w"])
 
@@ -147,7 +148,7 @@ def train_dpo(model: llama.Llama, tok, pairs: list[dict], cfg, beta: float,
   trainable = jax.tree.map(jnp.copy, trainable)   # donated: never the organism's buffers
   tx, sched = train_lib.make_optimizer(c, len(order))
   opt_state = tx.init(trainable)
-  spec = (train_lib._opt_key(c), len(order), float(beta))
+  spec = (train_lib._opt_key(c), len(order), float(beta), train_lib.train_graph(model.cfg, c))
   history, tok_sum, time_sum = [], 0, 0.0
   for step, idx in enumerate(order):
     t0 = time.perf_counter()

@@ -74,10 +74,6 @@ class ModelConfig:
   lora_rank: int = 0             # 0 = no LoRA adapters
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-  remat: str = "none"            # none | full | dots (see llama.REMAT_POLICIES)
-  # Training graph only: the first `frozen_layers` blocks (and the embedding lookup's input
-  # role) get no gradient; they run forward only, under stop_gradient (train.freeze_layers).
-  frozen_layers: int = 0
   # Layers per lax.scan iteration in the full-sequence (training / scoring) pass; 0 = all of
   # them (fully unrolled: lower peak RSS; the speed gain is within noise, see WORKSPACE.md).
   scan_unroll: int = 0
@@ -109,11 +105,6 @@ class ModelConfig:
       return tuple(self.layer_windows)
     return (self.sliding_window,) * self.num_layers
 
-  def without_training_knobs(self) -> "ModelConfig":
-    """This config with the training-graph knobs (remat, frozen blocks) at their defaults:
-    two models equal under it have the same weights and the same inference math."""
-    return self.replace(remat="none", frozen_layers=0)
-
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
@@ -143,12 +134,13 @@ class ModelConfig:
       n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return n
 
-  def flops_per_token(self, seq_len: int, with_head: bool = True) -> float:
+  def flops_per_token(self, seq_len: int, with_head: bool = True,
+                      frozen_layers: int = 0) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM appendix.
-    Blocks frozen by `frozen_layers` run forward only (1x instead of 3x)."""
+    The first `frozen_layers` blocks (train.freeze_layers) run forward only (1x, not 3x)."""
     n = self.num_params(include_embedding=False)
     fwd = 2 * n + 2 * self.num_layers * seq_len * self.num_heads * self.head_dim  # attn scores+values
-    frac = self.frozen_layers / self.num_layers   # the blocks are all the non-embedding params
+    frac = frozen_layers / self.num_layers   # the blocks are all the non-embedding params
     total = fwd * (3.0 - 2.0 * frac)
     if with_head:
       total += 3.0 * 2 * self.hidden_size * self.vocab_size

@@ -1,7 +1,8 @@
 """The decoder's forward pass over all layers, on plain arrays: embed, L blocks, final norm.
 
 Three layer loops share one block: a `lax.scan` over the stacked weights without a cache
-(training and scoring; frozen bottom blocks run under stop_gradient), a scan that writes a
+(training and scoring; the training step's frozen bottom blocks, `TrainGraph`, run under
+stop_gradient), a scan that writes a
 stacked KV cache (prefill), and a Python loop over per-layer weights and per-layer cache
 buffers (single-token decode inside a `lax.while_loop`, where a layer scan over stacked
 arrays would slice every layer's weights and write the stacked cache on every step).
@@ -13,6 +14,8 @@ the static value. The block builds its bias from the window, so under remat only
 is kept per layer, not a [B, T, S] bias.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,25 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 _NEG = jnp.finfo(jnp.float32).min
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainGraph:
+  """How the training step runs the layer scan; neither field changes the forward's numbers.
+  remat: a REMAT_POLICIES name. frozen_layers: the first k blocks run under stop_gradient
+  (forward only: autodiff builds no backward pass for them). The train step sets this from
+  its config (`train.step.train_graph`); inference and scoring use the default."""
+  remat: str = "none"
+  frozen_layers: int = 0
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}.")
+    if self.frozen_layers < 0:
+      raise ValueError(f"frozen_layers={self.frozen_layers} must be >= 0.")
+
+
+INFERENCE = TrainGraph()
 
 
 def embed(cfg: ModelConfig, embed_VxD, tokens_BxT):
@@ -55,22 +77,25 @@ def layer_windows(cfg: ModelConfig, positions_BxT, mask_BxTxS, key_positions_BxS
   return win_L, dist_BxTxS
 
 
-def layer_fn(cfg: ModelConfig, mask_BxTxS, bias_BxTxS, dist_BxTxS, cos, sin, cache_index):
+def layer_fn(cfg: ModelConfig, mask_BxTxS, bias_BxTxS, dist_BxTxS, cos, sin, cache_index,
+             remat: str = "none"):
   """The block as the layer loops call it, (x, p, kcs, vcs, i, win) -> (x, kcs, vcs): its bias
-  built from the layer's window (None: the caller's mask), under the config's remat policy."""
+  built from the layer's window (None: the caller's mask), under the remat policy `remat`."""
   def layer(x, p, kcs, vcs, i, win):
     if win is None:
       bias = bias_BxTxS
     else:
       bias = jnp.where(mask_BxTxS & (dist_BxTxS < win), 0.0, _NEG).astype(jnp.float32)
     return block(cfg, x, p, bias, cos, sin, kcs, vcs, i, cache_index)
-  if cfg.remat != "none":
-    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+  if remat != "none":
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
   return layer
 
 
-def scan_layers(cfg: ModelConfig, layer, x, lp, win_L, return_residuals: bool):
-  """Without a cache: a layer scan over the stacked weights lp. Returns (x, residuals)."""
+def scan_layers(cfg: ModelConfig, layer, x, lp, win_L, return_residuals: bool,
+                frozen_layers: int = 0):
+  """Without a cache: a layer scan over the stacked weights lp, the first `frozen_layers`
+  blocks under stop_gradient. Returns (x, residuals)."""
   def body(x, pw):
     p, win = pw
     x, _, _ = layer(x, p, None, None, None, win)
@@ -79,7 +104,9 @@ def scan_layers(cfg: ModelConfig, layer, x, lp, win_L, return_residuals: bool):
   def run(x, params):
     return jax.lax.scan(body, x, params, unroll=cfg.scan_unroll or True)
 
-  nf = cfg.frozen_layers
+  nf = frozen_layers
+  if nf > cfg.num_layers:
+    raise ValueError(f"frozen_layers={nf} > the model's {cfg.num_layers} layers.")
   if not nf:
     return run(x, (lp, win_L))
   # Frozen bottom blocks: inputs and weights under stop_gradient, so autodiff builds no
@@ -119,18 +146,21 @@ def decode_layers(cfg: ModelConfig, layer, x, layer_list, cache, return_residual
 
 def hidden(cfg: ModelConfig, embed_VxD, lp, final_norm_D, tokens_BxT, positions_BxT,
            mask_BxTxS, cache=None, cache_index=None, return_residuals: bool = False,
-           layer_list=None, key_positions_BxS=None):
-  """`Llama.hidden` on arrays: lp are the stacked layer weights (None with layer_list).
+           layer_list=None, key_positions_BxS=None, graph: TrainGraph = INFERENCE):
+  """`Llama.hidden` on arrays: lp are the stacked layer weights (None with layer_list);
+  `graph`: the training step's remat and frozen blocks (the cache-free scan only).
   Returns (final-normed hidden states, new cache[, residuals])."""
   x = embed(cfg, embed_VxD, tokens_BxT)
   cos, sin = rope_tables(positions_BxT, rope_inv_freq(cfg))
   bias_BxTxS = jnp.where(mask_BxTxS, 0.0, _NEG).astype(jnp.float32)
   win_L, dist_BxTxS = layer_windows(cfg, positions_BxT, mask_BxTxS, key_positions_BxS)
-  layer = layer_fn(cfg, mask_BxTxS, bias_BxTxS, dist_BxTxS, cos, sin, cache_index)
+  layer = layer_fn(cfg, mask_BxTxS, bias_BxTxS, dist_BxTxS, cos, sin, cache_index,
+                   graph.remat)
   if layer_list is not None:
     x, new_cache, res = decode_layers(cfg, layer, x, layer_list, cache, return_residuals)
   elif cache is None:
-    (x, res), new_cache = scan_layers(cfg, layer, x, lp, win_L, return_residuals), None
+    (x, res), new_cache = scan_layers(cfg, layer, x, lp, win_L, return_residuals,
+                                      graph.frozen_layers), None
   else:
     x, new_cache, res = scan_cached(layer, x, lp, win_L, cache, return_residuals)
   x = norm(cfg, x, final_norm_D)

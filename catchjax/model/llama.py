@@ -138,7 +138,8 @@ class Llama(nnx.Module):
     return out
 
   def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None,
-             return_residuals: bool = False, layer_list=None, key_positions_BxS=None):
+             return_residuals: bool = False, layer_list=None, key_positions_BxS=None,
+             graph: forward_lib.TrainGraph = forward_lib.INFERENCE):
     """Final-normed hidden states [B, T, D] and the updated KV cache.
 
     cache: None (attend within the T tokens given) or a dict from `init_cache`; then the T new
@@ -150,11 +151,12 @@ class Llama(nnx.Module):
       over stacked arrays slices every layer's weights and writes the stacked cache each step.
     key_positions_BxS: the position of every key slot of the mask, for per-layer windows
       (`cfg.layer_windows`) with a cache; without one the keys are the T tokens given.
+    graph: the training step's remat policy and frozen bottom blocks (`forward.TrainGraph`).
     """
     lp = _layer_arrays(self.layers) if layer_list is None else None
     return forward_lib.hidden(self.cfg, self.embed[...], lp, self.final_norm[...], tokens_BxT,
                               positions_BxT, mask_BxTxS, cache, cache_index, return_residuals,
-                              layer_list, key_positions_BxS)
+                              layer_list, key_positions_BxS, graph)
 
 
 def _layer_arrays(layers: Layers) -> dict[str, jax.Array]:

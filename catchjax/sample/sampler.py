@@ -109,10 +109,7 @@ class Sampler:
     """Use new weights (same architecture); compiled functions are kept."""
     graphdef, state = nnx.split(model)
     if graphdef != self.graphdef:
-      # Training-graph knobs (remat, frozen blocks) do not change the weights or the sampling
-      # math: keep this sampler's graph and compiled functions, take the new weights.
-      same_cfg = model.cfg.without_training_knobs() == self.cfg.without_training_knobs()
-      if not same_cfg or jax.tree.structure(state) != jax.tree.structure(self.state):
+      if model.cfg != self.cfg or jax.tree.structure(state) != jax.tree.structure(self.state):
         raise ValueError("update_model needs a model with the same structure; build a new "
                          "Sampler")
     self.engine.state = self.engine.place(state)

@@ -26,7 +26,7 @@ from catchjax.train.loop import TrainingDivergedError, TrainResult, train
 from catchjax.train.step import (COMPILE_COUNT, StepSetup, StepSpec, _opt_key, _token_ce,
                                  eval_loss, from_master, to_master, loss_sum, lr_schedule, make_optimizer,
                                  make_train_step, prepare_model, split_trainable, step_setup,
-                                 training_model_config)
+                                 train_graph, training_model_config)
 
 __all__ = [
     "BATCH_DTYPES", "COMPILE_COUNT", "DECAYS", "DataPlan", "RetiringPlan", "StepSetup",
@@ -35,5 +35,5 @@ __all__ = [
     "device_batch", "eval_loss", "from_master", "to_master", "first_fit", "loss_slots", "loss_sum", "lr_schedule",
     "make_optimizer", "make_train_step", "prepare_examples", "prepare_model", "restore_params",
     "shared_prefix", "split_trainable", "step_setup", "tokenize_chat_example", "train",
-    "training_model_config",
+    "train_graph", "training_model_config",
 ]

@@ -32,7 +32,7 @@ from catchjax.train.config import _merge_config
 from catchjax.train.data import (DataPlan, RetiringPlan, _Examples, device_batch, loss_slots,
                                  prepare_examples)
 from catchjax.train.step import (COMPILE_COUNT, StepSetup, from_master, prepare_model,
-                                 split_trainable, step_setup)
+                                 split_trainable, step_setup, train_graph)
 
 log = logging.getLogger("catchjax.train")
 
@@ -125,7 +125,8 @@ def _build_run(model, c, mesh, ex, plan, K, main):
   mcfg = model.cfg
   graphdef, trainable_host, frozen_host = split_trainable(model, c)
   del model
-  setup = step_setup(graphdef, trainable_host, frozen_host, c, mesh, rules, plan.total_steps, K)
+  setup = step_setup(graphdef, trainable_host, frozen_host, c, mesh, rules, plan.total_steps, K,
+                     train_graph(mcfg, c))
   frozen = shd.shard_state(frozen_host, setup.fr_sh)
   del frozen_host
   return _Run(c, ex, plan, K, mesh, mcfg, graphdef, setup, frozen, main), trainable_host
@@ -295,7 +296,8 @@ class _Meter:
     from catchjax.common import device_peak_flops
     mcfg = run.mcfg
     peak = (float(run.c.peak_flops) or device_peak_flops(mcfg.dtype)) * jax.device_count()
-    return cls(mcfg.flops_per_token(int(run.c.seq_len), with_head=False),
+    return cls(mcfg.flops_per_token(int(run.c.seq_len), with_head=False,
+                                    frozen_layers=int(run.c.freeze_layers)),
                6.0 * mcfg.hidden_size * mcfg.vocab_size,
                peak or float("nan"))   # unknown device: MFU is NaN, not a made-up figure
 

@@ -6,8 +6,10 @@
 * Optimizer: AdamW (decoupled weight decay, not on norms / biases), warmup then cosine /
   linear / constant decay, global-norm clipping. LoRA (cfg.lora_rank > 0): only LoRAParam
   adapters are trained and have optimizer state; otherwise every nnx.Param is trained.
-* What trains and how (`training_model_config`): the remat policy, the frozen bottom blocks
-  (forward only) and LoRA adapters of the training graph come from the train config.
+* What trains and how: the step's `forward.TrainGraph` (`train_graph`: the remat policy and
+  the frozen bottom blocks, run forward only) is part of its static spec, applied here in the
+  loss, not through the model's config; LoRA adapters (`training_model_config`) are weights,
+  so they are part of the model.
 * One `jax.jit` with explicit in/out shardings and donated params / optimizer state. Its
   static argument is a frozen, hashable `StepSpec`, so jax.jit's own cache reuses a compiled
   step across train() calls with the same graph, optimizer, schedule length and shapes.
@@ -28,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from catchjax import sharding as shd
 from catchjax.model import llama
+from catchjax.model.forward import INFERENCE, TrainGraph
 from catchjax.train.data import (BATCH_DTYPES, DataPlan, batch_tails, loss_slots,
                                  prepare_examples)
 
@@ -67,8 +70,7 @@ COMPILE_COUNT = {"train_step": 0}   # traces (each one a compile) of the step, t
 def _opt_key(c) -> tuple:
   """Every config field the compiled step (optimizer + schedule) depends on."""
   return tuple((k, c[k]) for k in ("lr", "warmup_steps", "decay", "end_lr_ratio", "b1", "b2",
-                                   "eps", "weight_decay", "clip", "lora_rank", "lora_alpha",
-                                   "remat", "freeze_layers"))
+                                   "eps", "weight_decay", "clip", "lora_rank", "lora_alpha"))
 
 
 def make_optimizer(cfg, total_steps: int):
@@ -101,23 +103,26 @@ def _token_ce(m, h_sel, tgt, chunk: int):
   return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :K]
 
 
-def loss_sum(m: llama.Llama, mb: dict[str, jax.Array], ce_chunk: int = 0) -> jax.Array:
-  """Sum over loss slots of weight x cross-entropy for one (micro-)batch of packed rows."""
+def loss_sum(m: llama.Llama, mb: dict[str, jax.Array], ce_chunk: int = 0,
+             graph: TrainGraph = INFERENCE) -> jax.Array:
+  """Sum over loss slots of weight x cross-entropy for one (micro-)batch of packed rows, the
+  layers run as `graph` says (remat, frozen bottom blocks)."""
   pos, mask = llama.packed_inputs(mb["segs"], window=m.cfg.sliding_window)
-  h, _ = m.hidden(mb["tokens"], pos, mask)
+  h, _ = m.hidden(mb["tokens"], pos, mask, graph=graph)
   h_sel = jnp.take_along_axis(h, mb["loss_idx"][..., None], axis=1)
   ce = _token_ce(m, h_sel, mb["loss_tgt"], ce_chunk)
   return jnp.sum(ce * mb["loss_w"])
 
 
-def make_train_step(graphdef, tx, accum: int, ce_chunk: int = 0):
+def make_train_step(graphdef, tx, accum: int, ce_chunk: int = 0,
+                    graph: TrainGraph = INFERENCE):
   """The pure step (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
   batch arrays are [accum, rows_per_micro, ...]; see DataPlan.build_rows for the fields.
   """
 
   def micro_loss(trainable, frozen, mb, denom):
-    s = loss_sum(nnx.merge(graphdef, trainable, frozen), mb, ce_chunk)
+    s = loss_sum(nnx.merge(graphdef, trainable, frozen), mb, ce_chunk, graph)
     return s / denom, s
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -152,6 +157,7 @@ class StepSpec:
   total_steps: int               # the LR schedule's length
   accum: int
   ce_chunk: int
+  graph: TrainGraph              # remat policy and frozen blocks (train_graph)
   shardings: tuple               # (treedef, leaves) of (in shardings, out shardings)
 
   def trace(self, *args):
@@ -170,18 +176,24 @@ def _train_step(spec: StepSpec, trainable, frozen, opt_state, batch):
   in_sh, out_sh = jax.tree.unflatten(*spec.shardings)
   args = jax.lax.with_sharding_constraint((trainable, frozen, opt_state, batch), in_sh)
   tx, _ = make_optimizer(ml_collections.ConfigDict(dict(spec.opt)), spec.total_steps)
-  out = make_train_step(spec.graphdef, tx, spec.accum, spec.ce_chunk)(*args)
+  out = make_train_step(spec.graphdef, tx, spec.accum, spec.ce_chunk, spec.graph)(*args)
   return jax.lax.with_sharding_constraint(out, out_sh)
 
 
 # ------------------------------------------------------------------------------ model
-def training_model_config(mc, cfg):
-  """The ModelConfig of the training graph for a model of config `mc` under train config
-  `cfg`: its remat policy, frozen blocks and, for LoRA runs, adapters of cfg.lora_rank.
-  Shared by `prepare_model` (real weights) and `catchjax.plan` (abstract ones)."""
+def train_graph(mc, cfg) -> TrainGraph:
+  """The step's remat policy and frozen bottom blocks under train config `cfg`, for a model of
+  config `mc`."""
   if cfg.freeze_layers > mc.num_layers:
     raise ValueError(f"freeze_layers={cfg.freeze_layers} > the model's {mc.num_layers} layers.")
-  want = mc.replace(remat=cfg.remat, frozen_layers=int(cfg.freeze_layers))
+  return TrainGraph(remat=str(cfg.remat), frozen_layers=int(cfg.freeze_layers))
+
+
+def training_model_config(mc, cfg):
+  """The ModelConfig of the trained model for a model of config `mc` under train config
+  `cfg`: `mc`, with adapters of cfg.lora_rank for LoRA runs. Shared by `prepare_model` (real
+  weights) and `catchjax.plan` (abstract ones)."""
+  want = mc
   if cfg.lora_rank > 0:
     if mc.lora_rank == 0:
       return want.replace(lora_rank=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha))
@@ -191,8 +203,8 @@ def training_model_config(mc, cfg):
 
 
 def prepare_model(model: llama.Llama, cfg) -> llama.Llama:
-  """A new Llama (own param buffers) with the training remat policy and, for LoRA runs,
-  adapters of cfg.lora_rank (fresh, lora_b = 0) unless the model already has them."""
+  """A new Llama (own param buffers) and, for LoRA runs, adapters of cfg.lora_rank (fresh,
+  lora_b = 0) unless the model already has them."""
   from catchjax.model import hf
   mc = model.cfg
   want = training_model_config(mc, cfg)
@@ -203,9 +215,7 @@ def prepare_model(model: llama.Llama, cfg) -> llama.Llama:
     log.warning("lora_rank=0 on a model with LoRA adapters: full fine-tune of all params, "
                 "adapters included.")
   graphdef, state = nnx.split(model)
-  new = nnx.merge(graphdef, state)
-  new.cfg = want
-  return new
+  return nnx.merge(graphdef, state)
 
 
 def split_trainable(model: llama.Llama, cfg):
@@ -269,9 +279,9 @@ class StepSetup:
 
 
 def step_setup(graphdef, trainable, frozen, c, mesh, rules, total_steps: int,
-               K: int) -> StepSetup:
+               K: int, graph: TrainGraph = INFERENCE) -> StepSetup:
   """`trainable` / `frozen`: pure dicts of arrays or ShapeDtypeStructs (`split_trainable`);
-  c: a merged train config; K: loss slots per row."""
+  c: a merged train config; K: loss slots per row; graph: `train_graph(model cfg, c)`."""
   tr_sh = shd.state_shardings(trainable, mesh, rules)
   fr_sh = shd.state_shardings(frozen, mesh, rules)
   tx, sched = make_optimizer(c, total_steps)
@@ -282,7 +292,7 @@ def step_setup(graphdef, trainable, frozen, c, mesh, rules, total_steps: int,
   repl = NamedSharding(mesh, P())
   leaves, treedef = jax.tree.flatten(((tr_sh, fr_sh, opt_sh, b_sh), (tr_sh, opt_sh, repl)))
   spec = StepSpec(graphdef, _opt_key(c), int(total_steps), int(c.grad_accum), int(c.ce_chunk),
-                  (treedef, tuple(leaves)))
+                  graph, (treedef, tuple(leaves)))
   micro = shd.padded_micro(int(c.batch_size), int(c.grad_accum), mesh, rules)
   return StepSetup(tx, sched, tr_sh, fr_sh, opt_abs, opt_sh, tails, b_sh, spec, micro)
 
