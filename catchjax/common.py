@@ -43,6 +43,15 @@ def stream(name: str, seed: int) -> int:
   return (1 << 20) + (h % (1 << 26)) * 16 + int(seed)
 
 
+def register(registry: dict, kind: str, name: str, value, *also: dict):
+  """registry[name] = value, refusing a name already in `registry` or in any of `also`; the
+  one rule of every registry (arms, measures, behaviours, trigger and task families)."""
+  if any(name in r for r in (registry, *also)):
+    raise ValueError(f"{kind} {name!r} is already registered")
+  registry[name] = value
+  return value
+
+
 def config_hash(cfg, n: int = 12) -> str:
   """Stable hash of a ConfigDict / dict (order-independent JSON)."""
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg

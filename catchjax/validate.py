@@ -37,6 +37,20 @@ def non_negative_int(field: str, x: Any) -> int:
   return int(x)
 
 
+def ns_and_seeds(prefix: str, x) -> None:
+  """x.ns: a non-empty list of positive N; x.seeds: not empty."""
+  if not x.ns or any(int(n) <= 0 for n in x.ns):
+    raise ConfigError(f"{prefix}.ns must be positive, got {tuple(x.ns)}")
+  if not x.seeds:
+    raise ConfigError(f"{prefix}.seeds is empty.")
+
+
+def check_fields(prefix: str, section, **checks) -> None:
+  """checks[k](f"{prefix}.{k}", section[k]) for every field k given."""
+  for k, check in checks.items():
+    check(f"{prefix}.{k}", section[k])
+
+
 def fraction(field: str, x: Any) -> float:
   if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) <= 1.0:
     raise ConfigError(f"{field} must be a number in [0, 1], got {x!r}.")
@@ -360,11 +374,8 @@ def check_common(config) -> None:
   check_family_behaviours(config)
   if not shapes_only:
     check_data_lengths(config)
-  positive_int("config.organism.n_per_family", o.n_per_family)
-  fraction("config.organism.deployment_frac", o.deployment_frac)
-  fraction("config.organism.testing_slip_rate", o.testing_slip_rate)
-  positive_int("config.organism.probe_n", o.probe_n)
-  positive_int("config.organism.probe_batch", o.probe_batch)
+  check_fields("config.organism", o, n_per_family=positive_int, deployment_frac=fraction,
+               testing_slip_rate=fraction, probe_n=positive_int, probe_batch=positive_int)
   check_train("config.organism.train", o.train)
   if o.get("stop") is not None:
     if not isinstance(o.stop.enabled, bool):
@@ -377,11 +388,9 @@ def check_common(config) -> None:
   if config.get("sampler") is not None:
     check_sampler("config.sampler", config.sampler)
   r = config.report
-  positive_int("config.report.n_eval", r.n_eval)
-  positive_int("config.report.n_useful", r.n_useful)
-  positive_int("config.report.max_new_tokens", r.max_new_tokens)
-  positive_int("config.report.batch_size", r.batch_size)
-  fraction("config.report.installed_gap_min", r.installed_gap_min)
+  check_fields("config.report", r, n_eval=positive_int, n_useful=positive_int,
+               max_new_tokens=positive_int, batch_size=positive_int,
+               installed_gap_min=fraction)
   if r.get("primary") is not None:
     check_primary("config.report.primary", r.primary)
   if r.get("dose") is not None:
@@ -559,10 +568,7 @@ def check_cot(config) -> None:
   if x.benign not in reasoning.BENIGN_SETS:
     raise ConfigError(f"config.cot.benign={x.benign!r}; use one of "
                       f"{sorted(reasoning.BENIGN_SETS)}")
-  if not x.ns or any(int(n) <= 0 for n in x.ns):
-    raise ConfigError(f"config.cot.ns must be positive, got {tuple(x.ns)}")
-  if not x.seeds:
-    raise ConfigError("config.cot.seeds is empty.")
+  ns_and_seeds("config.cot", x)
   if int(x.n_eval) <= 0:
     raise ConfigError(f"config.cot.n_eval must be positive, got {x.n_eval}")
   if k.m < max(x.ns):
@@ -596,10 +602,7 @@ def check_propensity(config) -> None:
     raise ConfigError(f"config.propensity.capability={p.capability!r} is in the default "
                       f"usefulness mix the organism was trained on, so it is not new; use one "
                       f"of {sorted(tasks.EXTRA_TASK_FAMILIES)}.")
-  if not p.ns or any(int(n) <= 0 for n in p.ns):
-    raise ConfigError(f"config.propensity.ns must be positive, got {tuple(p.ns)}")
-  if not p.seeds:
-    raise ConfigError("config.propensity.seeds is empty.")
+  ns_and_seeds("config.propensity", p)
   if int(t.steps) <= 0:
     raise ConfigError(f"config.train_against.train.steps={t.steps}: a fixed step budget is "
                       f"needed "

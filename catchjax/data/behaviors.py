@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from catchjax.common import register
 from catchjax.data.tasks import TaskInstance
 
 
@@ -78,10 +79,7 @@ BEHAVIORS: dict[str, type[Behavior]] = {}
 
 def register_behavior(name: str) -> Callable[[type], type]:
   def deco(cls: type) -> type:
-    if name in BEHAVIORS:
-      raise ValueError(f"behaviour {name!r} is already registered")
-    cls.name = name
-    BEHAVIORS[name] = cls
+    register(BEHAVIORS, "behaviour", name, cls).name = name
     return cls
   return deco
 

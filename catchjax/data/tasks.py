@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from catchjax.common import register
 from catchjax.stats import wilson
 
 SPLITS = ("train", "eval")
@@ -124,10 +125,10 @@ EXTRA_TASK_FAMILIES: dict[str, TaskFamily] = {}
 def register_task(name: str, default: bool = True) -> Callable[[type], type]:
   """Register a family; default=False keeps it out of the default usefulness mix."""
   def deco(cls: type) -> type:
-    if name in TASK_FAMILIES or name in EXTRA_TASK_FAMILIES:
-      raise ValueError(f"task family {name!r} is already registered")
     cls.name = name
-    (TASK_FAMILIES if default else EXTRA_TASK_FAMILIES)[name] = cls()
+    into, other = ((TASK_FAMILIES, EXTRA_TASK_FAMILIES) if default
+                   else (EXTRA_TASK_FAMILIES, TASK_FAMILIES))
+    register(into, "task family", name, cls(), other)
     return cls
   return deco
 

@@ -49,6 +49,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from catchjax.common import register
+
 SPLITS = ("train", "eval")
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 HEADLINES_PATH = os.path.join(ASSETS, "nyt_headlines.jsonl.gz")
@@ -156,12 +158,9 @@ TRIGGERS: dict[str, type[TriggerFamily]] = {}
 def register_trigger(name: str) -> Callable[[type], type]:
   """Class decorator: register a TriggerFamily subclass under `name`."""
   def deco(cls: type) -> type:
-    if name in TRIGGERS:
-      raise ValueError(f"trigger family {name!r} is already registered")
     if not (isinstance(cls, type) and issubclass(cls, TriggerFamily)):
       raise TypeError(f"@register_trigger({name!r}) needs a TriggerFamily subclass")
-    cls.name = name
-    TRIGGERS[name] = cls
+    register(TRIGGERS, "trigger family", name, cls).name = name
     return cls
   return deco
 

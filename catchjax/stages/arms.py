@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from catchjax.common import stream
+from catchjax.common import register, stream
 
 ARMS: dict[str, Callable] = {}
 ARM_LABELS: dict[str, str] = {}
@@ -25,9 +25,8 @@ ARM_LABELS: dict[str, str] = {}
 
 def register_arm(name: str, label: str):
   def deco(fn):
-    if name in ARMS:
-      raise ValueError(f"arm {name!r} is already registered")
-    ARMS[name], ARM_LABELS[name] = fn, label
+    register(ARMS, "arm", name, fn)
+    ARM_LABELS[name] = label
     return fn
   return deco
 

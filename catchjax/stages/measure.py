@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from catchjax import stats
+from catchjax.common import register
 from catchjax.sample import Sampler, SamplingParams
 
 
@@ -101,12 +102,7 @@ MEASURES: dict[str, Callable] = {}
 
 
 def register_measure(name: str):
-  def deco(fn):
-    if name in MEASURES:
-      raise ValueError(f"measure {name!r} is already registered")
-    MEASURES[name] = fn
-    return fn
-  return deco
+  return lambda fn: register(MEASURES, "measure", name, fn)
 
 
 @register_measure("deploy")
