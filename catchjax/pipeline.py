@@ -131,6 +131,7 @@ class Runner:
       if self.done(cell):
         continue
       self._start_clock()
+      common.relieve_map_pressure()     # also before the first cell (after organism, card)
       t = time.time()
       fields = fn(cell)
       if fields is not None:

@@ -115,3 +115,22 @@ def test_map_pressure_drops_compiled_programs_between_cells(monkeypatch):
   assert not common.relieve_map_pressure() and f._cache_size() == 1
   monkeypatch.setattr(common, "map_pressure", lambda: 0.9)
   assert common.relieve_map_pressure() and f._cache_size() == 0
+
+
+def test_a_sampler_compile_relieves_map_pressure(monkeypatch):
+  """A sampler compile above common.MAP_PRESSURE drops the compiled programs (an organism
+  build and its report card filled the map limit before any cell ran); a cache hit or low
+  pressure leaves them."""
+  import jax
+  import jax.numpy as jnp
+  from catchjax import common
+  from catchjax.sample import compiles
+  f = jax.jit(lambda x: x * 2)
+  monkeypatch.setattr(common, "map_pressure", lambda: 0.1)
+  _, secs = compiles.call("t", f, jnp.ones(3))
+  assert secs > 0 and f._cache_size() == 1
+  monkeypatch.setattr(common, "map_pressure", lambda: 0.9)
+  _, secs = compiles.call("t", f, jnp.ones(3))      # a cache hit: nothing compiled, kept
+  assert secs == 0 and f._cache_size() == 1
+  _, secs = compiles.call("t", f, jnp.ones(4))      # a new shape compiles, then the drop
+  assert secs > 0 and f._cache_size() == 0

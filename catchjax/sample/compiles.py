@@ -63,6 +63,12 @@ def call(name: str, fn, *args, **static):
   for secs in tally.seconds:
     _count[0] += 1
     common.record_compile(f"sampler {name}", secs)
+  if tally.seconds:
+    # Each new sampler shape maps more JIT code: an organism build plus its report card in
+    # one process filled vm.max_map_count before the first cell (2026-12-02, LLVM "Cannot
+    # allocate memory", then a segfault), so the check runs after every compile too, not only
+    # between cells.
+    common.relieve_map_pressure()
   return out, float(sum(tally.seconds))
 
 
