@@ -131,7 +131,9 @@ class Runner:
       if self.done(cell):
         continue
       self._start_clock()
-      common.relieve_map_pressure()     # also before the first cell (after organism, card)
+      # Before each cell (the first included: an organism build and its report card may have
+      # filled the map limit); sampler compiles relieve it too (sample/compiles.py).
+      common.relieve_map_pressure()
       t = time.time()
       fields = fn(cell)
       if fields is not None:
@@ -142,7 +144,6 @@ class Runner:
         out.append(row)
       if not keep_scratch:
         shutil.rmtree(self.scratch(cell), ignore_errors=True)
-      common.relieve_map_pressure()
       if self.bar is not None:
         self.bar.update(1)
     return out

@@ -225,8 +225,7 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
   from catchjax.sample import layout as L
   from catchjax.sample import prefill as PF
   from catchjax.sample.engine import auto_mesh
-  cfg = model_cfg
-  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: llama.Llama(model_cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   batch_axes = None
   if mesh is not None:
@@ -240,7 +239,7 @@ def plan_sampler(model_cfg, *, batch: int, prompt_len: int, max_new_tokens: int,
     rep = NamedSharding(mesh, P())
   else:
     b_sh = rep = None
-  spec = ProgramSpec(graphdef, cfg, mesh, batch_axes)
+  spec = ProgramSpec(graphdef, model_cfg, mesh, batch_axes)
   B = int(batch)
   Pb, Ts = 0, L.pick_bucket(int(prompt_len), L.DEFAULT_PROMPT_BUCKETS, "prompt")
   N = L.round_up(int(max_new_tokens), L.NEW_TOKENS_MULTIPLE)

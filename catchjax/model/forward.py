@@ -39,15 +39,10 @@ class TrainGraph:
   """How the training step runs the layer scan; neither field changes the forward's numbers.
   remat: a REMAT_POLICIES name. frozen_layers: the first k blocks run under stop_gradient
   (forward only: autodiff builds no backward pass for them). The train step sets this from
-  its config (`train.step.train_graph`); inference and scoring use the default."""
+  its config (`train.step.train_graph`, which with train.config validates both fields);
+  inference and scoring use the default."""
   remat: str = "none"
   frozen_layers: int = 0
-
-  def __post_init__(self):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}.")
-    if self.frozen_layers < 0:
-      raise ValueError(f"frozen_layers={self.frozen_layers} must be >= 0.")
 
 
 INFERENCE = TrainGraph()
@@ -105,8 +100,6 @@ def scan_layers(cfg: ModelConfig, layer, x, lp, win_L, return_residuals: bool,
     return jax.lax.scan(body, x, params, unroll=cfg.scan_unroll or True)
 
   nf = frozen_layers
-  if nf > cfg.num_layers:
-    raise ValueError(f"frozen_layers={nf} > the model's {cfg.num_layers} layers.")
   if not nf:
     return run(x, (lp, win_L))
   # Frozen bottom blocks: inputs and weights under stop_gradient, so autodiff builds no

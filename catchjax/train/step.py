@@ -193,13 +193,12 @@ def training_model_config(mc, cfg):
   """The ModelConfig of the trained model for a model of config `mc` under train config
   `cfg`: `mc`, with adapters of cfg.lora_rank for LoRA runs. Shared by `prepare_model` (real
   weights) and `catchjax.plan` (abstract ones)."""
-  want = mc
   if cfg.lora_rank > 0:
     if mc.lora_rank == 0:
-      return want.replace(lora_rank=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha))
+      return mc.replace(lora_rank=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha))
     if mc.lora_rank != cfg.lora_rank:
       raise ValueError(f"model has LoRA rank {mc.lora_rank}, config asks for {cfg.lora_rank}.")
-  return want
+  return mc
 
 
 def prepare_model(model: llama.Llama, cfg) -> llama.Llama:
