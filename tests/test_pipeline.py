@@ -600,6 +600,27 @@ def test_golden_rows_of_the_tiny_headline(headline_run):
   golden.check("headline_tiny", dict(rows=golden.reduce_rows(rows), catches=catches))
 
 
+def test_golden_file_is_the_host_kinds_own_else_the_unkeyed(tmp_path, monkeypatch):
+  """tests/golden.py: a golden file written on this host kind is preferred to the unkeyed one,
+  regeneration writes the keyed file, and a mismatch names the file and the host kind."""
+  import golden
+  import pytest
+  monkeypatch.setattr(golden, "HERE", str(tmp_path))
+  key = golden.host_key()
+  assert key.count("-") >= 1 and key.split("-")[-1] in ("avx512", "avx2", "sve", "base")
+  with open(tmp_path / "g.json", "w") as f:
+    json.dump(dict(x=1), f)
+  assert golden.golden_path("g") == str(tmp_path / "g.json")
+  golden.check("g", dict(x=1))
+  monkeypatch.setenv("CATCHJAX_REGEN_GOLDEN", "1")
+  golden.check("g", dict(x=2))
+  monkeypatch.delenv("CATCHJAX_REGEN_GOLDEN")
+  assert golden.golden_path("g") == str(tmp_path / f"g.{key}.json")
+  golden.check("g", dict(x=2))
+  with pytest.raises(AssertionError, match=f"g.{key}.json"):
+    golden.check("g", dict(x=1))
+
+
 def test_named_seed_streams_reproduce_the_old_offsets():
   """Issue 23: the named streams give the seeds the experiments used as offsets, so rows keep
   their values; a new name gets its own base, away from every named one."""
